@@ -1,0 +1,191 @@
+//! The aggregator's end of the delivery stream: authenticates the agent by
+//! its certificate, persists each batch before acknowledging it, and ignores
+//! any seq it already holds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::{self, AUDIT};
+use crate::model::now_unix_ms;
+use crate::proto::{
+    agent_message, aggregator_message, ingest_server, Ack, AgentMessage, AggregatorMessage, Welcome,
+};
+use crate::store::central::CentralStore;
+use crate::tls::Identity;
+
+/// Which agents are connected now, and a lock per node so that two streams
+/// of one node (an old one and its reconnect) never persist at once.
+#[derive(Default)]
+pub struct Live {
+    inner: Mutex<HashMap<String, NodeLive>>,
+}
+
+#[derive(Default)]
+struct NodeLive {
+    streams: u32,
+    last_seen_ms: i64,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Live {
+    fn with<R>(&self, node: &str, f: impl FnOnce(&mut NodeLive) -> R) -> R {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(node.to_string()).or_default())
+    }
+
+    pub fn connected(&self, node: &str) -> bool {
+        self.with(node, |n| n.streams > 0)
+    }
+
+    pub fn last_seen_ms(&self, node: &str) -> i64 {
+        self.with(node, |n| n.last_seen_ms)
+    }
+
+    fn touch(&self, node: &str) {
+        self.with(node, |n| n.last_seen_ms = now_unix_ms());
+    }
+}
+
+pub struct IngestService {
+    store: CentralStore,
+    live: Arc<Live>,
+}
+
+impl IngestService {
+    pub fn new(store: CentralStore, live: Arc<Live>) -> Self {
+        IngestService { store, live }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!("ingest: {e}");
+    Status::internal(format!("aggregator store error: {e}"))
+}
+
+#[tonic::async_trait]
+impl ingest_server::Ingest for IngestService {
+    type ReportStream = ReceiverStream<Result<AggregatorMessage, Status>>;
+
+    async fn report(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let remote = req.remote_addr();
+        let node = match auth::identity(&req)? {
+            Identity::Agent(node) => node,
+            Identity::Operator(name) => {
+                tracing::warn!(target: AUDIT, operator = %name, "refused: operator certificate on the ingest stream");
+                return Err(Status::permission_denied(
+                    "operator certificates may not report events; use an agent certificate",
+                ));
+            }
+        };
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                body: Some(agent_message::Body::Hello(h)),
+            }))) => h,
+            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 15 s")),
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if hello.node_id != node {
+            tracing::warn!(
+                target: AUDIT,
+                node_id = %node,
+                claimed = %hello.node_id,
+                remote = ?remote,
+                "refused: stream claims another node id than its certificate"
+            );
+            return Err(Status::permission_denied(format!(
+                "certificate is for node {node:?}, but the stream claims {:?}",
+                hello.node_id
+            )));
+        }
+        let rec = self
+            .store
+            .register(&node, &hello, now_unix_ms())
+            .map_err(internal)?;
+        tracing::info!(
+            node_id = %node,
+            network = %hello.network,
+            chain = %hello.chain,
+            agent_version = %hello.agent_version,
+            agent_last_seq = hello.local_last_seq,
+            stored_last_seq = rec.last_seq,
+            "agent connected"
+        );
+        let (tx, rx) = mpsc::channel(16);
+        let welcome = AggregatorMessage {
+            body: Some(aggregator_message::Body::Welcome(Welcome {
+                last_stored_seq: rec.last_seq,
+            })),
+        };
+        tx.send(Ok(welcome)).await.map_err(internal)?;
+        let (lock, live, store) = (
+            self.live.with(&node, |n| {
+                n.streams += 1;
+                n.last_seen_ms = now_unix_ms();
+                n.lock.clone()
+            }),
+            self.live.clone(),
+            self.store.clone(),
+        );
+        tokio::spawn(async move {
+            let end = serve_stream(&node, &mut inbound, &tx, &store, &live, &lock).await;
+            live.with(&node, |n| n.streams = n.streams.saturating_sub(1));
+            match end {
+                Ok(()) => tracing::info!(node_id = %node, "agent disconnected"),
+                Err(s) => {
+                    tracing::warn!(node_id = %node, "agent stream ended: {}", s.message());
+                    let _ = tx.send(Err(s)).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn serve_stream(
+    node: &str,
+    inbound: &mut Streaming<AgentMessage>,
+    tx: &mpsc::Sender<Result<AggregatorMessage, Status>>,
+    store: &CentralStore,
+    live: &Live,
+    lock: &tokio::sync::Mutex<()>,
+) -> Result<(), Status> {
+    while let Some(msg) = inbound.message().await? {
+        live.touch(node);
+        match msg.body {
+            Some(agent_message::Body::Batch(batch)) => {
+                let persisted = {
+                    let _g = lock.lock().await;
+                    store
+                        .persist(node, batch.events, now_unix_ms())
+                        .map_err(internal)?
+                };
+                store.durable().await.map_err(internal)?;
+                let ack = AggregatorMessage {
+                    body: Some(aggregator_message::Body::Ack(Ack {
+                        upto_seq: persisted.last_seq,
+                    })),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some(agent_message::Body::Heartbeat(_)) => {}
+            Some(agent_message::Body::Hello(_)) | None => {
+                return Err(Status::invalid_argument(
+                    "Hello may only be the first message",
+                ))
+            }
+        }
+    }
+    Ok(())
+}

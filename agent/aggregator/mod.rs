@@ -1,0 +1,125 @@
+//! Aggregator mode: the fleet's side of the delivery stream and the operator
+//! query API, over one mutual-TLS gRPC listener.
+
+pub mod auth;
+pub mod ingest;
+pub mod query;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::config::AggregatorConfig;
+use crate::proto::{ingest_server::IngestServer, query_server::QueryServer};
+use crate::service;
+use crate::store::central::CentralStore;
+use ingest::{IngestService, Live};
+use query::QueryService;
+
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("outpost_descriptor");
+
+/// A bound, not yet serving aggregator.
+pub struct Aggregator {
+    listener: TcpListener,
+    cfg: AggregatorConfig,
+    store: CentralStore,
+}
+
+impl Aggregator {
+    /// Opens the store and binds the listener (inside a tokio runtime).
+    pub async fn bind(cfg: AggregatorConfig) -> anyhow::Result<Aggregator> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create data_dir {}", cfg.data_dir.display()))?;
+        let store = CentralStore::open(&cfg.data_dir, cfg.store.cache_bytes, cfg.store.durability)?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        Ok(Aggregator {
+            listener,
+            cfg,
+            store,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let tls = self.cfg.tls.server_config()?;
+        let live = Arc::new(Live::default());
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("reflection service")?;
+        tokio::spawn(prune_event_log(
+            self.store.clone(),
+            self.cfg.store.event_log_keep,
+        ));
+        Server::builder()
+            .tls_config(tls)
+            .context("TLS configuration")?
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(
+                IngestServer::new(IngestService::new(self.store.clone(), live.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                QueryServer::new(QueryService::new(self.store.clone(), live))
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                auth::operator_only,
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection,
+                auth::operator_only,
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .await
+            .context("gRPC server")?;
+        Ok(())
+    }
+}
+
+async fn prune_event_log(store: CentralStore, keep: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let Ok(nodes) = store.nodes() else { continue };
+        for rec in nodes {
+            if let Err(e) = store.prune_events(&rec.node_id, rec.last_seq, keep) {
+                tracing::warn!(node_id = %rec.node_id, "event log retention failed: {e}");
+            }
+        }
+    }
+}
+
+/// `outpost aggregator`: serves until SIGTERM or SIGINT.
+pub async fn run(cfg: AggregatorConfig) -> anyhow::Result<()> {
+    let agg = Aggregator::bind(cfg).await?;
+    tracing::info!(listen = %agg.local_addr()?, "aggregator listening");
+    service::notify_ready();
+    if let Some(every) = service::watchdog_interval() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                service::notify_watchdog();
+            }
+        });
+    }
+    agg.serve(async {
+        let signal = service::shutdown_signal().await;
+        tracing::info!("{signal} received; shutting down");
+        service::notify_stopping();
+    })
+    .await
+}

@@ -1,0 +1,189 @@
+//! The operator query API. Callers are checked by the `operator_only`
+//! interceptor; each call is written to the audit log.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::{self, AUDIT};
+use super::ingest::Live;
+use crate::proto::{
+    query_server, EventsRequest, EventsResponse, Finding, FindingKind, FindingState,
+    GetNodeRequest, HeadersRequest, HeadersResponse, ListFindingsRequest, ListFindingsResponse,
+    ListNodesRequest, ListNodesResponse, NodeDetail, NodeFinding, NodeRecord, NodeSummary,
+};
+use crate::store::central::CentralStore;
+
+const MAX_HEADERS: u64 = 10_000;
+const MAX_EVENTS: u32 = 10_000;
+
+pub struct QueryService {
+    store: CentralStore,
+    live: Arc<Live>,
+}
+
+impl QueryService {
+    pub fn new(store: CentralStore, live: Arc<Live>) -> Self {
+        QueryService { store, live }
+    }
+
+    fn summary(&self, rec: &NodeRecord, open: &[Finding]) -> NodeSummary {
+        let connected = self.live.connected(&rec.node_id);
+        let has = |k: FindingKind| open.iter().any(|f| f.kind() == k);
+        let status = if !connected {
+            "disconnected"
+        } else if has(FindingKind::Unreachable) {
+            "unreachable"
+        } else if has(FindingKind::Stall) {
+            "stalled"
+        } else if has(FindingKind::Syncing) {
+            "syncing"
+        } else {
+            "ok"
+        };
+        NodeSummary {
+            node_id: rec.node_id.clone(),
+            network: rec.network.clone(),
+            chain: rec.chain.clone(),
+            head: rec.head.clone(),
+            last_seen_unix_ms: rec
+                .last_seen_unix_ms
+                .max(self.live.last_seen_ms(&rec.node_id)),
+            status: status.into(),
+            connected,
+            last_seq: rec.last_seq,
+        }
+    }
+
+    fn open_findings(&self, node: &str) -> Result<Vec<Finding>, Status> {
+        Ok(self
+            .store
+            .findings(node)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|f| f.state() == FindingState::Open)
+            .collect())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("aggregator store error: {e}"))
+}
+
+fn audit<T>(req: &Request<T>, method: &str) {
+    if let Ok(id) = auth::identity(req) {
+        tracing::info!(target: AUDIT, caller = %id, method, "query");
+    }
+}
+
+#[tonic::async_trait]
+impl query_server::Query for QueryService {
+    async fn list_nodes(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        audit(&req, "ListNodes");
+        let mut nodes = Vec::new();
+        for rec in self.store.nodes().map_err(internal)? {
+            let open = self.open_findings(&rec.node_id)?;
+            nodes.push(self.summary(&rec, &open));
+        }
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<NodeDetail>, Status> {
+        audit(&req, "GetNode");
+        let id = &req.get_ref().node_id;
+        let rec = self
+            .store
+            .node(id)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no node {id:?} has reported")))?;
+        let open = self.open_findings(id)?;
+        Ok(Response::new(NodeDetail {
+            summary: Some(self.summary(&rec, &open)),
+            status: rec.status.clone(),
+            open_findings: open,
+            agent_version: rec.agent_version.clone(),
+            duplicates_ignored: rec.duplicates_ignored,
+            dropped_events: rec.dropped_events,
+        }))
+    }
+
+    async fn list_findings(
+        &self,
+        req: Request<ListFindingsRequest>,
+    ) -> Result<Response<ListFindingsResponse>, Status> {
+        audit(&req, "ListFindings");
+        let q = req.into_inner();
+        let nodes: Vec<String> = if q.node_id.is_empty() {
+            self.store
+                .nodes()
+                .map_err(internal)?
+                .into_iter()
+                .map(|r| r.node_id)
+                .collect()
+        } else {
+            vec![q.node_id.clone()]
+        };
+        let mut findings = Vec::new();
+        for node in nodes {
+            for f in self.store.findings(&node).map_err(internal)? {
+                if q.kind.is_some_and(|k| k != f.kind) {
+                    continue;
+                }
+                if q.open_only && f.state() != FindingState::Open {
+                    continue;
+                }
+                if f.opened_at_unix_ms.max(f.resolved_at_unix_ms) < q.since_unix_ms {
+                    continue;
+                }
+                findings.push(NodeFinding {
+                    node_id: node.clone(),
+                    finding: Some(f),
+                });
+            }
+        }
+        findings.sort_by_key(|f| f.finding.as_ref().map_or(0, |f| f.opened_at_unix_ms));
+        Ok(Response::new(ListFindingsResponse { findings }))
+    }
+
+    async fn headers(
+        &self,
+        req: Request<HeadersRequest>,
+    ) -> Result<Response<HeadersResponse>, Status> {
+        audit(&req, "Headers");
+        let q = req.into_inner();
+        if q.to_height < q.from_height {
+            return Err(Status::invalid_argument("to_height is below from_height"));
+        }
+        if q.to_height - q.from_height >= MAX_HEADERS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_HEADERS} headers per call"
+            )));
+        }
+        let headers = self
+            .store
+            .headers(&q.node_id, q.from_height, q.to_height)
+            .map_err(internal)?;
+        Ok(Response::new(HeadersResponse { headers }))
+    }
+
+    async fn events(
+        &self,
+        req: Request<EventsRequest>,
+    ) -> Result<Response<EventsResponse>, Status> {
+        audit(&req, "Events");
+        let q = req.into_inner();
+        let limit = if q.limit == 0 {
+            1000
+        } else {
+            q.limit.min(MAX_EVENTS)
+        };
+        let events = self
+            .store
+            .events(&q.node_id, q.from_seq, limit as usize)
+            .map_err(internal)?;
+        Ok(Response::new(EventsResponse { events }))
+    }
+}

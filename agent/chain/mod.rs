@@ -1,0 +1,47 @@
+//! Chain sources. Each file here speaks one node API and turns it into
+//! heads, headers and status; nothing else in the agent knows the chain.
+
+pub mod ethereum;
+pub mod rpc;
+pub mod sim;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::model::{Header, HeaderRef, NodeStatus};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum SourceError {
+    #[error("node unreachable: {0}")]
+    Unreachable(String),
+    #[error("node did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("reply larger than the {limit}-byte cap")]
+    TooLarge { limit: usize },
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+    #[error("HTTP status {0}")]
+    Http(u16),
+    #[error("RPC error {code}: {message}")]
+    Rpc { code: i64, message: String },
+    #[error("no block at height {0}")]
+    NotFound(u64),
+}
+
+impl SourceError {
+    /// True when the node answered but does not implement the call.
+    pub fn is_method_not_found(&self) -> bool {
+        matches!(self, SourceError::Rpc { code: -32601, .. })
+    }
+}
+
+pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
+
+/// What every chain source gives.
+pub trait ChainSource: Send + Sync {
+    /// Short chain family name ("ethereum", "bitcoin", ...).
+    fn chain(&self) -> &'static str;
+    fn head(&self) -> SourceFuture<'_, HeaderRef>;
+    fn header(&self, height: u64) -> SourceFuture<'_, Header>;
+    fn status(&self) -> SourceFuture<'_, NodeStatus>;
+}

@@ -1,0 +1,146 @@
+//! JSON-RPC 2.0 over HTTP, with a per-call timeout, a reply size cap and
+//! latency recording. Errors say what went wrong; nothing here panics on
+//! what a node sends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::SourceError;
+use crate::latency::Latency;
+
+pub struct JsonRpcClient {
+    http: reqwest::Client,
+    url: String,
+    timeout: Duration,
+    max_reply_bytes: usize,
+    next_id: AtomicU64,
+    latency: Latency,
+}
+
+impl JsonRpcClient {
+    pub fn new(url: &str, timeout: Duration, max_reply_bytes: usize, latency: Latency) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(2)
+            .build()
+            .unwrap_or_default();
+        JsonRpcClient {
+            http,
+            url: url.to_string(),
+            timeout,
+            max_reply_bytes,
+            next_id: AtomicU64::new(1),
+            latency,
+        }
+    }
+
+    /// Calls `method` and returns its `result`.
+    pub async fn call(&self, method: &str, params: Value) -> Result<Value, SourceError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.call_inner(method, params)).await;
+        self.latency.record(started.elapsed());
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(SourceError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn call_inner(&self, method: &str, params: Value) -> Result<Value, SourceError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let mut resp = self
+            .http
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| SourceError::Unreachable(error_chain(&e)))?;
+        let status = resp.status();
+        if let Some(len) = resp.content_length() {
+            if len as usize > self.max_reply_bytes {
+                return Err(SourceError::TooLarge {
+                    limit: self.max_reply_bytes,
+                });
+            }
+        }
+        let mut buf = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| SourceError::Unreachable(error_chain(&e)))?
+        {
+            if buf.len() + chunk.len() > self.max_reply_bytes {
+                return Err(SourceError::TooLarge {
+                    limit: self.max_reply_bytes,
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let reply: Value = match serde_json::from_slice(&buf) {
+            Ok(v) => v,
+            Err(e) if status.is_success() => {
+                return Err(SourceError::Malformed(format!("{method}: {e}")))
+            }
+            Err(_) => return Err(SourceError::Http(status.as_u16())),
+        };
+        if let Some(err) = reply.get("error").filter(|e| !e.is_null()) {
+            return Err(SourceError::Rpc {
+                code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
+                message: err
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect(),
+            });
+        }
+        if !status.is_success() {
+            return Err(SourceError::Http(status.as_u16()));
+        }
+        match reply.get("result") {
+            Some(v) => Ok(v.clone()),
+            None => Err(SourceError::Malformed(format!(
+                "{method}: reply has neither result nor error"
+            ))),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Parses a 0x-prefixed hex quantity.
+pub fn parse_quantity(v: &Value, what: &str) -> Result<u64, SourceError> {
+    let s = v
+        .as_str()
+        .ok_or_else(|| SourceError::Malformed(format!("{what}: expected a hex string, got {v}")))?;
+    let digits = s
+        .strip_prefix("0x")
+        .ok_or_else(|| SourceError::Malformed(format!("{what}: {s:?} lacks 0x")))?;
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| SourceError::Malformed(format!("{what}: {s:?} is not a hex quantity")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity(&json!("0x10"), "n").unwrap(), 16);
+        assert!(parse_quantity(&json!("10"), "n").is_err());
+        assert!(parse_quantity(&json!(16), "n").is_err());
+        assert!(parse_quantity(&json!("0xzz"), "n").is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! The command line, as clap parses it. Acting on it lives in main.rs and
+//! the modules it calls.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Node sidecar and fleet aggregator for blockchain operators"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent beside one chain node.
+    Agent {
+        #[arg(long, short, default_value = "/etc/outpost/agent.toml")]
+        config: PathBuf,
+    },
+    /// Run the aggregator.
+    Aggregator {
+        #[arg(long, short, default_value = "/etc/outpost/aggregator.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file (agent or aggregator); one line per problem.
+    CheckConfig { config: PathBuf },
+    /// Make a private CA and certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Ask the aggregator about the fleet.
+    Query(QueryArgs),
+    /// Run an aggregator and three agents on built-in simulated chains and
+    /// print the fleet as it changes.
+    Demo {
+        /// Stop after this long (e.g. 30s); runs until Ctrl-C without it.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create a CA and the aggregator's server certificate.
+    Init {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses for the aggregator certificate.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+    /// Issue a client certificate signed by the CA in --dir.
+    Issue {
+        role: Role,
+        /// Node id (agent) or operator name.
+        name: String,
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Operator,
+}
+
+/// How to reach the aggregator as an operator. Each flag can also come from
+/// the environment variable named in its help.
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    #[arg(
+        long,
+        env = "OUTPOST_ENDPOINT",
+        default_value = "https://localhost:7443",
+        global = true
+    )]
+    pub endpoint: String,
+    /// CA certificate that signed the aggregator's certificate.
+    #[arg(long, env = "OUTPOST_CA", default_value = "pki/ca.pem", global = true)]
+    pub ca: PathBuf,
+    /// Operator certificate.
+    #[arg(long, env = "OUTPOST_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Operator private key.
+    #[arg(long, env = "OUTPOST_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// Name to verify the aggregator's certificate against (default: the endpoint's host).
+    #[arg(long, env = "OUTPOST_SERVER_NAME", global = true)]
+    pub server_name: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[command(subcommand)]
+    pub command: QueryCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueryCommand {
+    /// Every node: chain, head, last seen, status.
+    Nodes,
+    /// One node in detail.
+    Node { node_id: String },
+    /// Findings, newest last.
+    Findings {
+        #[arg(long)]
+        node: Option<String>,
+        /// reorg, stall, unreachable, syncing, linkage, height-regression, events-dropped
+        #[arg(long)]
+        kind: Option<String>,
+        /// RFC 3339 time (2026-01-02T03:04:05Z) or an age (10m, 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only findings that are still open.
+        #[arg(long)]
+        open: bool,
+    },
+    /// Stored headers of one node.
+    Headers {
+        node_id: String,
+        #[arg(long)]
+        from: u64,
+        #[arg(long)]
+        to: u64,
+    },
+    /// The stored event log of one node, from a seq.
+    Events {
+        node_id: String,
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+}

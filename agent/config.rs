@@ -1,0 +1,564 @@
+//! Configuration files: TOML, every field documented in README.md, every
+//! default chosen for a production node. `load_*` returns either a config or
+//! a list of one-line problems that name the file and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::Durability;
+use crate::tls::{valid_name, Identity, TlsFiles};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Must equal the node id in the agent's certificate.
+    pub node_id: String,
+    /// Network name the fleet view groups nodes by.
+    #[serde(default = "defaults::network")]
+    pub network: String,
+    #[serde(default = "defaults::agent_data_dir")]
+    pub data_dir: PathBuf,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub validate: ValidateConfig,
+    #[serde(default)]
+    pub store: AgentStoreConfig,
+    pub report: ReportConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    Ethereum,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// The node's JSON-RPC endpoint.
+    pub url: String,
+    #[serde(with = "humantime_serde", default = "defaults::poll_interval")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde", default = "defaults::timeout")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::max_reply_bytes")]
+    pub max_reply_bytes: usize,
+    /// How often peers and sync state are read and reported.
+    #[serde(with = "humantime_serde", default = "defaults::status_interval")]
+    pub status_interval: Duration,
+    /// Consecutive failed polls that open the circuit breaker (and the
+    /// node-unreachable finding).
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// Longest wait between polls while the node keeps failing.
+    #[serde(with = "humantime_serde", default = "defaults::backoff_max")]
+    pub backoff_max: Duration,
+    /// Most headers fetched in one poll when the node is far ahead.
+    #[serde(default = "defaults::max_headers_per_poll")]
+    pub max_headers_per_poll: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateConfig {
+    #[serde(with = "humantime_serde")]
+    pub expected_block_time: Duration,
+    /// A stall opens when no new head arrives for this many block times.
+    pub stall_multiple: f64,
+    /// How far back a reorg is followed before it counts as a broken chain.
+    pub max_reorg_depth: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentStoreConfig {
+    pub cache_bytes: u64,
+    pub outbox_quota_bytes: u64,
+    /// Headers kept below the head.
+    pub retain_headers: u64,
+    pub durability: Durability,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// `https://host:port` of the aggregator.
+    pub aggregator: String,
+    /// Name to check the aggregator's certificate against, when it differs
+    /// from the host in `aggregator`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default = "defaults::batch_max_events")]
+    pub batch_max_events: usize,
+    #[serde(with = "humantime_serde", default = "defaults::heartbeat_interval")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde", default = "defaults::reconnect_min")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde", default = "defaults::reconnect_max")]
+    pub reconnect_max: Duration,
+}
+
+impl ReportConfig {
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `outpost=debug,warn`, ...
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "defaults::aggregator_data_dir")]
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub store: AggregatorStoreConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorStoreConfig {
+    pub cache_bytes: u64,
+    pub durability: Durability,
+    /// Events kept per node in the event log.
+    pub event_log_keep: u64,
+}
+
+mod defaults {
+    use super::*;
+    pub fn network() -> String {
+        "default".into()
+    }
+    pub fn agent_data_dir() -> PathBuf {
+        "/var/lib/outpost/agent".into()
+    }
+    pub fn aggregator_data_dir() -> PathBuf {
+        "/var/lib/outpost/aggregator".into()
+    }
+    pub fn poll_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn max_reply_bytes() -> usize {
+        4 << 20
+    }
+    pub fn status_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn breaker_failures() -> u32 {
+        3
+    }
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_headers_per_poll() -> u64 {
+        256
+    }
+    pub fn batch_max_events() -> usize {
+        1000
+    }
+    pub fn heartbeat_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn reconnect_min() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn reconnect_max() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 7443))
+    }
+}
+
+impl Default for ValidateConfig {
+    fn default() -> Self {
+        ValidateConfig {
+            expected_block_time: Duration::from_secs(12),
+            stall_multiple: 3.0,
+            max_reorg_depth: 128,
+        }
+    }
+}
+
+impl Default for AgentStoreConfig {
+    fn default() -> Self {
+        AgentStoreConfig {
+            cache_bytes: 4 << 20,
+            outbox_quota_bytes: 64 << 20,
+            retain_headers: 10_000,
+            durability: Durability::ProcessCrash,
+        }
+    }
+}
+
+impl Default for AggregatorStoreConfig {
+    fn default() -> Self {
+        AggregatorStoreConfig {
+            cache_bytes: 256 << 20,
+            durability: Durability::ProcessCrash,
+            event_log_keep: 100_000,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Which mode a config file is for.
+#[derive(Debug)]
+pub enum AnyConfig {
+    Agent(AgentConfig),
+    Aggregator(AggregatorConfig),
+}
+
+/// Problems found in a config file, one line each, each naming the file.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))
+}
+
+/// Turns a TOML/serde error into one line with the line and column.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!(":{line}:{col}")
+        })
+        .unwrap_or_default();
+    let msg = e.message().replace('\n', " ");
+    format!("{}{at}: {}", path.display(), msg.trim())
+}
+
+pub fn load_agent(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+    let text = read(path)?;
+    let cfg: AgentConfig =
+        toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
+    let problems = cfg.problems(path);
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+pub fn load_aggregator(path: &Path) -> Result<AggregatorConfig, ConfigErrors> {
+    let text = read(path)?;
+    let cfg: AggregatorConfig =
+        toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
+    let problems = cfg.problems(path);
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+/// Loads either kind: a file with a `[source]` table is an agent config, one
+/// with a `[tls]` table an aggregator config.
+pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigErrors> {
+    let text = read(path)?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
+    if table.contains_key("source") {
+        load_agent(path).map(AnyConfig::Agent)
+    } else if table.contains_key("tls") {
+        load_aggregator(path).map(AnyConfig::Aggregator)
+    } else {
+        Err(ConfigErrors(vec![format!(
+            "{}: neither an agent config (no [source] table) nor an aggregator config (no [tls] table)",
+            path.display()
+        )]))
+    }
+}
+
+struct Problems<'a> {
+    path: &'a Path,
+    list: Vec<String>,
+}
+
+impl Problems<'_> {
+    fn check(&mut self, ok: bool, field: &str, msg: impl std::fmt::Display) {
+        if !ok {
+            self.list
+                .push(format!("{}: {field}: {msg}", self.path.display()));
+        }
+    }
+
+    fn readable(&mut self, field: &str, file: &Path) {
+        if let Err(e) = std::fs::File::open(file) {
+            self.list.push(format!(
+                "{}: {field}: cannot read {}: {e}",
+                self.path.display(),
+                file.display()
+            ));
+        }
+    }
+
+    fn positive(&mut self, field: &str, d: Duration) {
+        self.check(!d.is_zero(), field, "must be greater than zero");
+    }
+}
+
+fn http_url(s: &str, schemes: &[&str]) -> Result<(), String> {
+    let url = reqwest::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!(
+            "{s:?} must start with {}://",
+            schemes.join(":// or ")
+        ));
+    }
+    if url.host_str().is_none() {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(())
+}
+
+impl AgentConfig {
+    /// Every problem with the config, one line each. Empty means usable.
+    pub fn problems(&self, path: &Path) -> Vec<String> {
+        let mut p = Problems {
+            path,
+            list: Vec::new(),
+        };
+        p.check(
+            valid_name(&self.node_id),
+            "node_id",
+            format!(
+                "{:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                self.node_id
+            ),
+        );
+        p.check(!self.network.is_empty(), "network", "must not be empty");
+        if let Err(e) = http_url(&self.source.url, &["http", "https"]) {
+            p.check(false, "source.url", e);
+        }
+        p.positive("source.poll_interval", self.source.poll_interval);
+        p.positive("source.timeout", self.source.timeout);
+        p.positive("source.status_interval", self.source.status_interval);
+        p.check(
+            self.source.max_reply_bytes >= 1024,
+            "source.max_reply_bytes",
+            "must be at least 1024",
+        );
+        p.check(
+            self.source.breaker_failures >= 1,
+            "source.breaker_failures",
+            "must be at least 1",
+        );
+        p.check(
+            self.source.max_headers_per_poll >= 1,
+            "source.max_headers_per_poll",
+            "must be at least 1",
+        );
+        p.positive(
+            "validate.expected_block_time",
+            self.validate.expected_block_time,
+        );
+        p.check(
+            self.validate.stall_multiple >= 1.0,
+            "validate.stall_multiple",
+            "must be at least 1.0",
+        );
+        p.check(
+            self.validate.max_reorg_depth >= 1,
+            "validate.max_reorg_depth",
+            "must be at least 1",
+        );
+        p.check(
+            self.store.outbox_quota_bytes >= 64 * 1024,
+            "store.outbox_quota_bytes",
+            "must be at least 65536",
+        );
+        p.check(
+            self.store.retain_headers >= self.validate.max_reorg_depth,
+            "store.retain_headers",
+            "must be at least validate.max_reorg_depth, or reorgs cannot be traced",
+        );
+        if let Err(e) = http_url(&self.report.aggregator, &["https"]) {
+            p.check(false, "report.aggregator", e);
+        }
+        p.check(
+            self.report.batch_max_events >= 1,
+            "report.batch_max_events",
+            "must be at least 1",
+        );
+        p.positive("report.heartbeat_interval", self.report.heartbeat_interval);
+        p.positive("report.reconnect_min", self.report.reconnect_min);
+        p.check(
+            self.report.reconnect_max >= self.report.reconnect_min,
+            "report.reconnect_max",
+            "must be at least report.reconnect_min",
+        );
+        p.readable("report.ca", &self.report.ca);
+        p.readable("report.key", &self.report.key);
+        p.readable("report.cert", &self.report.cert);
+        if std::fs::File::open(&self.report.cert).is_ok() {
+            match self.report.tls().own_identity() {
+                Ok(Some(Identity::Agent(id))) if id == self.node_id => {}
+                Ok(Some(other)) => p.check(
+                    false,
+                    "report.cert",
+                    format!(
+                        "certificate is for {other}, but node_id is {:?}",
+                        self.node_id
+                    ),
+                ),
+                _ => p.check(
+                    false,
+                    "report.cert",
+                    "not an Outpost agent certificate (no outpost://agent/ SAN)",
+                ),
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.check(
+                false,
+                "log.level",
+                format!("{:?} is not a valid filter", self.log.level),
+            );
+        }
+        p.list
+    }
+}
+
+impl AggregatorConfig {
+    pub fn problems(&self, path: &Path) -> Vec<String> {
+        let mut p = Problems {
+            path,
+            list: Vec::new(),
+        };
+        p.readable("tls.ca", &self.tls.ca);
+        p.readable("tls.cert", &self.tls.cert);
+        p.readable("tls.key", &self.tls.key);
+        p.check(
+            self.store.event_log_keep >= 1,
+            "store.event_log_keep",
+            "must be at least 1",
+        );
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.check(
+                false,
+                "log.level",
+                format!("{:?} is not a valid filter", self.log.level),
+            );
+        }
+        p.list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn syntax_errors_name_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.toml",
+            "node_id = \"n1\"\n[source\nkind = 1\n",
+        );
+        let e = load_agent(&p).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(
+            e.0[0].starts_with(&format!("{}:2:", p.display())),
+            "{}",
+            e.0[0]
+        );
+        assert!(!e.0[0].contains('\n'));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_each_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "a.toml",
+            r#"
+node_id = "bad id!"
+[source]
+kind = "ethereum"
+url = "ftp://x"
+poll_interval = "0s"
+[report]
+aggregator = "http://agg:7443"
+ca = "/nonexistent/ca.pem"
+cert = "/nonexistent/c.pem"
+key = "/nonexistent/k.pem"
+"#,
+        );
+        let e = load_agent(&p).unwrap_err().0;
+        let joined = e.join("\n");
+        for needle in [
+            "node_id",
+            "source.url",
+            "source.poll_interval",
+            "report.aggregator",
+            "report.ca",
+        ] {
+            assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+        }
+        let p = write(dir.path(), "b.toml", "node_id = \"n\"\nbogus = 1\n");
+        let e = load_agent(&p).unwrap_err().0;
+        assert!(e[0].contains("bogus"), "{e:?}");
+    }
+
+    #[test]
+    fn load_any_tells_the_kinds_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "c.toml", "x = 1\n");
+        let e = load_any(&p).unwrap_err().0;
+        assert!(e[0].contains("neither an agent config"));
+    }
+}

@@ -1,0 +1,261 @@
+//! Ingest: polls the node, fetches new headers, and walks back on a parent
+//! mismatch until it finds the common ancestor. It judges nothing; it hands
+//! what it saw to Validate and waits for it (backpressure).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tracing::Instrument;
+
+use super::breaker::{Breaker, Transition};
+use super::validate::{Observation, Validate};
+use super::Ping;
+use crate::chain::{ChainSource, SourceError};
+use crate::config::SourceConfig;
+use crate::model::Header;
+use crate::store::local::LocalStore;
+
+pub struct Ingest {
+    source: Arc<dyn ChainSource>,
+    store: LocalStore,
+    validate: Addr<Validate>,
+    cfg: SourceConfig,
+    max_reorg_depth: u64,
+    breaker: Breaker,
+    last_status: Option<Instant>,
+    span: tracing::Span,
+    stopping: bool,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick;
+
+/// Stop polling (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopPolling;
+
+impl Ingest {
+    pub fn new(
+        source: Arc<dyn ChainSource>,
+        store: LocalStore,
+        validate: Addr<Validate>,
+        cfg: SourceConfig,
+        max_reorg_depth: u64,
+        span: tracing::Span,
+    ) -> Ingest {
+        let breaker = Breaker::new(cfg.breaker_failures, cfg.poll_interval, cfg.backoff_max);
+        Ingest {
+            source,
+            store,
+            validate,
+            cfg,
+            max_reorg_depth,
+            breaker,
+            last_status: None,
+            span,
+            stopping: false,
+        }
+    }
+}
+
+impl Actor for Ingest {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.notify(Tick);
+    }
+}
+
+impl Supervised for Ingest {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        let _g = self.span.enter();
+        tracing::warn!("ingest restarting");
+    }
+}
+
+impl Handler<Ping> for Ingest {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
+}
+
+impl Handler<StopPolling> for Ingest {
+    type Result = ();
+    fn handle(&mut self, _: StopPolling, _: &mut Context<Self>) {
+        self.stopping = true;
+    }
+}
+
+impl Handler<Tick> for Ingest {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Tick, _: &mut Context<Self>) -> Self::Result {
+        if self.stopping {
+            return Box::pin(actix::fut::ready(()));
+        }
+        let source = self.source.clone();
+        let store = self.store.clone();
+        let validate = self.validate.clone();
+        let max_per_poll = self.cfg.max_headers_per_poll;
+        let max_depth = self.max_reorg_depth;
+        let want_status = self
+            .last_status
+            .is_none_or(|t| t.elapsed() >= self.cfg.status_interval);
+        let work = async move {
+            let chain = poll_chain(source.as_ref(), &store, max_per_poll, max_depth).await?;
+            let status = if want_status {
+                match source.status().await {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!("status read failed: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            // Validate answers once the observation is committed and durable.
+            if validate
+                .send(Observation::Polled { chain, status })
+                .await
+                .is_err()
+            {
+                tracing::error!("validate actor is gone; observation not delivered");
+            }
+            Ok::<bool, SourceError>(want_status)
+        }
+        .instrument(self.span.clone());
+        Box::pin(work.into_actor(self).map(|result, act, ctx| {
+            let _g = act.span.enter();
+            let (transition, delay) = match result {
+                Ok(read_status) => {
+                    if read_status {
+                        act.last_status = Some(Instant::now());
+                    }
+                    act.breaker.success()
+                }
+                Err(e) => {
+                    let (t, d) = act.breaker.failure();
+                    tracing::warn!(
+                        failures = act.breaker.consecutive_failures(),
+                        retry_in_ms = d.as_millis() as u64,
+                        "poll failed: {e}"
+                    );
+                    if t == Transition::Opened {
+                        act.validate.do_send(Observation::Unreachable {
+                            error: e.to_string(),
+                        });
+                    }
+                    (t, d)
+                }
+            };
+            if transition == Transition::Closed {
+                tracing::info!("node answers again; circuit breaker closed");
+            }
+            ctx.notify_later(Tick, delay.max(Duration::from_millis(10)));
+        }))
+    }
+}
+
+/// New canonical headers since the store's head, ascending and linked to
+/// each other. `linked` is false when the walk-back hit `max_depth` without
+/// reaching a header the store agrees with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainStep {
+    pub headers: Vec<Header>,
+    pub linked: bool,
+}
+
+/// One poll: the node's head, then whatever headers the store lacks or
+/// holds differently.
+pub async fn poll_chain(
+    source: &dyn ChainSource,
+    store: &LocalStore,
+    max_per_poll: u64,
+    max_depth: u64,
+) -> Result<Option<ChainStep>, SourceError> {
+    let head = source.head().await?;
+    let Some(known) = store
+        .head()
+        .map_err(|e| SourceError::Malformed(e.to_string()))?
+    else {
+        // A new store starts at the node's current head; history before it
+        // is the node's business, not ours.
+        let h = source.header(head.height).await?;
+        return Ok(Some(ChainStep {
+            headers: vec![h],
+            linked: true,
+        }));
+    };
+    if head.height == known.height && head.hash == known.hash {
+        return Ok(None);
+    }
+    let mut headers = Vec::new();
+    if head.height > known.height {
+        let upto = head.height.min(known.height + max_per_poll);
+        for h in known.height + 1..=upto {
+            let header = source.header(h).await?;
+            if let Some(prev) = headers.last() {
+                if !links(prev, &header) {
+                    // The node reorganised while we fetched; take what links.
+                    break;
+                }
+            }
+            headers.push(header);
+        }
+    } else {
+        headers.push(source.header(head.height).await?);
+    }
+    // Walk back while the lowest header does not link to what the store holds.
+    let mut depth = 0;
+    loop {
+        let lowest = &headers[0];
+        if lowest.height == 0 {
+            return Ok(Some(ChainStep {
+                headers,
+                linked: true,
+            }));
+        }
+        let below = lowest.height - 1;
+        let stored = store
+            .header(below)
+            .map_err(|e| SourceError::Malformed(e.to_string()))?;
+        match stored {
+            None => {
+                return Ok(Some(ChainStep {
+                    headers,
+                    linked: true,
+                }))
+            }
+            Some(s) if s.hash == lowest.parent_hash => {
+                return Ok(Some(ChainStep {
+                    headers,
+                    linked: true,
+                }))
+            }
+            Some(_) => {}
+        }
+        depth += 1;
+        if depth > max_depth {
+            return Ok(Some(ChainStep {
+                headers,
+                linked: false,
+            }));
+        }
+        let parent = source.header(below).await?;
+        if !links(&parent, &headers[0]) {
+            // The node changed under us mid-walk; try again next poll.
+            return Err(SourceError::Malformed(format!(
+                "header {below} does not link to header {} (node reorganised during the poll)",
+                below + 1
+            )));
+        }
+        headers.insert(0, parent);
+    }
+}
+
+fn links(parent: &Header, child: &Header) -> bool {
+    child.height == parent.height + 1 && child.parent_hash == parent.hash
+}

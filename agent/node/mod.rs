@@ -1,0 +1,202 @@
+//! Agent mode: the actors beside one chain node, and their wiring.
+//!
+//! Data flows Ingest → Validate → store (outbox) → Report → aggregator.
+//! Each actor runs under an actix Supervisor. Handlers never panic (the
+//! binary aborts on panic and systemd restarts it); an actor that hits an
+//! error it cannot handle stops itself and its supervisor restarts it.
+
+pub mod breaker;
+pub mod ingest;
+pub mod report;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::chain::ethereum::EthereumSource;
+use crate::chain::rpc::JsonRpcClient;
+use crate::chain::ChainSource;
+use crate::config::{AgentConfig, SourceKind};
+use crate::latency::Latency;
+use crate::service;
+use crate::store::local::LocalStore;
+use crate::tls::Identity;
+use ingest::Ingest;
+use report::Report;
+use validate::Validate;
+
+/// Liveness probe: an actor that answers is processing its mailbox.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("report.cert: {0}")]
+    Identity(String),
+}
+
+/// A running agent.
+pub struct Agent {
+    pub node_id: String,
+    pub store: LocalStore,
+    actors: Actors,
+}
+
+/// The addresses of one agent's actors.
+#[derive(Clone)]
+struct Actors {
+    ingest: Addr<Ingest>,
+    validate: Addr<Validate>,
+    report: Addr<Report>,
+}
+
+impl Actors {
+    /// True when every actor answers a ping within `timeout`.
+    async fn healthy(&self, timeout: Duration) -> bool {
+        let ok = |r: Result<Result<(), MailboxError>, _>| matches!(r, Ok(Ok(())));
+        ok(tokio::time::timeout(timeout, self.ingest.send(Ping)).await)
+            && ok(tokio::time::timeout(timeout, self.validate.send(Ping)).await)
+            && ok(tokio::time::timeout(timeout, self.report.send(Ping)).await)
+    }
+}
+
+fn source_for(cfg: &AgentConfig, latency: Latency) -> Arc<dyn ChainSource> {
+    match cfg.source.kind {
+        SourceKind::Ethereum => Arc::new(EthereumSource::new(JsonRpcClient::new(
+            &cfg.source.url,
+            cfg.source.timeout,
+            cfg.source.max_reply_bytes,
+            latency,
+        ))),
+    }
+}
+
+impl Agent {
+    /// Opens the store and starts the actors. Call inside a running actix System.
+    pub fn start(cfg: &AgentConfig) -> Result<Agent, AgentError> {
+        match cfg.report.tls().own_identity() {
+            Ok(Some(Identity::Agent(id))) if id == cfg.node_id => {}
+            Ok(Some(other)) => {
+                return Err(AgentError::Identity(format!(
+                    "certificate is for {other}, but node_id is {:?}",
+                    cfg.node_id
+                )))
+            }
+            Ok(None) => {
+                return Err(AgentError::Identity(
+                    "not an Outpost agent certificate".into(),
+                ))
+            }
+            Err(e) => return Err(AgentError::Identity(e.to_string())),
+        }
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| crate::store::StoreError::Sync {
+            path: cfg.data_dir.clone(),
+            source: e,
+        })?;
+        let store = LocalStore::open(
+            &cfg.data_dir,
+            cfg.store.cache_bytes,
+            cfg.store.durability,
+            cfg.store.outbox_quota_bytes,
+        )?;
+        let latency = Latency::new();
+        let source = source_for(cfg, latency.clone());
+        let chain = source.chain();
+        let span = |actor: &'static str| {
+            // Error level keeps the span (and NODE_ID, CHAIN, ACTOR) on every line at any log filter.
+            tracing::error_span!("agent", node_id = %cfg.node_id, chain, actor)
+        };
+        tracing::info!(
+            node_id = %cfg.node_id,
+            chain,
+            last_seq = store.last_seq(),
+            outbox_bytes = store.outbox_bytes(),
+            data_dir = %cfg.data_dir.display(),
+            "agent starting"
+        );
+
+        let (vstore, vcfg, retain, vspan) = (
+            store.clone(),
+            cfg.validate.clone(),
+            cfg.store.retain_headers,
+            span("validate"),
+        );
+        let validate =
+            Supervisor::start(move |_| Validate::new(vstore, vcfg, retain, latency, vspan));
+
+        let (istore, scfg, depth, ispan, v) = (
+            store.clone(),
+            cfg.source.clone(),
+            cfg.validate.max_reorg_depth,
+            span("ingest"),
+            validate.clone(),
+        );
+        let ingest = Supervisor::start(move |_| Ingest::new(source, istore, v, scfg, depth, ispan));
+
+        let me = report::Identity {
+            node_id: cfg.node_id.clone(),
+            network: cfg.network.clone(),
+            chain: chain.to_string(),
+        };
+        let (rstore, rcfg, rspan) = (store.clone(), cfg.report.clone(), span("report"));
+        let report = Supervisor::start(move |_| Report::new(rcfg, me, rstore, rspan));
+
+        Ok(Agent {
+            node_id: cfg.node_id.clone(),
+            store,
+            actors: Actors {
+                ingest,
+                validate,
+                report,
+            },
+        })
+    }
+
+    pub async fn healthy(&self, timeout: Duration) -> bool {
+        self.actors.healthy(timeout).await
+    }
+
+    /// Stops polling, makes the store durable and closes the stream.
+    pub async fn shutdown(&self) {
+        let _ = self.actors.ingest.send(ingest::StopPolling).await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(node_id = %self.node_id, "final flush failed: {e}");
+        }
+        let _ = self.actors.report.send(report::Shutdown).await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(node_id = %self.node_id, "final flush failed: {e}");
+        }
+    }
+}
+
+/// `outpost agent`: runs until SIGTERM or SIGINT.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let agent = Agent::start(&cfg)?;
+    service::notify_ready();
+    service::notify_status(&format!("monitoring {} as {}", cfg.source.url, cfg.node_id));
+    if let Some(every) = service::watchdog_interval() {
+        let probe = agent.actors.clone();
+        actix::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if probe.healthy(every).await {
+                    service::notify_watchdog();
+                } else {
+                    tracing::error!("an actor did not answer; withholding the watchdog ping");
+                }
+            }
+        });
+    }
+    let signal = service::shutdown_signal().await;
+    tracing::info!("{signal} received; shutting down");
+    service::notify_stopping();
+    agent.shutdown().await;
+    tracing::info!("agent stopped cleanly");
+    Ok(())
+}

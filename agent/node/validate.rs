@@ -1,0 +1,430 @@
+//! Validate: judges what Ingest saw. Checks linkage and height, detects
+//! reorgs (depth and fork point), stalls, an unreachable node and syncing,
+//! and writes headers, findings and status with their events in one atomic
+//! store commit, then makes them durable. A finding opens once and resolves
+//! once.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tracing::Instrument;
+
+use super::ingest::ChainStep;
+use super::Ping;
+use crate::config::ValidateConfig;
+use crate::latency::Latency;
+use crate::model::{hex, now_unix_ms, Header, NodeStatus};
+use crate::proto::{self, event::Kind, FindingKind, FindingState, Severity};
+use crate::store::local::{Commit, LocalStore};
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Observation {
+    /// A successful poll: new headers (if any) and the node's status (if read).
+    Polled {
+        chain: Option<ChainStep>,
+        status: Option<NodeStatus>,
+    },
+    /// The circuit breaker opened: the node stopped answering.
+    Unreachable { error: String },
+}
+
+pub struct Validate {
+    store: LocalStore,
+    cfg: ValidateConfig,
+    retain_headers: u64,
+    latency: Latency,
+    span: tracing::Span,
+    /// Open findings by kind, as the store has them.
+    open: HashMap<i32, proto::Finding>,
+    head: Option<Header>,
+    last_advance: Instant,
+    reachable: bool,
+    status: NodeStatus,
+}
+
+impl Validate {
+    pub fn new(
+        store: LocalStore,
+        cfg: ValidateConfig,
+        retain_headers: u64,
+        latency: Latency,
+        span: tracing::Span,
+    ) -> Validate {
+        let mut v = Validate {
+            store,
+            cfg,
+            retain_headers,
+            latency,
+            span,
+            open: HashMap::new(),
+            head: None,
+            last_advance: Instant::now(),
+            reachable: true,
+            status: NodeStatus::default(),
+        };
+        v.reload();
+        v
+    }
+
+    /// (Re)reads what the store knows, so a restart neither re-opens nor
+    /// forgets a finding.
+    fn reload(&mut self) {
+        match (self.store.open_findings(), self.store.head()) {
+            (Ok(open), Ok(head)) => {
+                self.open = open.into_iter().map(|f| (f.kind, f)).collect();
+                self.reachable = !self.open.contains_key(&(FindingKind::Unreachable as i32));
+                self.head = head;
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::error!("cannot read the store: {e}"),
+        }
+        self.last_advance = Instant::now();
+    }
+
+    fn stall_after(&self) -> Duration {
+        self.cfg
+            .expected_block_time
+            .mul_f64(self.cfg.stall_multiple)
+    }
+
+    fn open_finding(
+        &mut self,
+        kind: FindingKind,
+        severity: Severity,
+        summary: String,
+        now_ms: i64,
+    ) -> Option<proto::Finding> {
+        if self.open.contains_key(&(kind as i32)) {
+            return None;
+        }
+        let f = proto::Finding {
+            id: format!("{}-{now_ms}", kind.label()),
+            kind: kind as i32,
+            severity: severity as i32,
+            state: FindingState::Open as i32,
+            height: self.head.as_ref().map_or(0, |h| h.height),
+            opened_at_unix_ms: now_ms,
+            summary,
+            ..Default::default()
+        };
+        tracing::warn!(finding_kind = kind.label(), finding_id = %f.id, "finding opened: {}", f.summary);
+        self.open.insert(kind as i32, f.clone());
+        Some(f)
+    }
+
+    fn resolve_finding(&mut self, kind: FindingKind, now_ms: i64) -> Option<proto::Finding> {
+        let mut f = self.open.remove(&(kind as i32))?;
+        f.state = FindingState::Resolved as i32;
+        f.resolved_at_unix_ms = now_ms;
+        f.height = self.head.as_ref().map_or(f.height, |h| h.height);
+        tracing::info!(finding_kind = kind.label(), finding_id = %f.id, "finding resolved: {}", f.summary);
+        Some(f)
+    }
+
+    fn occurred(
+        &self,
+        kind: FindingKind,
+        severity: Severity,
+        height: u64,
+        summary: String,
+        now_ms: i64,
+    ) -> proto::Finding {
+        let f = proto::Finding {
+            id: format!("{}-{height}-{now_ms}", kind.label()),
+            kind: kind as i32,
+            severity: severity as i32,
+            state: FindingState::Occurred as i32,
+            height,
+            opened_at_unix_ms: now_ms,
+            resolved_at_unix_ms: now_ms,
+            summary,
+            ..Default::default()
+        };
+        tracing::warn!(finding_kind = kind.label(), finding_id = %f.id, "finding: {}", f.summary);
+        f
+    }
+
+    /// Judges new headers; fills `commit` with what to write.
+    fn judge_chain(
+        &mut self,
+        step: ChainStep,
+        commit: &mut Commit,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let Some(first) = step.headers.first().cloned() else {
+            return Ok(());
+        };
+        let old_head = self.head.clone();
+        let mut findings = Vec::new();
+        if !step.linked {
+            findings.push(self.occurred(
+                FindingKind::Linkage,
+                Severity::Critical,
+                first.height,
+                format!(
+                    "header {} does not link to the stored chain within {} blocks (parent {})",
+                    first.height, self.cfg.max_reorg_depth, first.parent_hash
+                ),
+                now_ms,
+            ));
+        }
+        for pair in step.headers.windows(2) {
+            if pair[1].height != pair[0].height + 1 || pair[1].parent_hash != pair[0].hash {
+                return Err(format!(
+                    "ingest handed over unlinked headers at {} → {}",
+                    pair[0].height, pair[1].height
+                ));
+            }
+        }
+        if let Some(old) = &old_head {
+            if first.height <= old.height {
+                let fork_point = first.height - 1;
+                let replaced = self
+                    .store
+                    .header(first.height)
+                    .map_err(|e| e.to_string())?
+                    .is_some_and(|h| h.hash != first.hash);
+                if replaced {
+                    let depth = old.height - fork_point;
+                    let mut f = self.occurred(
+                        FindingKind::Reorg,
+                        if depth >= 6 { Severity::Critical } else { Severity::Warning },
+                        old.height,
+                        format!(
+                            "reorg of depth {depth}: blocks {}..={} replaced, fork point {fork_point}, old head {} new head {}",
+                            first.height,
+                            old.height,
+                            old.hash,
+                            step.headers.last().map(|h| h.hash.to_string()).unwrap_or_default()
+                        ),
+                        now_ms,
+                    );
+                    f.fork_point = Some(fork_point);
+                    f.depth = Some(depth);
+                    findings.push(f);
+                }
+            }
+        }
+        let new_head = step.headers.last().cloned().unwrap_or(first);
+        if let Some(old) = &old_head {
+            if new_head.height < old.height {
+                commit.truncate_above = Some(new_head.height);
+                findings.push(self.occurred(
+                    FindingKind::HeightRegression,
+                    Severity::Warning,
+                    new_head.height,
+                    format!("head went back from {} to {}", old.height, new_head.height),
+                    now_ms,
+                ));
+            }
+        }
+        if old_head.as_ref() != Some(&new_head) {
+            self.last_advance = Instant::now();
+            if let Some(f) = self.resolve_finding(FindingKind::Stall, now_ms) {
+                findings.push(f);
+            }
+        }
+        commit
+            .events
+            .extend(step.headers.iter().map(|h| Kind::Header(h.to_proto())));
+        commit.headers.extend(step.headers);
+        self.head = Some(new_head);
+        commit
+            .events
+            .extend(findings.iter().cloned().map(Kind::Finding));
+        commit.findings.extend(findings);
+        Ok(())
+    }
+
+    fn judge_status(&mut self, status: NodeStatus, commit: &mut Commit, now_ms: i64) {
+        let mut findings = Vec::new();
+        match status.syncing {
+            Some(true) => findings.extend(self.open_finding(
+                FindingKind::Syncing,
+                Severity::Warning,
+                match status.sync_highest_block {
+                    Some(target) => format!("node is syncing towards block {target}"),
+                    None => "node is syncing".into(),
+                },
+                now_ms,
+            )),
+            Some(false) => findings.extend(self.resolve_finding(FindingKind::Syncing, now_ms)),
+            None => {}
+        }
+        self.status = status;
+        commit
+            .events
+            .extend(findings.iter().cloned().map(Kind::Finding));
+        commit.findings.extend(findings);
+        let s = self.status_proto();
+        commit.events.push(Kind::Status(s.clone()));
+        commit.status = Some(s);
+    }
+
+    fn status_proto(&self) -> proto::NodeStatus {
+        proto::NodeStatus {
+            head_height: self.head.as_ref().map_or(0, |h| h.height),
+            head_hash: self
+                .head
+                .as_ref()
+                .map(|h| h.hash.0.clone())
+                .unwrap_or_default(),
+            reachable: self.reachable,
+            peers: self.status.peers,
+            syncing: self.status.syncing,
+            sync_highest_block: self.status.sync_highest_block,
+            rpc_latency: Some(self.latency.take_summary()),
+            dropped_events: self.store.dropped_events(),
+        }
+    }
+
+    /// Commits and then flushes; the reply to the sender waits for both.
+    fn write(&mut self, commit: Commit, ctx: &mut Context<Self>) -> ResponseActFuture<Self, ()> {
+        let head = self.head.as_ref().map(|h| h.height);
+        if commit.events.is_empty() && commit.headers.is_empty() && commit.status.is_none() {
+            return Box::pin(actix::fut::ready(()));
+        }
+        match self.store.commit(commit, now_unix_ms()) {
+            Ok(done) => {
+                if done.dropped > 0 {
+                    tracing::warn!(dropped = done.dropped, "outbox full: telemetry dropped");
+                }
+            }
+            Err(e) => {
+                tracing::error!("store commit failed: {e}; validate restarts");
+                ctx.stop();
+                return Box::pin(actix::fut::ready(()));
+            }
+        }
+        if let Some(h) = head {
+            if let Err(e) = self.store.prune_headers(h, self.retain_headers) {
+                tracing::warn!("header retention failed: {e}");
+            }
+        }
+        let store = self.store.clone();
+        let flush = async move { store.flush().await }.instrument(self.span.clone());
+        Box::pin(flush.into_actor(self).map(|res, act, ctx| {
+            if let Err(e) = res {
+                let _g = act.span.enter();
+                tracing::error!("store flush failed: {e}; validate restarts");
+                ctx.stop();
+            }
+        }))
+    }
+
+    fn check_stall(&mut self, ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        if !self.reachable || self.open.contains_key(&(FindingKind::Stall as i32)) {
+            return;
+        }
+        let waited = self.last_advance.elapsed();
+        if waited < self.stall_after() {
+            return;
+        }
+        let now_ms = now_unix_ms();
+        let head = self
+            .head
+            .as_ref()
+            .map(|h| format!("{} ({})", h.height, hex(&h.hash.0[..4.min(h.hash.0.len())])))
+            .unwrap_or_else(|| "none".into());
+        let summary = format!(
+            "no new block for {}s (expected one every {}s); head {head}",
+            waited.as_secs(),
+            self.cfg.expected_block_time.as_secs_f64()
+        );
+        if let Some(f) = self.open_finding(FindingKind::Stall, Severity::Warning, summary, now_ms) {
+            let commit = Commit {
+                events: vec![Kind::Finding(f.clone())],
+                findings: vec![f],
+                ..Default::default()
+            };
+            let write = self.write(commit, ctx);
+            ctx.spawn(write);
+        }
+    }
+}
+
+impl Actor for Validate {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every = (self.cfg.expected_block_time / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        ctx.run_interval(every, |act, ctx| act.check_stall(ctx));
+    }
+}
+
+impl Supervised for Validate {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        let _g = self.span.clone().entered();
+        tracing::warn!("validate restarting; reloading state from the store");
+        self.reload();
+    }
+}
+
+impl Handler<Ping> for Validate {
+    type Result = ();
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
+}
+
+/// Replaced config values (live reload).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconfigure(pub ValidateConfig);
+
+impl Handler<Reconfigure> for Validate {
+    type Result = ();
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        self.cfg = msg.0;
+    }
+}
+
+impl Handler<Observation> for Validate {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, obs: Observation, ctx: &mut Context<Self>) -> Self::Result {
+        let _g = self.span.clone().entered();
+        let now_ms = now_unix_ms();
+        let mut commit = Commit::default();
+        match obs {
+            Observation::Polled { chain, status } => {
+                if !self.reachable {
+                    self.reachable = true;
+                    if let Some(f) = self.resolve_finding(FindingKind::Unreachable, now_ms) {
+                        commit.events.push(Kind::Finding(f.clone()));
+                        commit.findings.push(f);
+                    }
+                    // The node was away; a stall clock running through the outage
+                    // would blame the node for our blindness.
+                    self.last_advance = Instant::now();
+                }
+                if let Some(step) = chain {
+                    if let Err(e) = self.judge_chain(step, &mut commit, now_ms) {
+                        tracing::error!("{e}");
+                        return Box::pin(actix::fut::ready(()));
+                    }
+                }
+                if let Some(status) = status {
+                    self.judge_status(status, &mut commit, now_ms);
+                }
+            }
+            Observation::Unreachable { error } => {
+                self.reachable = false;
+                if let Some(f) = self.open_finding(
+                    FindingKind::Unreachable,
+                    Severity::Critical,
+                    format!("node RPC unreachable: {error}"),
+                    now_ms,
+                ) {
+                    commit.events.push(Kind::Finding(f.clone()));
+                    commit.findings.push(f);
+                }
+                let s = self.status_proto();
+                commit.events.push(Kind::Status(s.clone()));
+                commit.status = Some(s);
+            }
+        }
+        self.write(commit, ctx)
+    }
+}

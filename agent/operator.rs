@@ -1,0 +1,360 @@
+//! `outpost query`: the operator's client for the query API, with tables
+//! for people and JSON for scripts.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::{json, Value};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::{Connection, QueryCommand};
+use crate::model::{hex, now_unix_ms};
+use crate::proto::{
+    query_client::QueryClient, EventsRequest, Finding, FindingKind, GetNodeRequest, Header,
+    HeadersRequest, LatencySummary, ListFindingsRequest, ListNodesRequest, NodeStatus, NodeSummary,
+};
+use crate::tls::TlsFiles;
+
+pub async fn connect(conn: &Connection) -> anyhow::Result<QueryClient<Channel>> {
+    let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
+        bail!("an operator certificate is needed: pass --cert and --key (or set OUTPOST_CERT and OUTPOST_KEY)");
+    };
+    let files = TlsFiles {
+        ca: conn.ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    let domain = match &conn.server_name {
+        Some(n) => n.clone(),
+        None => reqwest::Url::parse(&conn.endpoint)
+            .with_context(|| format!("--endpoint {:?} is not a URL", conn.endpoint))?
+            .host_str()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let tls = files.client_config(&domain)?;
+    let channel = Endpoint::from_shared(conn.endpoint.clone())
+        .with_context(|| format!("--endpoint {:?} is not a URL", conn.endpoint))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot connect to {}: {} (check --endpoint, and that --ca signed the aggregator's certificate)",
+                conn.endpoint,
+                crate::error_chain(&e)
+            )
+        })?;
+    Ok(QueryClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow!("aggregator refused: {}: {}", s.code(), s.message())
+}
+
+/// Parses `--since`: an RFC 3339 time, or an age such as `10m`.
+pub fn parse_since(s: &str) -> anyhow::Result<i64> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        let ms = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        return Ok(ms);
+    }
+    let age = humantime::parse_duration(s)
+        .map_err(|_| anyhow!("--since {s:?}: expected an RFC 3339 time or an age like 10m"))?;
+    Ok(now_unix_ms() - age.as_millis() as i64)
+}
+
+pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
+    // Check arguments before connecting, so a typo does not wait for the network.
+    let kind = match &cmd {
+        QueryCommand::Findings { kind: Some(k), .. } => Some(
+            FindingKind::from_label(k)
+                .ok_or_else(|| anyhow!("--kind {k:?}: not a finding kind (reorg, stall, unreachable, syncing, linkage, height-regression, events-dropped)"))?,
+        ),
+        _ => None,
+    };
+    let since = match &cmd {
+        QueryCommand::Findings { since: Some(s), .. } => parse_since(s)?,
+        _ => 0,
+    };
+    let mut client = connect(conn).await?;
+    let out = match cmd {
+        QueryCommand::Nodes => {
+            let nodes = client
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .nodes;
+            if conn.json {
+                json!(nodes.iter().map(summary_json).collect::<Vec<_>>())
+            } else {
+                print!("{}", nodes_table(&nodes));
+                return Ok(());
+            }
+        }
+        QueryCommand::Node { node_id } => {
+            let d = client
+                .get_node(GetNodeRequest { node_id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let v = json!({
+                "summary": d.summary.as_ref().map(summary_json),
+                "status": d.status.as_ref().map(status_json),
+                "open_findings": d.open_findings.iter().map(finding_json).collect::<Vec<_>>(),
+                "agent_version": d.agent_version,
+                "duplicates_ignored": d.duplicates_ignored,
+                "dropped_events": d.dropped_events,
+            });
+            if conn.json {
+                v
+            } else {
+                print!("{}", node_text(&v));
+                return Ok(());
+            }
+        }
+        QueryCommand::Findings { node, open, .. } => {
+            let list = client
+                .list_findings(ListFindingsRequest {
+                    node_id: node.unwrap_or_default(),
+                    kind: kind.map(|k| k as i32),
+                    since_unix_ms: since,
+                    open_only: open,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .findings;
+            if conn.json {
+                json!(list
+                    .iter()
+                    .map(|nf| {
+                        let mut v = nf.finding.as_ref().map(finding_json).unwrap_or(Value::Null);
+                        v["node_id"] = json!(nf.node_id);
+                        v
+                    })
+                    .collect::<Vec<_>>())
+            } else {
+                for nf in &list {
+                    if let Some(f) = &nf.finding {
+                        println!("{}", finding_line(&nf.node_id, f));
+                    }
+                }
+                return Ok(());
+            }
+        }
+        QueryCommand::Headers { node_id, from, to } => {
+            let headers = client
+                .headers(HeadersRequest {
+                    node_id,
+                    from_height: from,
+                    to_height: to,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .headers;
+            if conn.json {
+                json!(headers.iter().map(header_json).collect::<Vec<_>>())
+            } else {
+                for h in &headers {
+                    println!(
+                        "{:>10}  {}  parent {}",
+                        h.height,
+                        hex(&h.hash),
+                        hex(&h.parent_hash)
+                    );
+                }
+                return Ok(());
+            }
+        }
+        QueryCommand::Events {
+            node_id,
+            from_seq,
+            limit,
+        } => {
+            let events = client
+                .events(EventsRequest {
+                    node_id,
+                    from_seq,
+                    limit,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .events;
+            json!(events.iter().map(event_json).collect::<Vec<_>>())
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+pub fn header_json(h: &Header) -> Value {
+    json!({"height": h.height, "hash": hex(&h.hash), "parent_hash": hex(&h.parent_hash), "timestamp": h.timestamp})
+}
+
+pub fn latency_json(l: &LatencySummary) -> Value {
+    json!({"count": l.count, "p50_us": l.p50_us, "p90_us": l.p90_us, "p99_us": l.p99_us, "max_us": l.max_us})
+}
+
+pub fn status_json(s: &NodeStatus) -> Value {
+    json!({
+        "head_height": s.head_height,
+        "head_hash": hex(&s.head_hash),
+        "reachable": s.reachable,
+        "peers": s.peers,
+        "syncing": s.syncing,
+        "sync_highest_block": s.sync_highest_block,
+        "rpc_latency": s.rpc_latency.as_ref().map(latency_json),
+        "dropped_events": s.dropped_events,
+    })
+}
+
+pub fn finding_json(f: &Finding) -> Value {
+    json!({
+        "id": f.id,
+        "kind": f.kind().label(),
+        "severity": f.severity().label(),
+        "state": f.state().label(),
+        "height": f.height,
+        "opened_at_unix_ms": f.opened_at_unix_ms,
+        "resolved_at_unix_ms": f.resolved_at_unix_ms,
+        "summary": f.summary,
+        "fork_point": f.fork_point,
+        "depth": f.depth,
+    })
+}
+
+pub fn summary_json(n: &NodeSummary) -> Value {
+    json!({
+        "node_id": n.node_id,
+        "network": n.network,
+        "chain": n.chain,
+        "head": n.head.as_ref().map(header_json),
+        "last_seen_unix_ms": n.last_seen_unix_ms,
+        "status": n.status,
+        "connected": n.connected,
+        "last_seq": n.last_seq,
+    })
+}
+
+pub fn event_json(e: &crate::proto::Event) -> Value {
+    use crate::proto::event::Kind;
+    let (kind, body) = match &e.kind {
+        Some(Kind::Header(h)) => ("header", header_json(h)),
+        Some(Kind::Status(s)) => ("status", status_json(s)),
+        Some(Kind::Finding(f)) => ("finding", finding_json(f)),
+        Some(Kind::Gap(g)) => ("gap", json!({"last_seq": g.last_seq, "dropped": g.dropped})),
+        None => ("unknown", Value::Null),
+    };
+    json!({"seq": e.seq, "at_unix_ms": e.at_unix_ms, "kind": kind, "body": body})
+}
+
+fn ago(ms: i64) -> String {
+    if ms <= 0 {
+        return "never".into();
+    }
+    let secs = ((now_unix_ms() - ms).max(0) / 1000) as u64;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+fn short(hash: &[u8]) -> String {
+    let h = hex(hash);
+    if h.len() > 14 {
+        format!("{}…{}", &h[..8], &h[h.len() - 4..])
+    } else {
+        h
+    }
+}
+
+pub fn nodes_table(nodes: &[NodeSummary]) -> String {
+    let mut out = format!(
+        "{:<16} {:<12} {:<10} {:>10} {:<15} {:<13} {:<10} {:>8}\n",
+        "NODE", "NETWORK", "CHAIN", "HEIGHT", "HASH", "STATUS", "SEEN", "SEQ"
+    );
+    for n in nodes {
+        let (height, hash) = n
+            .head
+            .as_ref()
+            .map(|h| (h.height.to_string(), short(&h.hash)))
+            .unwrap_or_else(|| ("-".into(), "-".into()));
+        out.push_str(&format!(
+            "{:<16} {:<12} {:<10} {:>10} {:<15} {:<13} {:<10} {:>8}\n",
+            n.node_id,
+            n.network,
+            n.chain,
+            height,
+            hash,
+            n.status,
+            ago(n.last_seen_unix_ms),
+            n.last_seq
+        ));
+    }
+    out
+}
+
+pub fn finding_line(node: &str, f: &Finding) -> String {
+    let when = if f.state() == crate::proto::FindingState::Resolved {
+        f.resolved_at_unix_ms
+    } else {
+        f.opened_at_unix_ms
+    };
+    format!(
+        "{:<9} {:<16} {:<10} {:<8} {:<9} h={:<9} {}",
+        ago(when),
+        node,
+        f.kind().label(),
+        f.severity().label(),
+        f.state().label(),
+        f.height,
+        f.summary
+    )
+}
+
+fn node_text(v: &Value) -> String {
+    let s = &v["summary"];
+    let st = &v["status"];
+    let lat = &st["rpc_latency"];
+    let mut out = format!(
+        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}\n",
+        s["node_id"].as_str().unwrap_or(""),
+        s["network"].as_str().unwrap_or(""),
+        s["chain"].as_str().unwrap_or(""),
+        s["status"].as_str().unwrap_or(""),
+        s["head"]["height"],
+        s["head"]["hash"].as_str().unwrap_or(""),
+        if st["peers"].is_null() { "unknown".to_string() } else { st["peers"].to_string() },
+        if st["syncing"].is_null() { "unknown".to_string() } else { st["syncing"].to_string() },
+        lat["p50_us"],
+        lat["p99_us"],
+        lat["count"],
+        s["last_seq"],
+        v["agent_version"].as_str().unwrap_or(""),
+        v["dropped_events"],
+        v["duplicates_ignored"],
+    );
+    let open = v["open_findings"].as_array().cloned().unwrap_or_default();
+    if open.is_empty() {
+        out.push_str("open findings: none\n");
+    } else {
+        out.push_str("open findings:\n");
+        for f in open {
+            out.push_str(&format!(
+                "  {} {} {}\n",
+                f["kind"].as_str().unwrap_or(""),
+                f["severity"].as_str().unwrap_or(""),
+                f["summary"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out
+}

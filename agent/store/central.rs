@@ -1,0 +1,394 @@
+//! The aggregator's store: per node its record (last seq, head, status),
+//! headers by height, findings and the event log, in one sled tree so that
+//! each received batch lands in one atomic write.
+//!
+//! Keys: `n`+node → NodeRecord, `h`+node+0+height → Header, `f`+node+0+id →
+//! Finding, `e`+node+0+first seq → Batch (the event log).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::{watch, Notify};
+
+use super::local::event_last_seq;
+use super::{decode, key_tail_u64, Durability, StoreError};
+use crate::proto::{self, event::Kind, NodeRecord};
+
+#[derive(Clone)]
+pub struct CentralStore {
+    tree: sled::Tree,
+    commit: Arc<GroupCommit>,
+}
+
+/// Many streams share one flush: each caller waits for the first flush that
+/// starts after its write.
+struct GroupCommit {
+    requested: AtomicU64,
+    wake: Notify,
+    done: watch::Sender<Result<u64, String>>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Persisted {
+    pub last_seq: u64,
+    pub stored: usize,
+    pub duplicates: usize,
+}
+
+fn node_key(prefix: u8, node: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + node.len() + 8);
+    k.push(prefix);
+    k.extend_from_slice(node.as_bytes());
+    k.push(0);
+    k
+}
+
+fn node_key_u64(prefix: u8, node: &str, n: u64) -> Vec<u8> {
+    let mut k = node_key(prefix, node);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn record_key(node: &str) -> Vec<u8> {
+    [b"n".as_slice(), node.as_bytes()].concat()
+}
+
+impl CentralStore {
+    /// Opens the store and starts its group-commit task (needs a tokio runtime).
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        durability: Durability,
+    ) -> Result<CentralStore, StoreError> {
+        let db = super::open_db(dir, cache_bytes)?;
+        let tree = db.open_tree("aggregator")?;
+        let (done, _) = watch::channel(Ok(0));
+        let commit = Arc::new(GroupCommit {
+            requested: AtomicU64::new(0),
+            wake: Notify::new(),
+            done,
+        });
+        tokio::spawn(run_group_commit(
+            commit.clone(),
+            db,
+            dir.to_path_buf(),
+            durability,
+        ));
+        Ok(CentralStore { tree, commit })
+    }
+
+    /// Waits until everything written before this call is durable.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        let mine = self.commit.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.commit.done.subscribe();
+        self.commit.wake.notify_one();
+        loop {
+            match &*rx.borrow_and_update() {
+                Ok(done) if *done >= mine => return Ok(()),
+                Err(e) => {
+                    return Err(StoreError::Sync {
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e.clone()),
+                    })
+                }
+                Ok(_) => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Sync {
+                    path: PathBuf::new(),
+                    source: std::io::Error::other("group commit stopped"),
+                });
+            }
+        }
+    }
+
+    pub fn node(&self, node: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let key = record_key(node);
+        match self.tree.get(&key)? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.tree
+            .scan_prefix(b"n")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Records who the agent says it is (the node id comes from its certificate).
+    pub fn register(
+        &self,
+        node: &str,
+        hello: &proto::Hello,
+        now_ms: i64,
+    ) -> Result<NodeRecord, StoreError> {
+        let mut rec = self.node(node)?.unwrap_or_else(|| NodeRecord {
+            node_id: node.to_string(),
+            ..Default::default()
+        });
+        rec.network = hello.network.clone();
+        rec.chain = hello.chain.clone();
+        rec.agent_version = hello.agent_version.clone();
+        rec.last_seen_unix_ms = now_ms;
+        self.tree.insert(record_key(node), rec.encode_to_vec())?;
+        Ok(rec)
+    }
+
+    /// Stores the events above the node's last seq in one atomic write and
+    /// ignores the rest as duplicates. The caller must serialise calls per node
+    /// and await `durable` before acknowledging.
+    pub fn persist(
+        &self,
+        node: &str,
+        events: Vec<proto::Event>,
+        now_ms: i64,
+    ) -> Result<Persisted, StoreError> {
+        let mut rec = self.node(node)?.unwrap_or_else(|| NodeRecord {
+            node_id: node.to_string(),
+            ..Default::default()
+        });
+        let mut batch = sled::Batch::default();
+        let mut kept = Vec::with_capacity(events.len());
+        let mut duplicates = 0;
+        for e in events {
+            let last = event_last_seq(&e);
+            if last <= rec.last_seq {
+                duplicates += 1;
+                continue;
+            }
+            if e.seq > rec.last_seq + 1 {
+                tracing::warn!(
+                    target: "outpost::audit",
+                    node_id = node,
+                    expected = rec.last_seq + 1,
+                    got = e.seq,
+                    "seq gap not covered by a gap event"
+                );
+            }
+            match &e.kind {
+                Some(Kind::Header(h)) => {
+                    batch.insert(node_key_u64(b'h', node, h.height), h.encode_to_vec());
+                    rec.head = Some(h.clone());
+                }
+                Some(Kind::Status(s)) => {
+                    if let Some(head) = rec.head.as_ref() {
+                        // The node's chain got shorter: forget headers above its head.
+                        if s.head_height < head.height && !s.head_hash.is_empty() {
+                            for kv in self.tree.range(
+                                node_key_u64(b'h', node, s.head_height + 1)
+                                    ..=node_key_u64(b'h', node, u64::MAX),
+                            ) {
+                                batch.remove(kv?.0);
+                            }
+                            rec.head = Some(proto::Header {
+                                height: s.head_height,
+                                hash: s.head_hash.clone(),
+                                ..Default::default()
+                            });
+                        }
+                    }
+                    rec.dropped_events = rec.dropped_events.max(s.dropped_events);
+                    rec.status = Some(s.clone());
+                }
+                Some(Kind::Finding(f)) => {
+                    let mut k = node_key(b'f', node);
+                    k.extend_from_slice(f.id.as_bytes());
+                    batch.insert(k, f.encode_to_vec());
+                }
+                Some(Kind::Gap(g)) => rec.dropped_events += g.dropped,
+                None => {}
+            }
+            rec.last_seq = last;
+            kept.push(e);
+        }
+        rec.duplicates_ignored += duplicates as u64;
+        rec.last_seen_unix_ms = now_ms;
+        let stored = kept.len();
+        if let Some(first) = kept.first().map(|e| e.seq) {
+            batch.insert(
+                node_key_u64(b'e', node, first),
+                proto::Batch { events: kept }.encode_to_vec(),
+            );
+        }
+        batch.insert(record_key(node), rec.encode_to_vec());
+        self.tree.apply_batch(batch)?;
+        Ok(Persisted {
+            last_seq: rec.last_seq,
+            stored,
+            duplicates,
+        })
+    }
+
+    pub fn headers(
+        &self,
+        node: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<proto::Header>, StoreError> {
+        self.tree
+            .range(node_key_u64(b'h', node, from)..=node_key_u64(b'h', node, to))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn findings(&self, node: &str) -> Result<Vec<proto::Finding>, StoreError> {
+        self.tree
+            .scan_prefix(node_key(b'f', node))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Events with seq ≥ `from`, in seq order, at most `limit`.
+    pub fn events(
+        &self,
+        node: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<proto::Event>, StoreError> {
+        let start = self
+            .tree
+            .range(node_key_u64(b'e', node, 0)..=node_key_u64(b'e', node, from))
+            .next_back()
+            .transpose()?
+            .map(|(k, _)| k.to_vec())
+            .unwrap_or_else(|| node_key_u64(b'e', node, from));
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..=node_key_u64(b'e', node, u64::MAX)) {
+            let (k, v) = kv?;
+            let batch: proto::Batch = decode(&k, &v)?;
+            out.extend(
+                batch
+                    .events
+                    .into_iter()
+                    .filter(|e| event_last_seq(e) >= from),
+            );
+            if out.len() >= limit {
+                out.truncate(limit);
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps the event log of `node` to about its newest `keep` seqs.
+    pub fn prune_events(&self, node: &str, last_seq: u64, keep: u64) -> Result<usize, StoreError> {
+        let Some(cutoff) = last_seq.checked_sub(keep) else {
+            return Ok(0);
+        };
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self
+            .tree
+            .range(node_key_u64(b'e', node, 0)..node_key_u64(b'e', node, cutoff))
+        {
+            let (k, _) = kv?;
+            if key_tail_u64(&k).is_some() {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+}
+
+async fn run_group_commit(
+    commit: Arc<GroupCommit>,
+    db: sled::Db,
+    dir: PathBuf,
+    durability: Durability,
+) {
+    loop {
+        commit.wake.notified().await;
+        let target = commit.requested.load(Ordering::SeqCst);
+        let result = super::flush(&db, &dir, durability).await;
+        let failed = result.is_err();
+        let _previous = commit
+            .done
+            .send_replace(result.map(|_| target).map_err(|e| e.to_string()));
+        if failed {
+            tracing::error!(
+                "aggregator store flush failed; acknowledgements stop until it succeeds"
+            );
+        }
+        if Arc::strong_count(&commit) == 1 {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_event(seq: u64, height: u64) -> proto::Event {
+        proto::Event {
+            seq,
+            at_unix_ms: 0,
+            kind: Some(Kind::Header(proto::Header {
+                height,
+                hash: vec![height as u8; 32],
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn persist_dedups_by_seq_and_serves_headers_and_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        let p = s
+            .persist("n1", (1..=3).map(|i| header_event(i, i)).collect(), 0)
+            .unwrap();
+        assert_eq!(
+            p,
+            Persisted {
+                last_seq: 3,
+                stored: 3,
+                duplicates: 0
+            }
+        );
+        let p = s
+            .persist("n1", (2..=5).map(|i| header_event(i, i)).collect(), 0)
+            .unwrap();
+        assert_eq!(
+            p,
+            Persisted {
+                last_seq: 5,
+                stored: 2,
+                duplicates: 2
+            }
+        );
+        s.durable().await.unwrap();
+        let seqs: Vec<u64> = s
+            .events("n1", 1, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.events("n1", 4, 100).unwrap()[0].seq, 4);
+        assert_eq!(s.headers("n1", 2, 4).unwrap().len(), 3);
+        assert!(s.headers("n2", 0, 10).unwrap().is_empty());
+        let rec = s.node("n1").unwrap().unwrap();
+        assert_eq!(rec.duplicates_ignored, 2);
+        assert_eq!(rec.head.unwrap().height, 5);
+        assert_eq!(s.prune_events("n1", 5, 2).unwrap(), 1);
+        assert_eq!(s.events("n1", 0, 100).unwrap()[0].seq, 4);
+    }
+}

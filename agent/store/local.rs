@@ -1,0 +1,608 @@
+//! The agent's store: headers by height, findings, the last node status, and
+//! the outbox with its seq counter, all in one sled tree so that one atomic
+//! batch writes an event, its seq and what it changes.
+//!
+//! Keys: `h`+height → Header, `f`+id → Finding (latest state), `k`+kind →
+//! the open Finding of that kind, `o`+first seq → outbox record (last seq as
+//! 8 bytes, then an encoded Batch), `m`+name → counters and status.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use tokio::sync::watch;
+
+use super::{decode, key_tail_u64, key_u64, u64_value, Durability, StoreError};
+use crate::model::Header;
+use crate::proto::{self, event::Kind};
+
+const NEXT_SEQ: &[u8] = b"mnext_seq";
+const OUTBOX_BYTES: &[u8] = b"moutbox_bytes";
+const DROPPED: &[u8] = b"mdropped";
+const STATUS: &[u8] = b"mstatus";
+
+/// Counters guarded together: the seq counter and the outbox size change in
+/// the same batches.
+struct Counters {
+    next_seq: u64,
+    outbox_bytes: u64,
+    dropped: u64,
+}
+
+#[derive(Clone)]
+pub struct LocalStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    dir: PathBuf,
+    durability: Durability,
+    quota_bytes: u64,
+    counters: Arc<Mutex<Counters>>,
+    durable_tx: Arc<watch::Sender<u64>>,
+}
+
+/// What one validation step writes, atomically.
+#[derive(Default)]
+pub struct Commit {
+    pub events: Vec<Kind>,
+    /// Headers to (re)write in the height index.
+    pub headers: Vec<Header>,
+    /// Drop indexed headers above this height (the node's chain got shorter).
+    pub truncate_above: Option<u64>,
+    pub findings: Vec<proto::Finding>,
+    pub status: Option<proto::NodeStatus>,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Committed {
+    /// Seqs given to the commit's events, first to last; empty when it had none.
+    pub seqs: Option<(u64, u64)>,
+    /// Events dropped from the outbox to stay within the quota.
+    pub dropped: u64,
+}
+
+/// One outbox record as the reporter reads it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub batch: proto::Batch,
+}
+
+impl LocalStore {
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        durability: Durability,
+        quota_bytes: u64,
+    ) -> Result<LocalStore, StoreError> {
+        let db = super::open_db(dir, cache_bytes)?;
+        let tree = db.open_tree("agent")?;
+        let next_seq = u64_value(tree.get(NEXT_SEQ)?).max(1);
+        let counters = Counters {
+            next_seq,
+            outbox_bytes: u64_value(tree.get(OUTBOX_BYTES)?),
+            dropped: u64_value(tree.get(DROPPED)?),
+        };
+        // What a reopened store holds was read back from disk: it is durable.
+        let (durable_tx, _) = watch::channel(next_seq - 1);
+        Ok(LocalStore {
+            db,
+            tree,
+            dir: dir.to_path_buf(),
+            durability,
+            quota_bytes,
+            counters: Arc::new(Mutex::new(counters)),
+            durable_tx: Arc::new(durable_tx),
+        })
+    }
+
+    fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
+        // A poisoned lock can only come from a panic, and the binary aborts on panic.
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The highest seq ever assigned (0 for a new store).
+    pub fn last_seq(&self) -> u64 {
+        self.counters().next_seq - 1
+    }
+
+    pub fn dropped_events(&self) -> u64 {
+        self.counters().dropped
+    }
+
+    pub fn outbox_bytes(&self) -> u64 {
+        self.counters().outbox_bytes
+    }
+
+    /// Seqs up to this one are on disk and may be sent.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable_tx.subscribe()
+    }
+
+    pub fn header(&self, height: u64) -> Result<Option<Header>, StoreError> {
+        let key = key_u64(b"h", height);
+        match self.tree.get(&key)? {
+            Some(v) => Ok(Some(Header::from_proto(&decode::<proto::Header>(
+                &key, &v,
+            )?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The highest indexed header.
+    pub fn head(&self) -> Result<Option<Header>, StoreError> {
+        match self.tree.scan_prefix(b"h").next_back() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                Ok(Some(Header::from_proto(&decode::<proto::Header>(&k, &v)?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn open_findings(&self) -> Result<Vec<proto::Finding>, StoreError> {
+        self.tree
+            .scan_prefix(b"k")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn findings(&self) -> Result<Vec<proto::Finding>, StoreError> {
+        self.tree
+            .scan_prefix(b"f")
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> Result<Option<proto::NodeStatus>, StoreError> {
+        match self.tree.get(STATUS)? {
+            Some(v) => Ok(Some(decode(STATUS, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes one validation step atomically: events get the next seqs and go
+    /// into one outbox record, with the counter, index and findings they change.
+    /// The events are not yet durable: call `flush` before they may be sent.
+    pub fn commit(&self, commit: Commit, now_ms: i64) -> Result<Committed, StoreError> {
+        let mut c = self.counters();
+        let mut batch = sled::Batch::default();
+        let mut out = Committed::default();
+
+        if let Some(h) = commit.truncate_above {
+            for kv in self
+                .tree
+                .range(key_u64(b"h", h + 1)..key_u64(b"h", u64::MAX))
+            {
+                batch.remove(kv?.0);
+            }
+        }
+        for h in &commit.headers {
+            batch.insert(key_u64(b"h", h.height), h.to_proto().encode_to_vec());
+        }
+        for f in &commit.findings {
+            let kind_key = [b"k".as_slice(), f.kind().label().as_bytes()].concat();
+            if f.state() == proto::FindingState::Open {
+                batch.insert(kind_key, f.encode_to_vec());
+            } else if f.state() == proto::FindingState::Resolved {
+                batch.remove(kind_key);
+            }
+            batch.insert(
+                [b"f".as_slice(), f.id.as_bytes()].concat(),
+                f.encode_to_vec(),
+            );
+        }
+        if let Some(s) = &commit.status {
+            batch.insert(STATUS, s.encode_to_vec());
+        }
+
+        let mut next = c.next_seq;
+        if !commit.events.is_empty() {
+            let first = next;
+            let events: Vec<proto::Event> = commit
+                .events
+                .into_iter()
+                .map(|kind| {
+                    let e = proto::Event {
+                        seq: next,
+                        at_unix_ms: now_ms,
+                        kind: Some(kind),
+                    };
+                    next += 1;
+                    e
+                })
+                .collect();
+            let last = next - 1;
+            let value = encode_record(last, &proto::Batch { events });
+            let size = value.len() as u64;
+            out.dropped = self.make_room(&mut c, &mut batch, size)?;
+            batch.insert(key_u64(b"o", first), value);
+            c.outbox_bytes += size;
+            out.seqs = Some((first, last));
+        }
+        batch.insert(NEXT_SEQ, &next.to_be_bytes());
+        batch.insert(OUTBOX_BYTES, &c.outbox_bytes.to_be_bytes());
+        batch.insert(DROPPED, &c.dropped.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        c.next_seq = next;
+        Ok(out)
+    }
+
+    /// Frees outbox space for `incoming` bytes by replacing the oldest
+    /// low-value events with gaps. Findings and gaps are never dropped.
+    fn make_room(
+        &self,
+        c: &mut Counters,
+        batch: &mut sled::Batch,
+        incoming: u64,
+    ) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        if c.outbox_bytes + incoming <= self.quota_bytes {
+            return Ok(0);
+        }
+        for kv in self.tree.scan_prefix(b"o") {
+            if c.outbox_bytes + incoming <= self.quota_bytes {
+                break;
+            }
+            let (k, v) = kv?;
+            let (last, record) = decode_record(&k, &v)?;
+            let (kept, n) = drop_telemetry(record);
+            if n == 0 {
+                continue;
+            }
+            let value = encode_record(last, &kept);
+            c.outbox_bytes = c.outbox_bytes - v.len() as u64 + value.len() as u64;
+            batch.insert(k, value);
+            dropped += n;
+        }
+        c.dropped += dropped;
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                quota_bytes = self.quota_bytes,
+                "outbox quota reached: dropped the oldest telemetry events (findings kept)"
+            );
+        }
+        Ok(dropped)
+    }
+
+    /// Makes every committed event durable and publishes the new watermark.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let upto = self.last_seq();
+        super::flush(&self.db, &self.dir, self.durability).await?;
+        self.durable_tx.send_if_modified(|d| {
+            let advanced = upto > *d;
+            if advanced {
+                *d = upto;
+            }
+            advanced
+        });
+        Ok(())
+    }
+
+    /// Outbox records holding seqs above `after`, oldest first, up to about
+    /// `max_events` events (always at least one record if there is one).
+    pub fn records_after(&self, after: u64, max_events: usize) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        let mut count = 0;
+        // The record holding `after + 1` may start at or below `after`.
+        let start = self
+            .tree
+            .range(key_u64(b"o", 0)..=key_u64(b"o", after))
+            .next_back()
+            .transpose()?
+            .map(|(k, _)| k.to_vec())
+            .unwrap_or_else(|| key_u64(b"o", after + 1));
+        for kv in self.tree.range(start..key_u64(b"o", u64::MAX)) {
+            let (k, v) = kv?;
+            let first_seq = key_tail_u64(&k).unwrap_or(0);
+            let (last_seq, mut batch) = decode_record(&k, &v)?;
+            if last_seq <= after {
+                continue;
+            }
+            batch.events.retain(|e| e.seq > after);
+            count += batch.events.len();
+            out.push(Record {
+                first_seq,
+                last_seq,
+                batch,
+            });
+            if count >= max_events {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes outbox records whose every event the aggregator has stored.
+    pub fn ack(&self, upto: u64) -> Result<usize, StoreError> {
+        let mut c = self.counters();
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let mut freed = 0u64;
+        for kv in self.tree.range(key_u64(b"o", 0)..=key_u64(b"o", upto)) {
+            let (k, v) = kv?;
+            let (last, _) = decode_record(&k, &v)?;
+            if last > upto {
+                break;
+            }
+            freed += v.len() as u64;
+            batch.remove(k);
+            removed += 1;
+        }
+        if removed > 0 {
+            c.outbox_bytes = c.outbox_bytes.saturating_sub(freed);
+            batch.insert(OUTBOX_BYTES, &c.outbox_bytes.to_be_bytes());
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// Lines the store up with what the aggregator holds (`aggregator_last`).
+    /// Normally that drops what it already has. If the aggregator holds more
+    /// than this store ever assigned (the store was restored or lost its tail
+    /// in a power loss), pending events get fresh seqs above the aggregator's
+    /// so none is mistaken for a duplicate, and the counter continues from there.
+    /// Returns how many events were renumbered.
+    pub fn reconcile(&self, aggregator_last: u64) -> Result<u64, StoreError> {
+        let local_last = self.last_seq();
+        if aggregator_last <= local_last {
+            self.ack(aggregator_last)?;
+            return Ok(0);
+        }
+        let mut c = self.counters();
+        let mut batch = sled::Batch::default();
+        let mut next = aggregator_last + 1;
+        let mut renumbered = 0;
+        for kv in self.tree.scan_prefix(b"o") {
+            let (k, v) = kv?;
+            let (_, mut record) = decode_record(&k, &v)?;
+            let first = next;
+            for e in &mut record.events {
+                let span = match &mut e.kind {
+                    Some(Kind::Gap(g)) => g.last_seq - e.seq,
+                    _ => 0,
+                };
+                e.seq = next;
+                if let Some(Kind::Gap(g)) = &mut e.kind {
+                    g.last_seq = next + span;
+                }
+                next += span + 1;
+                renumbered += 1;
+            }
+            batch.remove(k);
+            batch.insert(key_u64(b"o", first), encode_record(next - 1, &record));
+        }
+        batch.insert(NEXT_SEQ, &next.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        tracing::warn!(
+            local_last,
+            aggregator_last,
+            renumbered,
+            "the aggregator holds more events than this store assigned; pending events get new seqs"
+        );
+        c.next_seq = next;
+        Ok(renumbered)
+    }
+
+    /// Keeps only the newest `keep` indexed headers below `head`.
+    pub fn prune_headers(&self, head: u64, keep: u64) -> Result<usize, StoreError> {
+        let Some(cutoff) = head.checked_sub(keep) else {
+            return Ok(0);
+        };
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.tree.range(key_u64(b"h", 0)..key_u64(b"h", cutoff + 1)) {
+            batch.remove(kv?.0);
+            n += 1;
+        }
+        if n > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+}
+
+fn encode_record(last_seq: u64, batch: &proto::Batch) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + batch.encoded_len());
+    v.extend_from_slice(&last_seq.to_be_bytes());
+    batch.encode(&mut v).expect("Vec grows as needed");
+    v
+}
+
+fn decode_record(key: &[u8], v: &[u8]) -> Result<(u64, proto::Batch), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: format!("o{}", key_tail_u64(key).unwrap_or(0)),
+        reason,
+    };
+    let head: [u8; 8] = v
+        .get(..8)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| corrupt("record shorter than 8 bytes".into()))?;
+    let batch = proto::Batch::decode(&v[8..]).map_err(|e| corrupt(e.to_string()))?;
+    Ok((u64::from_be_bytes(head), batch))
+}
+
+/// Replaces every run of droppable events with one gap event.
+fn drop_telemetry(record: proto::Batch) -> (proto::Batch, u64) {
+    let mut kept: Vec<proto::Event> = Vec::new();
+    let mut dropped = 0;
+    for e in record.events {
+        let droppable = matches!(e.kind, Some(Kind::Header(_)) | Some(Kind::Status(_)));
+        if !droppable {
+            kept.push(e);
+            continue;
+        }
+        dropped += 1;
+        if let Some(proto::Event {
+            kind: Some(Kind::Gap(g)),
+            ..
+        }) = kept.last_mut()
+        {
+            if g.last_seq + 1 == e.seq {
+                g.last_seq = e.seq;
+                g.dropped += 1;
+                continue;
+            }
+        }
+        kept.push(proto::Event {
+            seq: e.seq,
+            at_unix_ms: e.at_unix_ms,
+            kind: Some(Kind::Gap(proto::Gap {
+                last_seq: e.seq,
+                dropped: 1,
+            })),
+        });
+    }
+    (proto::Batch { events: kept }, dropped)
+}
+
+/// The highest seq an event covers (a gap covers a range).
+pub fn event_last_seq(e: &proto::Event) -> u64 {
+    match &e.kind {
+        Some(Kind::Gap(g)) => g.last_seq.max(e.seq),
+        _ => e.seq,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Hash;
+
+    fn header(h: u64) -> Header {
+        Header {
+            height: h,
+            hash: Hash(vec![h as u8; 32]),
+            parent_hash: Hash(vec![h.wrapping_sub(1) as u8; 32]),
+            timestamp: h as i64,
+        }
+    }
+
+    fn header_commit(heights: std::ops::RangeInclusive<u64>) -> Commit {
+        let headers: Vec<Header> = heights.map(header).collect();
+        Commit {
+            events: headers.iter().map(|h| Kind::Header(h.to_proto())).collect(),
+            headers,
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &Path, quota: u64) -> LocalStore {
+        LocalStore::open(dir, 1 << 20, Durability::ProcessCrash, quota).unwrap()
+    }
+
+    #[test]
+    fn seqs_are_contiguous_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path(), 1 << 20);
+            assert_eq!(
+                s.commit(header_commit(1..=3), 0).unwrap().seqs,
+                Some((1, 3))
+            );
+            assert_eq!(
+                s.commit(header_commit(4..=4), 0).unwrap().seqs,
+                Some((4, 4))
+            );
+            s.db.flush().unwrap();
+        }
+        let s = open(dir.path(), 1 << 20);
+        assert_eq!(s.last_seq(), 4);
+        assert_eq!(*s.durable().borrow(), 4);
+        assert_eq!(s.head().unwrap().unwrap().height, 4);
+        assert_eq!(
+            s.commit(header_commit(5..=5), 0).unwrap().seqs,
+            Some((5, 5))
+        );
+    }
+
+    #[test]
+    fn records_after_splits_a_partly_sent_record_and_ack_deletes_whole_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20);
+        s.commit(header_commit(1..=3), 0).unwrap();
+        s.commit(header_commit(4..=6), 0).unwrap();
+        let recs = s.records_after(2, 100).unwrap();
+        let seqs: Vec<u64> = recs
+            .iter()
+            .flat_map(|r| r.batch.events.iter().map(|e| e.seq))
+            .collect();
+        assert_eq!(seqs, vec![3, 4, 5, 6]);
+        assert_eq!(
+            s.ack(4).unwrap(),
+            1,
+            "only the record ending at 3 is wholly acked"
+        );
+        assert_eq!(s.records_after(0, 100).unwrap()[0].first_seq, 4);
+        assert_eq!(s.ack(6).unwrap(), 1);
+        assert!(s.records_after(0, 100).unwrap().is_empty());
+        assert_eq!(s.outbox_bytes(), 0);
+    }
+
+    #[test]
+    fn reconcile_renumbers_when_the_aggregator_is_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20);
+        s.commit(header_commit(1..=2), 0).unwrap();
+        assert_eq!(s.reconcile(10).unwrap(), 2);
+        let seqs: Vec<u64> = s
+            .records_after(10, 100)
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.batch.events.iter().map(|e| e.seq))
+            .collect();
+        assert_eq!(seqs, vec![11, 12]);
+        assert_eq!(
+            s.commit(header_commit(3..=3), 0).unwrap().seqs,
+            Some((13, 13))
+        );
+    }
+
+    #[test]
+    fn quota_drops_oldest_telemetry_into_gaps_and_keeps_findings() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 2_000);
+        let finding = proto::Finding {
+            id: "stall-1".into(),
+            kind: proto::FindingKind::Stall as i32,
+            state: proto::FindingState::Open as i32,
+            ..Default::default()
+        };
+        let mut first = header_commit(1..=5);
+        first.events.push(Kind::Finding(finding.clone()));
+        s.commit(first, 0).unwrap();
+        let mut dropped = 0;
+        for i in 0..20 {
+            dropped += s
+                .commit(header_commit(6 + i * 5..=10 + i * 5), 0)
+                .unwrap()
+                .dropped;
+        }
+        assert!(dropped > 0);
+        assert_eq!(s.dropped_events(), dropped);
+        assert!(s.outbox_bytes() <= 2_000 + 1_000, "{}", s.outbox_bytes());
+        let events: Vec<proto::Event> = s
+            .records_after(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .flat_map(|r| r.batch.events)
+            .collect();
+        // The seq space stays contiguous: every seq is an event or inside a gap.
+        let mut expect = 1;
+        for e in &events {
+            assert_eq!(e.seq, expect);
+            expect = event_last_seq(e) + 1;
+        }
+        assert_eq!(expect, s.last_seq() + 1);
+        assert!(events
+            .iter()
+            .any(|e| matches!(&e.kind, Some(Kind::Finding(f)) if f.id == "stall-1")));
+    }
+}

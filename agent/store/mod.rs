@@ -1,0 +1,127 @@
+//! sled storage shared by both modes: opening, durable flushing and key
+//! encoding. `local` is the agent's store, `central` the aggregator's.
+
+pub mod central;
+pub mod local;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store at {path}: fsync failed: {source}")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store holds an unreadable record under key {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// What a flush promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Flushed data survives a crash or `kill -9` of the process (it is in the
+    /// kernel's page cache); a power loss can take up to sled's 500 ms fsync
+    /// interval with it.
+    #[default]
+    ProcessCrash,
+    /// Every flush also fsyncs the store's files before events count as durable.
+    PowerLoss,
+}
+
+pub fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(Some(500))
+        .open()
+        .map_err(|source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Makes everything written so far durable to the promised degree.
+pub async fn flush(db: &sled::Db, dir: &Path, durability: Durability) -> Result<(), StoreError> {
+    db.flush_async().await?;
+    if durability == Durability::PowerLoss {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || fsync_dir_files(&dir))
+            .await
+            .map_err(|e| StoreError::Sync {
+                path: PathBuf::new(),
+                source: std::io::Error::other(e),
+            })??;
+    }
+    Ok(())
+}
+
+fn fsync_dir_files(dir: &Path) -> Result<(), StoreError> {
+    let io = |source| StoreError::Sync {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_data())
+                .map_err(|source| StoreError::Sync {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io)
+}
+
+/// `prefix` followed by `n` big-endian, so keys sort numerically.
+pub fn key_u64(prefix: &[u8], n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The number at the end of a key made by `key_u64`.
+pub fn key_tail_u64(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+pub fn decode<M: prost::Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+pub fn u64_value(v: Option<sled::IVec>) -> u64 {
+    v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_keys_sort_in_order() {
+        let a = key_u64(b"h", 9);
+        let b = key_u64(b"h", 10);
+        let c = key_u64(b"h", 256);
+        assert!(a < b && b < c);
+        assert_eq!(key_tail_u64(&c), Some(256));
+        assert_eq!(key_tail_u64(b"abc"), None);
+    }
+}

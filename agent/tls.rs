@@ -1,0 +1,303 @@
+//! Outpost's private PKI and mutual TLS.
+//!
+//! Identity lives in one SAN URI of each client certificate:
+//! `outpost://agent/<node-id>` or `outpost://operator/<name>`. The aggregator
+//! trusts that URI and nothing the peer says in its messages.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity, ServerTlsConfig};
+
+const URI_PREFIX: &str = "outpost://";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; remove it or pick another --dir")]
+    Exists { path: PathBuf },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("invalid identity name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
+    BadName(String),
+}
+
+/// Who a peer is, as its client certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Agent(String),
+    Operator(String),
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Agent(id) => write!(f, "agent {id}"),
+            Identity::Operator(name) => write!(f, "operator {name}"),
+        }
+    }
+}
+
+impl Identity {
+    pub fn uri(&self) -> String {
+        match self {
+            Identity::Agent(id) => format!("{URI_PREFIX}agent/{id}"),
+            Identity::Operator(name) => format!("{URI_PREFIX}operator/{name}"),
+        }
+    }
+
+    fn from_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix(URI_PREFIX)?;
+        let (role, name) = rest.split_once('/')?;
+        if !valid_name(name) {
+            return None;
+        }
+        match role {
+            "agent" => Some(Identity::Agent(name.to_string())),
+            "operator" => Some(Identity::Operator(name.to_string())),
+            _ => None,
+        }
+    }
+
+    /// Reads the identity from a DER certificate that TLS already verified
+    /// against the CA.
+    pub fn from_der(der: &[u8]) -> Option<Identity> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Identity::from_uri(uri),
+            _ => None,
+        })
+    }
+}
+
+/// Node ids and operator names: short, printable, safe in file names and keys.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// File names inside a PKI directory made by `outpost certs`.
+pub struct PkiLayout {
+    pub dir: PathBuf,
+}
+
+impl PkiLayout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        PkiLayout { dir: dir.into() }
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn cert(&self, stem: &str) -> PathBuf {
+        self.dir.join(format!("{stem}.pem"))
+    }
+    pub fn key(&self, stem: &str) -> PathBuf {
+        self.dir.join(format!("{stem}.key"))
+    }
+}
+
+fn validity(days: i64) -> (OffsetDateTime, OffsetDateTime) {
+    let now = OffsetDateTime::now_utc();
+    (now - Duration::hours(1), now + Duration::days(days))
+}
+
+/// Creates a CA and the aggregator's server certificate in `dir`.
+/// Returns the paths written.
+pub fn init_pki(dir: &Path, extra_sans: &[String], days: i64) -> Result<Vec<PathBuf>, TlsError> {
+    let pki = PkiLayout::new(dir);
+    for path in [pki.ca_cert(), pki.ca_key()] {
+        if path.exists() {
+            return Err(TlsError::Exists { path });
+        }
+    }
+    fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, "Outpost CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    (ca.not_before, ca.not_after) = validity(days.max(3650));
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write_file(&pki.ca_cert(), ca_cert.pem().as_bytes(), 0o644)?;
+    write_file(&pki.ca_key(), ca_key.serialize_pem().as_bytes(), 0o600)?;
+
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    sans.extend(extra_sans.iter().cloned());
+    let issuer = Issuer::new(ca, ca_key);
+    let mut written = vec![pki.ca_cert(), pki.ca_key()];
+    written.extend(issue_server(&pki, &issuer, "aggregator", &sans, days)?);
+    Ok(written)
+}
+
+fn load_issuer(pki: &PkiLayout) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    let ca_pem = read_to_string(&pki.ca_cert())?;
+    let key_pem = read_to_string(&pki.ca_key())?;
+    let key = KeyPair::from_pem(&key_pem)?;
+    Ok(Issuer::from_ca_cert_pem(&ca_pem, key)?)
+}
+
+fn issue_server(
+    pki: &PkiLayout,
+    issuer: &Issuer<'_, KeyPair>,
+    stem: &str,
+    sans: &[String],
+    days: i64,
+) -> Result<Vec<PathBuf>, TlsError> {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Outpost aggregator");
+    params.subject_alt_names = sans
+        .iter()
+        .map(|s| match s.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(s.as_str().try_into()?)),
+        })
+        .collect::<Result<_, rcgen::Error>>()?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    (params.not_before, params.not_after) = validity(days);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    write_file(&pki.cert(stem), cert.pem().as_bytes(), 0o644)?;
+    write_file(&pki.key(stem), key.serialize_pem().as_bytes(), 0o600)?;
+    Ok(vec![pki.cert(stem), pki.key(stem)])
+}
+
+/// Issues a client certificate for an agent or an operator, signed by the CA
+/// in `dir`. Files are named `agent-<id>.pem/.key` or `operator-<name>.pem/.key`.
+pub fn issue_client(dir: &Path, identity: &Identity, days: i64) -> Result<Vec<PathBuf>, TlsError> {
+    let (stem, name) = match identity {
+        Identity::Agent(id) => (format!("agent-{id}"), id),
+        Identity::Operator(n) => (format!("operator-{n}"), n),
+    };
+    if !valid_name(name) {
+        return Err(TlsError::BadName(name.clone()));
+    }
+    let pki = PkiLayout::new(dir);
+    let issuer = load_issuer(&pki)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.to_string());
+    params.subject_alt_names = vec![SanType::URI(identity.uri().as_str().try_into()?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    (params.not_before, params.not_after) = validity(days);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    for path in [pki.cert(&stem), pki.key(&stem)] {
+        if path.exists() {
+            return Err(TlsError::Exists { path });
+        }
+    }
+    write_file(&pki.cert(&stem), cert.pem().as_bytes(), 0o644)?;
+    write_file(&pki.key(&stem), key.serialize_pem().as_bytes(), 0o600)?;
+    Ok(vec![pki.cert(&stem), pki.key(&stem)])
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+fn read_to_string(path: &Path) -> Result<String, TlsError> {
+    fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The three files a TLS endpoint needs.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<(String, String, String), TlsError> {
+        Ok((
+            read_to_string(&self.ca)?,
+            read_to_string(&self.cert)?,
+            read_to_string(&self.key)?,
+        ))
+    }
+
+    /// Server side: present our cert, and verify client certs against the CA
+    /// when one is offered. Client certs are optional at the TLS layer so that
+    /// a caller without one gets a gRPC status that says so; every service
+    /// checks the identity itself.
+    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
+        let (ca, cert, key) = self.read()?;
+        Ok(ServerTlsConfig::new()
+            .identity(TlsIdentity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(true))
+    }
+
+    pub fn client_config(&self, domain: &str) -> Result<ClientTlsConfig, TlsError> {
+        let (ca, cert, key) = self.read()?;
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(TlsIdentity::from_pem(cert, key))
+            .domain_name(domain))
+    }
+
+    /// The identity in our own certificate (agents check it against node_id).
+    pub fn own_identity(&self) -> Result<Option<Identity>, TlsError> {
+        let pem = fs::read(&self.cert).map_err(|source| TlsError::Io {
+            path: self.cert.clone(),
+            source,
+        })?;
+        let Ok((_, parsed)) = x509_parser::pem::parse_x509_pem(&pem) else {
+            return Ok(None);
+        };
+        Ok(Identity::from_der(&parsed.contents))
+    }
+}
+
+/// Call once at start-up: rustls needs exactly one process-wide crypto provider.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
