@@ -238,7 +238,7 @@ impl Default for LogConfig {
 /// Which mode a config file is for.
 #[derive(Debug)]
 pub enum AnyConfig {
-    Agent(AgentConfig),
+    Agent(Box<AgentConfig>),
     Aggregator(AggregatorConfig),
 }
 
@@ -305,7 +305,7 @@ pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigErrors> {
     let table: toml::Table =
         toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
     if table.contains_key("source") {
-        load_agent(path).map(AnyConfig::Agent)
+        load_agent(path).map(|c| AnyConfig::Agent(Box::new(c)))
     } else if table.contains_key("tls") {
         load_aggregator(path).map(AnyConfig::Aggregator)
     } else {

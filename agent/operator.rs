@@ -50,7 +50,15 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<QueryClient<Channel>> 
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow!("aggregator refused: {}: {}", s.code(), s.message())
+    if s.code() == tonic::Code::Unknown && s.message().contains("transport error") {
+        // With TLS 1.3 the server checks our certificate after the client
+        // thinks the handshake is done, so a refusal shows up on the first call.
+        return anyhow!(
+            "the aggregator closed the connection: {}; it refuses client certificates its CA did not issue (check --cert and --key)",
+            crate::error_chain(&s)
+        );
+    }
+    anyhow!("aggregator refused: {:?}: {}", s.code(), s.message())
 }
 
 /// Parses `--since`: an RFC 3339 time, or an age such as `10m`.

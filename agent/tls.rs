@@ -31,6 +31,8 @@ pub enum TlsError {
     Exists { path: PathBuf },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("{path}: does not contain {what}")]
+    NotPem { path: PathBuf, what: String },
     #[error("invalid identity name {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     BadName(String),
 }
@@ -203,6 +205,11 @@ pub fn issue_client(dir: &Path, identity: &Identity, days: i64) -> Result<Vec<Pa
         return Err(TlsError::BadName(name.clone()));
     }
     let pki = PkiLayout::new(dir);
+    for path in [pki.cert(&stem), pki.key(&stem)] {
+        if path.exists() {
+            return Err(TlsError::Exists { path });
+        }
+    }
     let issuer = load_issuer(&pki)?;
     let mut params = CertificateParams::default();
     params
@@ -214,11 +221,6 @@ pub fn issue_client(dir: &Path, identity: &Identity, days: i64) -> Result<Vec<Pa
     (params.not_before, params.not_after) = validity(days);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    for path in [pki.cert(&stem), pki.key(&stem)] {
-        if path.exists() {
-            return Err(TlsError::Exists { path });
-        }
-    }
     write_file(&pki.cert(&stem), cert.pem().as_bytes(), 0o644)?;
     write_file(&pki.key(&stem), key.serialize_pem().as_bytes(), 0o600)?;
     Ok(vec![pki.cert(&stem), pki.key(&stem)])
@@ -256,11 +258,27 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// Reads the three PEM files, checking that each holds what it should.
     fn read(&self) -> Result<(String, String, String), TlsError> {
+        let pem = |path: &Path, marker: &str, what: &str| -> Result<String, TlsError> {
+            let text = read_to_string(path)?;
+            if text.contains(marker) {
+                Ok(text)
+            } else {
+                Err(TlsError::NotPem {
+                    path: path.to_path_buf(),
+                    what: what.to_string(),
+                })
+            }
+        };
         Ok((
-            read_to_string(&self.ca)?,
-            read_to_string(&self.cert)?,
-            read_to_string(&self.key)?,
+            pem(&self.ca, "-----BEGIN CERTIFICATE-----", "a PEM certificate")?,
+            pem(
+                &self.cert,
+                "-----BEGIN CERTIFICATE-----",
+                "a PEM certificate",
+            )?,
+            pem(&self.key, "PRIVATE KEY-----", "a PEM private key")?,
         ))
     }
 

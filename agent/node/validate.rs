@@ -179,20 +179,23 @@ impl Validate {
         }
         if let Some(old) = &old_head {
             if first.height <= old.height {
-                let fork_point = first.height - 1;
+                // None when even the genesis block differs: a different chain.
+                let fork_point = first.height.checked_sub(1);
                 let replaced = self
                     .store
                     .header(first.height)
                     .map_err(|e| e.to_string())?
                     .is_some_and(|h| h.hash != first.hash);
                 if replaced {
-                    let depth = old.height - fork_point;
+                    let depth = old.height - fork_point.map_or(0, |f| f + 1) + 1;
+                    let fork =
+                        fork_point.map_or("none (genesis differs)".to_string(), |f| f.to_string());
                     let mut f = self.occurred(
                         FindingKind::Reorg,
-                        if depth >= 6 { Severity::Critical } else { Severity::Warning },
+                        if depth >= 6 || fork_point.is_none() { Severity::Critical } else { Severity::Warning },
                         old.height,
                         format!(
-                            "reorg of depth {depth}: blocks {}..={} replaced, fork point {fork_point}, old head {} new head {}",
+                            "reorg of depth {depth}: blocks {}..={} replaced, fork point {fork}, old head {} new head {}",
                             first.height,
                             old.height,
                             old.hash,
@@ -200,7 +203,7 @@ impl Validate {
                         ),
                         now_ms,
                     );
-                    f.fork_point = Some(fork_point);
+                    f.fork_point = fork_point;
                     f.depth = Some(depth);
                     findings.push(f);
                 }
@@ -219,7 +222,12 @@ impl Validate {
                 ));
             }
         }
-        if old_head.as_ref() != Some(&new_head) {
+        // Only a higher head counts as progress: a reorg at the same height
+        // does not end a stall.
+        if old_head
+            .as_ref()
+            .is_none_or(|old| new_head.height > old.height)
+        {
             self.last_advance = Instant::now();
             if let Some(f) = self.resolve_finding(FindingKind::Stall, now_ms) {
                 findings.push(f);

@@ -1,0 +1,167 @@
+//! Bad input: malformed configs and a node that answers garbage.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost::proto::{FindingKind, FindingState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::harness::{outpost_bin, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::spine::findings;
+
+#[test]
+fn malformed_configs_fail_with_one_clear_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("syntax.toml", "node_id = \"n1\"\n[source\n", ":2:"),
+        (
+            "unknown.toml",
+            "node_id = \"n1\"\nnode_idd = \"x\"\n[source]\nkind = \"ethereum\"\nurl = \"http://127.0.0.1:8545\"\n",
+            "unknown field `node_idd`",
+        ),
+        ("neither.toml", "x = 1\n", "neither an agent config"),
+    ];
+    for (name, text, needle) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(outpost_bin())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{name}: the error names the file: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{name}: one line: {stderr}"
+        );
+    }
+
+    // Several problems in one file: one line each, and `agent` refuses to start.
+    let path = dir.path().join("many.toml");
+    std::fs::write(
+        &path,
+        "node_id = \"n 1\"\n[source]\nkind = \"ethereum\"\nurl = \"not a url\"\n[report]\naggregator = \"http://x:1\"\nca = \"/missing/ca.pem\"\ncert = \"/missing/c.pem\"\nkey = \"/missing/k.pem\"\n",
+    )
+    .unwrap();
+    for args in [vec!["check-config"], vec!["agent", "--config"]] {
+        let out = Command::new(outpost_bin())
+            .args(&args)
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        for field in [
+            "node_id",
+            "source.url",
+            "report.aggregator",
+            "report.ca",
+            "report.cert",
+            "report.key",
+        ] {
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.contains(field) && l.contains("many.toml")),
+                "{args:?}: no line for {field}: {stderr}"
+            );
+        }
+    }
+}
+
+/// A fake node on loopback that answers every request with `reply`.
+async fn garbage_node(reply: Arc<Vec<u8>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    reply.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&reply).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_replies_do_not_crash_the_agent() {
+    let world = World::new();
+    let agg = Aggregator::start(&world).await;
+    let huge = {
+        let mut v = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":\"".to_vec();
+        v.extend(std::iter::repeat_n(b'a', 8 << 20));
+        v.extend(b"\"}");
+        v
+    };
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "garbage",
+            b"\x00\xffnot json at all {{{".to_vec(),
+            "malformed reply",
+        ),
+        (
+            "wrongtype",
+            br#"{"jsonrpc":"2.0","id":1,"result":{"number":"zz"}}"#.to_vec(),
+            "malformed reply",
+        ),
+        ("huge", huge, "larger than"),
+    ];
+    let mut agents = Vec::new();
+    for (name, reply, _) in &cases {
+        let url = garbage_node(Arc::new(reply.clone())).await;
+        agents.push(Agent::start(
+            &world,
+            name,
+            &url,
+            &agg,
+            AgentOptions {
+                extra_source: "max_reply_bytes = 1048576",
+                ..Default::default()
+            },
+        ));
+    }
+    let q = world.query(&agg).await;
+    for ((name, _, needle), agent) in cases.iter().zip(agents.iter_mut()) {
+        let logs = [agent.log.as_path(), agg.log.as_path()];
+        let f = wait_for(
+            &format!("{name}: an unreachable finding"),
+            Duration::from_secs(30),
+            &logs,
+            || {
+                let mut c = q.clone();
+                async move {
+                    findings(&mut c, name, FindingKind::Unreachable)
+                        .await
+                        .into_iter()
+                        .find(|f| f.state() == FindingState::Open)
+                }
+            },
+        )
+        .await;
+        assert!(f.summary.contains(needle), "{name}: {}", f.summary);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for agent in &mut agents {
+        assert!(agent.running(), "{} survived", agent.node_id);
+    }
+}

@@ -1,0 +1,166 @@
+//! Effectively-once delivery under `kill -9` of the agent and with the
+//! aggregator down.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost::proto::{event::Kind, query_client::QueryClient, Event, EventsRequest};
+use rand::Rng;
+use tonic::transport::Channel;
+
+use crate::harness::{hex, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::spine::wait_at_head;
+
+/// The aggregator's whole event log for a node.
+async fn event_log(q: &mut QueryClient<Channel>, node: &str) -> Vec<Event> {
+    let mut out: Vec<Event> = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = q
+            .events(EventsRequest {
+                node_id: node.into(),
+                from_seq: from,
+                limit: 10_000,
+            })
+            .await
+            .expect("events query")
+            .into_inner()
+            .events;
+        let Some(last) = page.last().map(|e| e.seq) else {
+            break;
+        };
+        out.extend(page.into_iter().filter(|e| e.seq >= from));
+        from = last + 1;
+    }
+    out
+}
+
+/// Checks the invariants the aggregator's log must hold: seqs 1..=N with no
+/// gap and no repeat, and for every height from the first header to anvil's
+/// head, a header with anvil's hash (the newest header event per height wins,
+/// as after a reorg).
+async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &Anvil) -> usize {
+    let log = event_log(q, node).await;
+    assert!(!log.is_empty());
+    for (i, e) in log.iter().enumerate() {
+        assert_eq!(
+            e.seq,
+            i as u64 + 1,
+            "seq {} at position {i}: a gap or a repeat",
+            e.seq
+        );
+        assert!(
+            !matches!(e.kind, Some(Kind::Gap(_))),
+            "no event may be dropped here"
+        );
+    }
+    let mut headers: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for e in &log {
+        if let Some(Kind::Header(h)) = &e.kind {
+            headers.insert(h.height, h.hash.clone());
+        }
+    }
+    let first = *headers.keys().next().expect("some header");
+    let head = anvil.head().await;
+    for height in first..=head {
+        let got = headers
+            .get(&height)
+            .unwrap_or_else(|| panic!("no header event for height {height}"));
+        assert_eq!(hex(got), anvil.hash(height).await, "header at {height}");
+    }
+    log.len()
+}
+
+#[tokio::test]
+async fn kill_9_of_the_agent_loses_and_duplicates_nothing() {
+    let world = World::new();
+    let anvil = Arc::new(Anvil::start(&world, "anvil").await);
+    let agg = Aggregator::start(&world).await;
+    let mut agent = Agent::start(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        AgentOptions {
+            poll_interval: "50ms",
+            block_time: "60s",
+            ..Default::default()
+        },
+    );
+    let mut q = world.query(&agg).await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+
+    // Mine a block every 60 ms for the whole test.
+    let mining = Arc::new(AtomicBool::new(true));
+    let miner = {
+        let (anvil, mining) = (anvil.clone(), mining.clone());
+        tokio::spawn(async move {
+            while mining.load(Ordering::SeqCst) {
+                anvil.mine(1).await;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    let mut rng = rand::rng();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
+        agent.kill9();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+        agent.restart();
+    }
+    mining.store(false, Ordering::SeqCst);
+    miner.await.unwrap();
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    // Let the status events of the last poll arrive, then compare.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = assert_complete(&mut q, "node-1", &anvil).await;
+    assert!(
+        anvil.head().await >= 100,
+        "enough blocks were mined during the kills"
+    );
+    let detail = q
+        .get_node(outpost::proto::GetNodeRequest {
+            node_id: "node-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(detail.summary.unwrap().last_seq, n as u64);
+    assert!(agent.running());
+}
+
+#[tokio::test]
+async fn backlog_built_while_the_aggregator_is_down_is_delivered() {
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let mut agg = Aggregator::start(&world).await;
+    let agent = Agent::start(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        AgentOptions {
+            block_time: "60s",
+            ..Default::default()
+        },
+    );
+    let mut q = world.query(&agg).await;
+    anvil.mine(10).await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+
+    agg.kill9();
+    for _ in 0..30 {
+        anvil.mine(3).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent keeps working while its aggregator is away.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agg.restart(&world).await;
+    let mut q = world.query(&agg).await;
+    let head = wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    assert_eq!(head, 100);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_complete(&mut q, "node-1", &anvil).await;
+}

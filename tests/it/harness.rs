@@ -1,0 +1,469 @@
+//! Real parts for integration tests: anvil nodes, the outpost binary as
+//! aggregator and agents (each a process on a free loopback port in a temp
+//! dir), and certificates made per test. A missing part fails the test with
+//! a message that says how to install it.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost::cli::Connection;
+use outpost::proto::query_client::QueryClient;
+use outpost::tls::{self, Identity, PkiLayout};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+pub fn outpost_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outpost")
+}
+
+/// anvil from `OUTPOST_ANVIL`, the repo's node_modules, or PATH.
+pub fn anvil_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("OUTPOST_ANVIL") {
+        return PathBuf::from(p);
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil");
+    if local.exists() {
+        return local;
+    }
+    if let Ok(out) = Command::new("sh")
+        .arg("-c")
+        .arg("command -v anvil")
+        .output()
+    {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!(
+        "anvil not found: these tests need a real Ethereum node. Install it with \
+         `npm install @foundry-rs/anvil@1.7.1` in the repository root (or run ./.ci/run), \
+         or point OUTPOST_ANVIL at the binary"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `check` until it returns Some, or fails with `what` and the logs.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, logs: &[&Path], mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            let mut msg = format!("timed out after {timeout:?} waiting for {what}\n");
+            for log in logs {
+                let text = fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                msg.push_str(&format!("--- last lines of {}:\n", log.display()));
+                for l in tail.into_iter().rev() {
+                    msg.push_str(l);
+                    msg.push('\n');
+                }
+            }
+            panic!("{msg}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log fd"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+/// One test's world: a temp dir with a PKI.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::Builder::new()
+            .prefix("outpost-it-")
+            .tempdir()
+            .expect("temp dir");
+        tls::init_pki(&dir.path().join("pki"), &[], 2).expect("CA");
+        World { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pki(&self) -> PkiLayout {
+        PkiLayout::new(self.path().join("pki"))
+    }
+
+    pub fn issue(&self, id: &Identity) {
+        tls::issue_client(&self.pki().dir, id, 2).expect("issue cert");
+    }
+
+    /// Operator connection settings with a fresh operator cert.
+    pub fn operator(&self, agg: &Aggregator) -> Connection {
+        let pki = self.pki();
+        if !pki.cert("operator-tester").exists() {
+            self.issue(&Identity::Operator("tester".into()));
+        }
+        Connection {
+            endpoint: format!("https://127.0.0.1:{}", agg.port),
+            ca: pki.ca_cert(),
+            cert: Some(pki.cert("operator-tester")),
+            key: Some(pki.key("operator-tester")),
+            server_name: Some("localhost".into()),
+            json: false,
+        }
+    }
+
+    pub async fn query(&self, agg: &Aggregator) -> QueryClient<Channel> {
+        outpost::operator::connect(&self.operator(agg))
+            .await
+            .expect("operator connects")
+    }
+}
+
+pub struct Anvil {
+    pub port: u16,
+    child: Option<Child>,
+    pub log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Anvil {
+    pub async fn start(world: &World, name: &str) -> Anvil {
+        let mut a = Anvil {
+            port: free_port(),
+            child: None,
+            log: world.path().join(format!("{name}.log")),
+            http: reqwest::Client::new(),
+        };
+        a.restart().await;
+        a
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port: a fresh chain with the same genesis.
+    pub async fn restart(&mut self) {
+        let bin = anvil_bin();
+        let child = spawn_logged(
+            Command::new(&bin).args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--no-mining",
+                "--silent",
+                "--timestamp",
+                "1700000000",
+                "--chain-id",
+                "31337",
+            ]),
+            &self.log,
+        );
+        self.child = Some(child);
+        let logs = [self.log.as_path()];
+        wait_for(
+            "anvil to answer",
+            Duration::from_secs(20),
+            &logs,
+            || async { self.try_rpc("eth_blockNumber", json!([])).await.ok() },
+        )
+        .await;
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn try_rpc(&self, method: &str, params: Value) -> Result<Value, String> {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let reply: Value = self
+            .http
+            .post(self.url())
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        match reply.get("error") {
+            Some(e) => Err(e.to_string()),
+            None => Ok(reply["result"].clone()),
+        }
+    }
+
+    pub async fn rpc(&self, method: &str, params: Value) -> Value {
+        self.try_rpc(method, params)
+            .await
+            .unwrap_or_else(|e| panic!("anvil {method}: {e}"))
+    }
+
+    pub async fn mine(&self, blocks: u64) {
+        self.rpc("anvil_mine", json!([format!("0x{blocks:x}")]))
+            .await;
+    }
+
+    pub async fn head(&self) -> u64 {
+        let v = self.rpc("eth_blockNumber", json!([])).await;
+        u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    }
+
+    pub async fn hash(&self, height: u64) -> String {
+        let b = self
+            .rpc(
+                "eth_getBlockByNumber",
+                json!([format!("0x{height:x}"), false]),
+            )
+            .await;
+        b["hash"].as_str().expect("block hash").to_string()
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Aggregator {
+    pub port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Aggregator {
+    pub async fn start(world: &World) -> Aggregator {
+        let port = free_port();
+        let pki = world.pki();
+        let config = world.path().join("aggregator.toml");
+        fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[store]\ncache_bytes = 16777216\n",
+                world.path().join("aggregator-data").display(),
+                pki.ca_cert().display(),
+                pki.cert("aggregator").display(),
+                pki.key("aggregator").display()
+            ),
+        )
+        .unwrap();
+        let mut a = Aggregator {
+            port,
+            config,
+            log: world.path().join("aggregator.log"),
+            child: None,
+        };
+        a.restart(world).await;
+        a
+    }
+
+    pub async fn restart(&mut self, world: &World) {
+        self.child = Some(spawn_logged(
+            Command::new(outpost_bin())
+                .args(["aggregator", "--config"])
+                .arg(&self.config)
+                .env("RUST_LOG", "info"),
+            &self.log,
+        ));
+        let conn = world.operator(self);
+        let logs = [self.log.as_path()];
+        wait_for(
+            "the aggregator to serve queries",
+            Duration::from_secs(20),
+            &logs,
+            || async {
+                let mut c = outpost::operator::connect(&conn).await.ok()?;
+                c.list_nodes(outpost::proto::ListNodesRequest {}).await.ok()
+            },
+        )
+        .await;
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Agent {
+    pub node_id: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// Settings tests commonly change.
+pub struct AgentOptions {
+    pub poll_interval: &'static str,
+    pub block_time: &'static str,
+    pub stall_multiple: f64,
+    pub extra_source: &'static str,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            poll_interval: "100ms",
+            block_time: "1s",
+            stall_multiple: 3.0,
+            extra_source: "",
+        }
+    }
+}
+
+impl Agent {
+    pub fn start(
+        world: &World,
+        node_id: &str,
+        rpc_url: &str,
+        agg: &Aggregator,
+        opts: AgentOptions,
+    ) -> Agent {
+        world.issue(&Identity::Agent(node_id.into()));
+        let pki = world.pki();
+        let config = world.path().join(format!("{node_id}.toml"));
+        let data_dir = world.path().join(format!("{node_id}-data"));
+        fs::write(
+            &config,
+            format!(
+                r#"node_id = "{node_id}"
+network = "devnet"
+data_dir = "{data}"
+[source]
+kind = "ethereum"
+url = "{rpc_url}"
+poll_interval = "{poll}"
+timeout = "2s"
+status_interval = "1s"
+breaker_failures = 3
+backoff_max = "1s"
+{extra}
+[validate]
+expected_block_time = "{bt}"
+stall_multiple = {sm}
+[report]
+aggregator = "https://127.0.0.1:{port}"
+server_name = "localhost"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+heartbeat_interval = "1s"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+"#,
+                data = data_dir.display(),
+                poll = opts.poll_interval,
+                extra = opts.extra_source,
+                bt = opts.block_time,
+                sm = opts.stall_multiple,
+                port = agg.port,
+                ca = pki.ca_cert().display(),
+                cert = pki.cert(&format!("agent-{node_id}")).display(),
+                key = pki.key(&format!("agent-{node_id}")).display(),
+            ),
+        )
+        .unwrap();
+        let mut a = Agent {
+            node_id: node_id.into(),
+            config,
+            log: world.path().join(format!("{node_id}.log")),
+            data_dir,
+            child: None,
+        };
+        a.restart();
+        a
+    }
+
+    pub fn restart(&mut self) {
+        self.child = Some(spawn_logged(
+            Command::new(outpost_bin())
+                .args(["agent", "--config"])
+                .arg(&self.config)
+                .env("RUST_LOG", "info")
+                .env("OUTPOST_LOG_TARGET", "stderr"),
+            &self.log,
+        ));
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        signal(&c, "TERM");
+        c.wait().ok()
+    }
+
+    /// None while the process runs; its exit status once it has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.is_some() && self.exited().is_none()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    outpost::model::hex(bytes)
+}

@@ -1,0 +1,7 @@
+//! Outpost's integration tests: one binary, real processes.
+
+mod bad_input;
+mod delivery;
+mod harness;
+mod mtls;
+mod spine;

@@ -1,0 +1,297 @@
+//! One agent beside a real anvil node: headers, reorgs, stalls, an
+//! unreachable node, as the aggregator reports them.
+
+use std::time::Duration;
+
+use outpost::proto::{
+    query_client::QueryClient, Finding, FindingKind, FindingState, HeadersRequest,
+    ListFindingsRequest, ListNodesRequest, NodeSummary,
+};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::harness::{hex, Agent, AgentOptions, Aggregator, Anvil, World};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+pub async fn node(client: &mut QueryClient<Channel>, id: &str) -> Option<NodeSummary> {
+    let nodes = client
+        .list_nodes(ListNodesRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .nodes;
+    nodes.into_iter().find(|n| n.node_id == id)
+}
+
+pub async fn findings(
+    client: &mut QueryClient<Channel>,
+    id: &str,
+    kind: FindingKind,
+) -> Vec<Finding> {
+    client
+        .list_findings(ListFindingsRequest {
+            node_id: id.into(),
+            kind: Some(kind as i32),
+            ..Default::default()
+        })
+        .await
+        .map(|r| {
+            r.into_inner()
+                .findings
+                .into_iter()
+                .filter_map(|f| f.finding)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the aggregator shows `id` at anvil's current head.
+pub async fn wait_at_head(
+    client: &mut QueryClient<Channel>,
+    anvil: &Anvil,
+    agent: &Agent,
+    agg: &Aggregator,
+) -> u64 {
+    let head = anvil.head().await;
+    let hash = anvil.hash(head).await;
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+    crate::harness::wait_for(
+        &format!("{} at head {head}", agent.node_id),
+        WAIT,
+        &logs,
+        || {
+            let mut c = client.clone();
+            let hash = hash.clone();
+            let id = agent.node_id.clone();
+            async move {
+                let n = node(&mut c, &id).await?;
+                let h = n.head?;
+                (h.height == head && hex(&h.hash) == hash).then_some(())
+            }
+        },
+    )
+    .await;
+    head
+}
+
+#[tokio::test]
+async fn headers_match_anvil_block_for_block_and_reorg_is_reported_with_depth_and_fork_point() {
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let agent = Agent::start(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        AgentOptions::default(),
+    );
+    let mut q = world.query(&agg).await;
+
+    // The agent starts at anvil's head (block 0), then sees 50 new blocks.
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    anvil.mine(50).await;
+    let head = wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    assert_eq!(head, 50);
+    let headers = q
+        .headers(HeadersRequest {
+            node_id: "node-1".into(),
+            from_height: 0,
+            to_height: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .headers;
+    assert_eq!(headers.len(), 51);
+    for h in &headers {
+        assert_eq!(
+            hex(&h.hash),
+            anvil.hash(h.height).await,
+            "hash at height {}",
+            h.height
+        );
+    }
+
+    let before: Vec<String> = [47, 48, 49, 50]
+        .iter()
+        .map(|&h| hex(&headers[h].hash))
+        .collect();
+    anvil.rpc("anvil_reorg", json!([3, []])).await;
+    assert_eq!(anvil.head().await, 50, "anvil_reorg keeps the height");
+    assert_ne!(anvil.hash(50).await, before[3]);
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+    crate::harness::wait_for("a reorg finding", WAIT, &logs, || {
+        let mut c = q.clone();
+        async move {
+            (!findings(&mut c, "node-1", FindingKind::Reorg)
+                .await
+                .is_empty())
+            .then_some(())
+        }
+    })
+    .await;
+    // Later polls must not report the same reorg again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reorgs = findings(&mut q, "node-1", FindingKind::Reorg).await;
+    assert_eq!(reorgs.len(), 1, "exactly one reorg finding: {reorgs:?}");
+    let r = &reorgs[0];
+    assert_eq!(r.depth, Some(3), "{r:?}");
+    assert_eq!(r.fork_point, Some(47), "{r:?}");
+    assert_eq!(r.state(), FindingState::Occurred);
+
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    let after = q
+        .headers(HeadersRequest {
+            node_id: "node-1".into(),
+            from_height: 47,
+            to_height: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .headers;
+    assert_eq!(hex(&after[0].hash), before[0], "the fork point is kept");
+    for h in &after[1..] {
+        assert_eq!(
+            hex(&h.hash),
+            anvil.hash(h.height).await,
+            "replaced header at {}",
+            h.height
+        );
+        assert_ne!(hex(&h.hash), before[(h.height - 47) as usize]);
+    }
+}
+
+#[tokio::test]
+async fn stall_opens_when_mining_stops_and_resolves_when_it_resumes() {
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let agent = Agent::start(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        AgentOptions {
+            block_time: "500ms",
+            stall_multiple: 4.0,
+            ..Default::default()
+        },
+    );
+    let mut q = world.query(&agg).await;
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+
+    // Mine steadily: no stall while blocks come every 200 ms.
+    for _ in 0..10 {
+        anvil.mine(1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    assert!(
+        findings(&mut q, "node-1", FindingKind::Stall)
+            .await
+            .is_empty(),
+        "no stall while mining"
+    );
+
+    // Stop mining: after 4 × 500 ms a stall opens, once.
+    let open = crate::harness::wait_for("a stall finding", WAIT, &logs, || {
+        let mut c = q.clone();
+        async move {
+            let f = findings(&mut c, "node-1", FindingKind::Stall).await;
+            f.into_iter().find(|f| f.state() == FindingState::Open)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = findings(&mut q, "node-1", FindingKind::Stall).await;
+    assert_eq!(all.len(), 1, "one stall, not one per poll: {all:?}");
+    assert_eq!(
+        q.get_node(outpost::proto::GetNodeRequest {
+            node_id: "node-1".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .summary
+        .unwrap()
+        .status,
+        "stalled"
+    );
+
+    anvil.mine(1).await;
+    let resolved = crate::harness::wait_for("the stall to resolve", WAIT, &logs, || {
+        let mut c = q.clone();
+        async move {
+            let f = findings(&mut c, "node-1", FindingKind::Stall).await;
+            f.into_iter().find(|f| f.state() == FindingState::Resolved)
+        }
+    })
+    .await;
+    assert_eq!(resolved.id, open.id, "the same finding resolves");
+    assert!(resolved.resolved_at_unix_ms >= resolved.opened_at_unix_ms);
+}
+
+#[tokio::test]
+async fn killed_node_is_unreachable_and_the_agent_stays_up_until_it_returns() {
+    let world = World::new();
+    let mut anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let mut agent = Agent::start(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        // A long block time keeps stalls out of this test.
+        AgentOptions {
+            block_time: "60s",
+            ..Default::default()
+        },
+    );
+    let mut q = world.query(&agg).await;
+    anvil.mine(5).await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    let (agent_log, agg_log) = (agent.log.clone(), agg.log.clone());
+    let logs = [agent_log.as_path(), agg_log.as_path()];
+
+    anvil.kill();
+    let open = crate::harness::wait_for("an unreachable finding", WAIT, &logs, || {
+        let mut c = q.clone();
+        async move {
+            findings(&mut c, "node-1", FindingKind::Unreachable)
+                .await
+                .into_iter()
+                .find(|f| f.state() == FindingState::Open)
+        }
+    })
+    .await;
+    assert!(open.summary.contains("unreachable"), "{}", open.summary);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(agent.running(), "the agent survives its node going away");
+    assert_eq!(
+        findings(&mut q, "node-1", FindingKind::Unreachable)
+            .await
+            .len(),
+        1
+    );
+
+    anvil.restart().await;
+    anvil.mine(5).await;
+    let resolved =
+        crate::harness::wait_for("the unreachable finding to resolve", WAIT, &logs, || {
+            let mut c = q.clone();
+            async move {
+                findings(&mut c, "node-1", FindingKind::Unreachable)
+                    .await
+                    .into_iter()
+                    .find(|f| f.state() == FindingState::Resolved)
+            }
+        })
+        .await;
+    assert_eq!(resolved.id, open.id);
+    // The restarted anvil is the same genesis and the same five empty blocks.
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    assert!(agent.running());
+}
