@@ -562,3 +562,49 @@ key = "/nonexistent/k.pem"
         assert!(e[0].contains("neither an agent config"));
     }
 }
+
+#[cfg(test)]
+mod packaged_examples {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("packaging")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The shipped examples state every default; they must match the code.
+    #[test]
+    fn agent_example_shows_the_real_defaults() {
+        let cfg: AgentConfig = parse("agent.toml");
+        assert_eq!(cfg.validate, ValidateConfig::default());
+        assert_eq!(cfg.store, AgentStoreConfig::default());
+        assert_eq!(cfg.log, LogConfig::default());
+        assert_eq!(cfg.network, defaults::network());
+        assert_eq!(cfg.data_dir, defaults::agent_data_dir());
+        let s = &cfg.source;
+        assert_eq!(s.poll_interval, defaults::poll_interval());
+        assert_eq!(s.timeout, defaults::timeout());
+        assert_eq!(s.max_reply_bytes, defaults::max_reply_bytes());
+        assert_eq!(s.status_interval, defaults::status_interval());
+        assert_eq!(s.breaker_failures, defaults::breaker_failures());
+        assert_eq!(s.backoff_max, defaults::backoff_max());
+        assert_eq!(s.max_headers_per_poll, defaults::max_headers_per_poll());
+        let r = &cfg.report;
+        assert_eq!(r.batch_max_events, defaults::batch_max_events());
+        assert_eq!(r.heartbeat_interval, defaults::heartbeat_interval());
+        assert_eq!(r.reconnect_min, defaults::reconnect_min());
+        assert_eq!(r.reconnect_max, defaults::reconnect_max());
+    }
+
+    #[test]
+    fn aggregator_example_shows_the_real_defaults() {
+        let cfg: AggregatorConfig = parse("aggregator.toml");
+        assert_eq!(cfg.listen, defaults::listen());
+        assert_eq!(cfg.data_dir, defaults::aggregator_data_dir());
+        assert_eq!(cfg.store, AggregatorStoreConfig::default());
+        assert_eq!(cfg.log, LogConfig::default());
+    }
+}

@@ -159,33 +159,51 @@ async fn serve_stream(
     live: &Live,
     lock: &tokio::sync::Mutex<()>,
 ) -> Result<(), Status> {
-    while let Some(msg) = inbound.message().await? {
-        live.touch(node);
-        match msg.body {
-            Some(agent_message::Body::Batch(batch)) => {
-                let persisted = {
-                    let _g = lock.lock().await;
-                    store
-                        .persist(node, batch.events, now_unix_ms())
-                        .map_err(internal)?
-                };
-                store.durable().await.map_err(internal)?;
-                let ack = AggregatorMessage {
-                    body: Some(aggregator_message::Body::Ack(Ack {
-                        upto_seq: persisted.last_seq,
-                    })),
-                };
-                if tx.send(Ok(ack)).await.is_err() {
-                    return Ok(());
+    // Persisting the next batch overlaps with flushing the previous ones:
+    // the reader persists, the acker waits for durability and acknowledges
+    // everything that one flush covered with one Ack.
+    let (persisted_tx, mut persisted_rx) = mpsc::channel::<u64>(64);
+    let reader = async move {
+        while let Some(msg) = inbound.message().await? {
+            live.touch(node);
+            match msg.body {
+                Some(agent_message::Body::Batch(batch)) => {
+                    let persisted = {
+                        let _g = lock.lock().await;
+                        store
+                            .persist(node, batch.events, now_unix_ms())
+                            .map_err(internal)?
+                    };
+                    if persisted_tx.send(persisted.last_seq).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(agent_message::Body::Heartbeat(_)) => {}
+                Some(agent_message::Body::Hello(_)) | None => {
+                    return Err(Status::invalid_argument(
+                        "Hello may only be the first message",
+                    ))
                 }
             }
-            Some(agent_message::Body::Heartbeat(_)) => {}
-            Some(agent_message::Body::Hello(_)) | None => {
-                return Err(Status::invalid_argument(
-                    "Hello may only be the first message",
-                ))
+        }
+        Ok::<(), Status>(())
+    };
+    let acker = async {
+        while let Some(mut upto) = persisted_rx.recv().await {
+            // Everything queued now is persisted; one flush covers it all.
+            while let Ok(more) = persisted_rx.try_recv() {
+                upto = upto.max(more);
+            }
+            store.durable().await.map_err(internal)?;
+            let ack = AggregatorMessage {
+                body: Some(aggregator_message::Body::Ack(Ack { upto_seq: upto })),
+            };
+            if tx.send(Ok(ack)).await.is_err() {
+                break;
             }
         }
-    }
-    Ok(())
+        Ok::<(), Status>(())
+    };
+    let (read, acked) = tokio::join!(reader, acker);
+    read.and(acked)
 }

@@ -3,6 +3,7 @@
 //! deletes what the aggregator acknowledges, sends heartbeats when idle, and
 //! reconnects with jittered backoff.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +25,12 @@ use crate::proto::{
 use crate::store::local::{event_last_seq, LocalStore};
 use crate::store::StoreError;
 
-/// Batches sent but not yet acknowledged, at most.
-const WINDOW: usize = 8;
+/// Batches sent but not yet acknowledged, at most. The aggregator acknowledges
+/// after a flush, so the window must cover a flush's worth of batches: on
+/// loopback 8 gave 115-150k durable events/s, 32 gave 260k, 64 gave 273k.
+const WINDOW: usize = 32;
+/// Messages queued for the gRPC encoder; the window bounds the rest.
+const SEND_QUEUE: usize = 4;
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +130,9 @@ impl Handler<Shutdown> for Report {
     }
 }
 
-async fn run(
+/// Delivers the outbox until `shutdown` turns true, reconnecting as needed.
+/// `connected` is true while a stream is up.
+pub async fn run(
     cfg: ReportConfig,
     me: Identity,
     store: LocalStore,
@@ -216,7 +223,7 @@ async fn session(
     let mut client = IngestClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (tx, rx) = mpsc::channel::<AgentMessage>(WINDOW);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(SEND_QUEUE);
     let hello = Hello {
         node_id: me.node_id.clone(),
         network: me.network.clone(),
@@ -257,13 +264,14 @@ async fn session(
 
     let mut durable = store.durable();
     let mut sent_upto = resume;
-    let mut in_flight = 0usize;
+    // Last seq of each batch sent and not yet acknowledged, oldest first.
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
     let mut last_send = Instant::now();
     let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let upto = *durable.borrow_and_update();
-        while sent_upto < upto && in_flight < WINDOW {
+        while sent_upto < upto && in_flight.len() < WINDOW {
             let mut events = Vec::new();
             for rec in store.records_after(sent_upto, cfg.batch_max_events)? {
                 events.extend(
@@ -278,7 +286,7 @@ async fn session(
             };
             sent_upto = last;
             send(&tx, agent_message::Body::Batch(Batch { events })).await?;
-            in_flight += 1;
+            in_flight.push_back(last);
             last_send = Instant::now();
         }
         tokio::select! {
@@ -291,7 +299,9 @@ async fn session(
                             )));
                         }
                         store.ack(ack.upto_seq)?;
-                        in_flight = in_flight.saturating_sub(1);
+                        while in_flight.front().is_some_and(|&l| l <= ack.upto_seq) {
+                            in_flight.pop_front();
+                        }
                     }
                     _ => return Err(ReportError::Protocol("unexpected message after Welcome".into())),
                 },
@@ -314,12 +324,14 @@ async fn session(
                 // Collect the acks still on their way, briefly.
                 let deadline = tokio::time::sleep(Duration::from_secs(3));
                 tokio::pin!(deadline);
-                while in_flight > 0 {
+                while !in_flight.is_empty() {
                     tokio::select! {
                         msg = inbound.message() => match msg {
                             Ok(Some(m)) => if let Some(aggregator_message::Body::Ack(ack)) = m.body {
                                 store.ack(ack.upto_seq)?;
-                                in_flight -= 1;
+                                while in_flight.front().is_some_and(|&l| l <= ack.upto_seq) {
+                                    in_flight.pop_front();
+                                }
                             },
                             _ => break,
                         },

@@ -413,8 +413,15 @@ impl Handler<Observation> for Validate {
                         return Box::pin(actix::fut::ready(()));
                     }
                 }
-                if let Some(status) = status {
-                    self.judge_status(status, &mut commit, now_ms);
+                match status {
+                    Some(status) => self.judge_status(status, &mut commit, now_ms),
+                    // The aggregator learns of a shorter chain from the status head.
+                    None if commit.truncate_above.is_some() => {
+                        let s = self.status_proto();
+                        commit.events.push(Kind::Status(s.clone()));
+                        commit.status = Some(s);
+                    }
+                    None => {}
                 }
             }
             Observation::Unreachable { error } => {

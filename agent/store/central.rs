@@ -2,8 +2,8 @@
 //! headers by height, findings and the event log, in one sled tree so that
 //! each received batch lands in one atomic write.
 //!
-//! Keys: `n`+node → NodeRecord, `h`+node+0+height → Header, `f`+node+0+id →
-//! Finding, `e`+node+0+first seq → Batch (the event log).
+//! Keys: `n`+node → NodeRecord, `h`+node+0+(height / 64) → HeaderChunk,
+//! `f`+node+0+id → Finding, `e`+node+0+first seq → Batch (the event log).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +14,10 @@ use tokio::sync::{watch, Notify};
 
 use super::local::event_last_seq;
 use super::{decode, key_tail_u64, Durability, StoreError};
-use crate::proto::{self, event::Kind, NodeRecord};
+use crate::proto::{self, event::Kind, HeaderChunk, NodeRecord};
+
+/// Heights per header chunk.
+const CHUNK: u64 = 64;
 
 #[derive(Clone)]
 pub struct CentralStore {
@@ -155,6 +158,7 @@ impl CentralStore {
             ..Default::default()
         });
         let mut batch = sled::Batch::default();
+        let mut headers = ChunkEdits::new(self, node);
         let mut kept = Vec::with_capacity(events.len());
         let mut duplicates = 0;
         for e in events {
@@ -174,27 +178,21 @@ impl CentralStore {
             }
             match &e.kind {
                 Some(Kind::Header(h)) => {
-                    batch.insert(node_key_u64(b'h', node, h.height), h.encode_to_vec());
+                    headers.upsert(h.clone())?;
+                    rec.indexed_top = rec.indexed_top.max(h.height);
                     rec.head = Some(h.clone());
                 }
                 Some(Kind::Status(s)) => {
-                    if let Some(head) = rec.head.as_ref() {
-                        // The node's chain got shorter: forget headers above its head.
-                        if s.head_height < head.height && !s.head_hash.is_empty() {
-                            for kv in self.tree.range(
-                                node_key_u64(b'h', node, s.head_height + 1)
-                                    ..=node_key_u64(b'h', node, u64::MAX),
-                            ) {
-                                batch.remove(kv?.0);
-                            }
-                            rec.head = Some(proto::Header {
-                                height: s.head_height,
-                                hash: s.head_hash.clone(),
-                                ..Default::default()
-                            });
-                        }
+                    // The node's chain got shorter: forget headers above its head.
+                    if s.head_height < rec.indexed_top && !s.head_hash.is_empty() {
+                        headers.truncate_above(s.head_height, rec.indexed_top)?;
+                        rec.indexed_top = s.head_height;
+                        rec.head = Some(proto::Header {
+                            height: s.head_height,
+                            hash: s.head_hash.clone(),
+                            ..Default::default()
+                        });
                     }
-                    rec.dropped_events = rec.dropped_events.max(s.dropped_events);
                     rec.status = Some(s.clone());
                 }
                 Some(Kind::Finding(f)) => {
@@ -208,6 +206,7 @@ impl CentralStore {
             rec.last_seq = last;
             kept.push(e);
         }
+        headers.write(&mut batch);
         rec.duplicates_ignored += duplicates as u64;
         rec.last_seen_unix_ms = now_ms;
         let stored = kept.len();
@@ -232,13 +231,27 @@ impl CentralStore {
         from: u64,
         to: u64,
     ) -> Result<Vec<proto::Header>, StoreError> {
-        self.tree
-            .range(node_key_u64(b'h', node, from)..=node_key_u64(b'h', node, to))
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        let chunks = node_key_u64(b'h', node, from / CHUNK)..=node_key_u64(b'h', node, to / CHUNK);
+        for kv in self.tree.range(chunks) {
+            let (k, v) = kv?;
+            let chunk: HeaderChunk = decode(&k, &v)?;
+            out.extend(
+                chunk
+                    .headers
+                    .into_iter()
+                    .filter(|h| (from..=to).contains(&h.height)),
+            );
+        }
+        Ok(out)
+    }
+
+    fn chunk(&self, node: &str, index: u64) -> Result<Vec<proto::Header>, StoreError> {
+        let key = node_key_u64(b'h', node, index);
+        match self.tree.get(&key)? {
+            Some(v) => Ok(decode::<HeaderChunk>(&key, &v)?.headers),
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn findings(&self, node: &str) -> Result<Vec<proto::Finding>, StoreError> {
@@ -304,6 +317,58 @@ impl CentralStore {
             self.tree.apply_batch(batch)?;
         }
         Ok(n)
+    }
+}
+
+/// Header index changes of one persist, gathered per chunk so each chunk is
+/// read and written once.
+struct ChunkEdits<'a> {
+    store: &'a CentralStore,
+    node: &'a str,
+    chunks: std::collections::BTreeMap<u64, Vec<proto::Header>>,
+}
+
+impl<'a> ChunkEdits<'a> {
+    fn new(store: &'a CentralStore, node: &'a str) -> Self {
+        ChunkEdits {
+            store,
+            node,
+            chunks: Default::default(),
+        }
+    }
+
+    fn load(&mut self, index: u64) -> Result<&mut Vec<proto::Header>, StoreError> {
+        if let std::collections::btree_map::Entry::Vacant(e) = self.chunks.entry(index) {
+            e.insert(self.store.chunk(self.node, index)?);
+        }
+        Ok(self.chunks.get_mut(&index).expect("loaded above"))
+    }
+
+    fn upsert(&mut self, h: proto::Header) -> Result<(), StoreError> {
+        let chunk = self.load(h.height / CHUNK)?;
+        match chunk.binary_search_by_key(&h.height, |x| x.height) {
+            Ok(i) => chunk[i] = h,
+            Err(i) => chunk.insert(i, h),
+        }
+        Ok(())
+    }
+
+    fn truncate_above(&mut self, height: u64, old_head: u64) -> Result<(), StoreError> {
+        for index in height / CHUNK..=old_head / CHUNK {
+            self.load(index)?.retain(|h| h.height <= height);
+        }
+        Ok(())
+    }
+
+    fn write(self, batch: &mut sled::Batch) {
+        for (index, headers) in self.chunks {
+            let key = node_key_u64(b'h', self.node, index);
+            if headers.is_empty() {
+                batch.remove(key);
+            } else {
+                batch.insert(key, HeaderChunk { headers }.encode_to_vec());
+            }
+        }
     }
 }
 
@@ -390,5 +455,40 @@ mod tests {
         assert_eq!(rec.head.unwrap().height, 5);
         assert_eq!(s.prune_events("n1", 5, 2).unwrap(), 1);
         assert_eq!(s.events("n1", 0, 100).unwrap()[0].seq, 4);
+    }
+
+    #[tokio::test]
+    async fn header_chunks_span_boundaries_and_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        s.persist("n1", (1..=130).map(|i| header_event(i, i)).collect(), 0)
+            .unwrap();
+        let got: Vec<u64> = s
+            .headers("n1", 60, 70)
+            .unwrap()
+            .iter()
+            .map(|h| h.height)
+            .collect();
+        assert_eq!(got, (60..=70).collect::<Vec<_>>());
+        // A replaced header overwrites in place.
+        let mut replaced = header_event(131, 64);
+        if let Some(Kind::Header(h)) = &mut replaced.kind {
+            h.hash = vec![0xee; 32];
+        }
+        s.persist("n1", vec![replaced], 0).unwrap();
+        assert_eq!(s.headers("n1", 64, 64).unwrap()[0].hash, vec![0xee; 32]);
+        // The node's chain got shorter: headers above its head go.
+        let status = proto::Event {
+            seq: 132,
+            at_unix_ms: 0,
+            kind: Some(Kind::Status(proto::NodeStatus {
+                head_height: 65,
+                head_hash: vec![65; 32],
+                ..Default::default()
+            })),
+        };
+        s.persist("n1", vec![status], 0).unwrap();
+        assert_eq!(s.headers("n1", 0, 200).unwrap().len(), 65);
+        assert_eq!(s.node("n1").unwrap().unwrap().head.unwrap().height, 65);
     }
 }

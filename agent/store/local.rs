@@ -302,10 +302,10 @@ impl LocalStore {
         for kv in self.tree.range(start..key_u64(b"o", u64::MAX)) {
             let (k, v) = kv?;
             let first_seq = key_tail_u64(&k).unwrap_or(0);
-            let (last_seq, mut batch) = decode_record(&k, &v)?;
-            if last_seq <= after {
+            if record_last_seq(&k, &v)? <= after {
                 continue;
             }
+            let (last_seq, mut batch) = decode_record(&k, &v)?;
             batch.events.retain(|e| e.seq > after);
             count += batch.events.len();
             out.push(Record {
@@ -328,7 +328,7 @@ impl LocalStore {
         let mut freed = 0u64;
         for kv in self.tree.range(key_u64(b"o", 0)..=key_u64(b"o", upto)) {
             let (k, v) = kv?;
-            let (last, _) = decode_record(&k, &v)?;
+            let last = record_last_seq(&k, &v)?;
             if last > upto {
                 break;
             }
@@ -414,6 +414,17 @@ fn encode_record(last_seq: u64, batch: &proto::Batch) -> Vec<u8> {
     v.extend_from_slice(&last_seq.to_be_bytes());
     batch.encode(&mut v).expect("Vec grows as needed");
     v
+}
+
+/// The record's last seq, read from its 8-byte prefix without decoding it.
+fn record_last_seq(key: &[u8], v: &[u8]) -> Result<u64, StoreError> {
+    v.get(..8)
+        .and_then(|h| <[u8; 8]>::try_from(h).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: format!("o{}", key_tail_u64(key).unwrap_or(0)),
+            reason: "record shorter than 8 bytes".into(),
+        })
 }
 
 fn decode_record(key: &[u8], v: &[u8]) -> Result<(u64, proto::Batch), StoreError> {

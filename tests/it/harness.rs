@@ -338,6 +338,7 @@ pub struct Agent {
     pub config: PathBuf,
     pub log: PathBuf,
     pub data_dir: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -367,6 +368,17 @@ impl Agent {
         rpc_url: &str,
         agg: &Aggregator,
         opts: AgentOptions,
+    ) -> Agent {
+        Agent::start_with_env(world, node_id, rpc_url, agg, opts, &[])
+    }
+
+    pub fn start_with_env(
+        world: &World,
+        node_id: &str,
+        rpc_url: &str,
+        agg: &Aggregator,
+        opts: AgentOptions,
+        env: &[(&str, &str)],
     ) -> Agent {
         world.issue(&Identity::Agent(node_id.into()));
         let pki = world.pki();
@@ -417,6 +429,10 @@ reconnect_max = "1s"
             config,
             log: world.path().join(format!("{node_id}.log")),
             data_dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         a.restart();
@@ -429,7 +445,8 @@ reconnect_max = "1s"
                 .args(["agent", "--config"])
                 .arg(&self.config)
                 .env("RUST_LOG", "info")
-                .env("OUTPOST_LOG_TARGET", "stderr"),
+                .env("OUTPOST_LOG_TARGET", "stderr")
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
             &self.log,
         ));
     }

@@ -295,3 +295,68 @@ async fn killed_node_is_unreachable_and_the_agent_stays_up_until_it_returns() {
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
     assert!(agent.running());
 }
+
+/// systemd's notify protocol, spoken to a real datagram socket: READY=1 at
+/// start, WATCHDOG=1 while the actors answer, STOPPING=1 on SIGTERM, and a
+/// clean exit that closes the stream.
+#[tokio::test]
+async fn notifies_systemd_and_stops_cleanly_on_sigterm() {
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let sock_path = world.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut agent = Agent::start_with_env(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        AgentOptions::default(),
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut received = String::new();
+    let mut buf = [0u8; 4096];
+    while !(received.contains("READY=1") && received.contains("WATCHDOG=1")) {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}); got {received:?}"));
+        received.push_str(&String::from_utf8_lossy(&buf[..n]));
+        received.push('\n');
+    }
+    let mut q = world.query(&agg).await;
+    anvil.mine(3).await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+
+    let status = agent.terminate().expect("agent was running");
+    assert!(
+        status.success(),
+        "SIGTERM ends the agent with exit 0, got {status:?}"
+    );
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("stream closed for shutdown"), "{log}");
+    assert!(log.contains("agent stopped cleanly"), "{log}");
+    let logs = [agg.log.as_path()];
+    crate::harness::wait_for(
+        "the aggregator to see a clean disconnect",
+        WAIT,
+        &logs,
+        || async {
+            std::fs::read_to_string(&agg.log)
+                .ok()?
+                .contains("agent disconnected")
+                .then_some(())
+        },
+    )
+    .await;
+}
