@@ -616,4 +616,15 @@ mod tests {
             .iter()
             .any(|e| matches!(&e.kind, Some(Kind::Finding(f)) if f.id == "stall-1")));
     }
+
+    #[tokio::test]
+    async fn committed_events_become_sendable_only_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20);
+        let durable = s.durable();
+        s.commit(header_commit(1..=3), 0).unwrap();
+        assert_eq!(*durable.borrow(), 0, "committed is not yet durable");
+        s.flush().await.unwrap();
+        assert_eq!(*durable.borrow(), 3);
+    }
 }
