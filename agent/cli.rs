@@ -123,7 +123,8 @@ pub enum QueryCommand {
     Findings {
         #[arg(long)]
         node: Option<String>,
-        /// reorg, stall, unreachable, syncing, linkage, height-regression, events-dropped
+        /// reorg, stall, unreachable, syncing, linkage, height-regression, events-dropped,
+        /// divergence, lag, agent-silent, network-stall
         #[arg(long)]
         kind: Option<String>,
         /// RFC 3339 time (2026-01-02T03:04:05Z) or an age (10m, 2h).
@@ -140,6 +141,16 @@ pub enum QueryCommand {
         from: u64,
         #[arg(long)]
         to: u64,
+    },
+    /// Per network: fleet head, each node's height, lag, hash agreement and open findings.
+    Fleet {
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Print findings as they open and resolve, until interrupted.
+    Watch {
+        #[arg(long)]
+        network: Option<String>,
     },
     /// The stored event log of one node, from a seq.
     Events {

@@ -135,7 +135,83 @@ pub struct AggregatorConfig {
     #[serde(default)]
     pub store: AggregatorStoreConfig,
     #[serde(default)]
+    pub fleet: FleetConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Alert sinks; none by default.
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<AlertSinkConfig>,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A node more than this many blocks behind its network's head lags.
+    pub lag_blocks: u64,
+    /// ... or when the rest of the fleet reached its next block this long ago.
+    #[serde(with = "humantime_serde")]
+    pub lag_after: Duration,
+    /// An agent with no message or heartbeat for this long is silent.
+    #[serde(with = "humantime_serde")]
+    pub silent_after: Duration,
+    /// Nodes whose chain is canonical when nodes disagree (else the majority).
+    pub reference_nodes: Vec<String>,
+    /// Recent heights per node kept in memory for hash comparison.
+    pub compare_window: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            lag_blocks: 5,
+            lag_after: Duration::from_secs(60),
+            silent_after: Duration::from_secs(60),
+            reference_nodes: Vec::new(),
+            compare_window: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where Prometheus scrapes `/metrics`.
+    pub listen: SocketAddr,
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlertSinkKind {
+    /// POST of the finding as JSON.
+    Webhook,
+    /// A Slack-compatible incoming webhook (`{"text": ...}`).
+    Slack,
+    /// Prometheus Alertmanager: POST /api/v2/alerts under the given base URL.
+    Alertmanager,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSinkConfig {
+    pub kind: AlertSinkKind,
+    pub url: String,
+    #[serde(with = "humantime_serde", default = "defaults::alert_timeout")]
+    pub timeout: Duration,
+    /// Attempts per alert before it is logged as undeliverable.
+    #[serde(default = "defaults::alert_attempts")]
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -190,6 +266,12 @@ mod defaults {
     }
     pub fn reconnect_max() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn alert_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn alert_attempts() -> u32 {
+        8
     }
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 7443))
@@ -480,6 +562,23 @@ impl AggregatorConfig {
             "store.event_log_keep",
             "must be at least 1",
         );
+        p.positive("fleet.silent_after", self.fleet.silent_after);
+        p.positive("fleet.lag_after", self.fleet.lag_after);
+        p.check(self.fleet.compare_window >= 8, "fleet.compare_window", "must be at least 8");
+        for id in &self.fleet.reference_nodes {
+            p.check(valid_name(id), "fleet.reference_nodes", format!("{id:?} is not a node id"));
+        }
+        p.check(
+            !self.metrics.enabled || self.metrics.listen != self.listen,
+            "metrics.listen",
+            "must differ from listen",
+        );
+        for (i, sink) in self.alerts.iter().enumerate() {
+            if let Err(e) = http_url(&sink.url, &["http", "https"]) {
+                p.check(false, &format!("alert[{i}].url"), e);
+            }
+            p.check(sink.max_attempts >= 1, &format!("alert[{i}].max_attempts"), "must be at least 1");
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p.check(
                 false,
@@ -605,6 +704,8 @@ mod packaged_examples {
         assert_eq!(cfg.listen, defaults::listen());
         assert_eq!(cfg.data_dir, defaults::aggregator_data_dir());
         assert_eq!(cfg.store, AggregatorStoreConfig::default());
+        assert_eq!(cfg.fleet, FleetConfig::default());
+        assert_eq!(cfg.metrics, MetricsConfig::default());
         assert_eq!(cfg.log, LogConfig::default());
     }
 }

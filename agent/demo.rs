@@ -12,7 +12,7 @@ use crate::aggregator::Aggregator;
 use crate::chain::sim::{Behaviour, SimNode};
 use crate::cli::Connection;
 use crate::config::{
-    AgentConfig, AgentStoreConfig, AggregatorConfig, AggregatorStoreConfig, LogConfig,
+    AgentConfig, AgentStoreConfig, AggregatorConfig, AggregatorStoreConfig, FleetConfig, LogConfig, MetricsConfig,
     ReportConfig, SourceConfig, SourceKind, ValidateConfig,
 };
 use crate::node::Agent;
@@ -88,6 +88,15 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
             cache_bytes: 16 << 20,
             ..Default::default()
         },
+        fleet: FleetConfig {
+            silent_after: Duration::from_secs(10),
+            ..Default::default()
+        },
+        metrics: MetricsConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        alerts: Vec::new(),
         log: LogConfig::default(),
     })
     .await?;

@@ -109,6 +109,10 @@ impl proto::FindingKind {
             proto::FindingKind::Linkage => "linkage",
             proto::FindingKind::HeightRegression => "height-regression",
             proto::FindingKind::EventsDropped => "events-dropped",
+            proto::FindingKind::Divergence => "divergence",
+            proto::FindingKind::Lag => "lag",
+            proto::FindingKind::AgentSilent => "agent-silent",
+            proto::FindingKind::NetworkStall => "network-stall",
         }
     }
 
@@ -117,7 +121,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 7] = [
+pub const ALL_KINDS: [proto::FindingKind; 11] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -125,7 +129,22 @@ pub const ALL_KINDS: [proto::FindingKind; 7] = [
     proto::FindingKind::Linkage,
     proto::FindingKind::HeightRegression,
     proto::FindingKind::EventsDropped,
+    proto::FindingKind::Divergence,
+    proto::FindingKind::Lag,
+    proto::FindingKind::AgentSilent,
+    proto::FindingKind::NetworkStall,
 ];
+
+impl proto::Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            proto::Verdict::Unspecified => "undecided",
+            proto::Verdict::Node => "node",
+            proto::Verdict::Network => "network",
+            proto::Verdict::MonitoringPath => "monitoring-path",
+        }
+    }
+}
 
 impl proto::Severity {
     pub fn label(self) -> &'static str {

@@ -10,7 +10,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::cli::{Connection, QueryCommand};
 use crate::model::{hex, now_unix_ms};
 use crate::proto::{
-    query_client::QueryClient, EventsRequest, Finding, FindingKind, GetNodeRequest, Header,
+    query_client::QueryClient, EventsRequest, Finding, FindingKind, FleetRequest, GetNodeRequest,
+    Header, NetworkView, WatchRequest,
     HeadersRequest, LatencySummary, ListFindingsRequest, ListNodesRequest, NodeStatus, NodeSummary,
 };
 use crate::tls::TlsFiles;
@@ -80,7 +81,10 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
     let kind = match &cmd {
         QueryCommand::Findings { kind: Some(k), .. } => Some(
             FindingKind::from_label(k)
-                .ok_or_else(|| anyhow!("--kind {k:?}: not a finding kind (reorg, stall, unreachable, syncing, linkage, height-regression, events-dropped)"))?,
+                .ok_or_else(|| {
+                    let kinds: Vec<&str> = crate::model::ALL_KINDS.iter().map(|k| k.label()).collect();
+                    anyhow!("--kind {k:?}: not a finding kind ({})", kinds.join(", "))
+                })?,
         ),
         _ => None,
     };
@@ -180,6 +184,42 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
+        QueryCommand::Fleet { network } => {
+            let networks = client
+                .fleet(FleetRequest {
+                    network: network.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .networks;
+            if conn.json {
+                json!(networks.iter().map(network_json).collect::<Vec<_>>())
+            } else {
+                print!("{}", fleet_table(&networks));
+                return Ok(());
+            }
+        }
+        QueryCommand::Watch { network } => {
+            let mut stream = client
+                .watch(WatchRequest {
+                    network: network.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            while let Some(nf) = stream.message().await.map_err(status_err)? {
+                let Some(f) = &nf.finding else { continue };
+                if conn.json {
+                    let mut v = finding_json(f);
+                    v["node_id"] = json!(nf.node_id);
+                    println!("{v}");
+                } else {
+                    println!("{}", finding_line(&nf.node_id, f));
+                }
+            }
+            return Ok(());
+        }
         QueryCommand::Events {
             node_id,
             from_seq,
@@ -235,7 +275,69 @@ pub fn finding_json(f: &Finding) -> Value {
         "summary": f.summary,
         "fork_point": f.fork_point,
         "depth": f.depth,
+        "verdict": f.verdict().label(),
+        "verdict_reason": f.verdict_reason,
+        "network": f.network,
+        "groups": f.groups.iter().map(|g| json!({
+            "hash": hex(&g.hash),
+            "node_ids": g.node_ids,
+            "canonical": g.canonical,
+        })).collect::<Vec<_>>(),
     })
+}
+
+pub fn network_json(n: &NetworkView) -> Value {
+    json!({
+        "network": n.network,
+        "chain": n.chain,
+        "fleet_head": n.fleet_head,
+        "nodes": n.nodes.iter().map(|m| json!({
+            "node_id": m.node_id,
+            "height": m.height,
+            "hash": hex(&m.hash),
+            "lag": m.lag,
+            "agrees": m.agrees,
+            "status": m.status,
+        })).collect::<Vec<_>>(),
+        "open_findings": n.open_findings.iter().map(|nf| {
+            let mut v = nf.finding.as_ref().map(finding_json).unwrap_or(Value::Null);
+            v["node_id"] = json!(nf.node_id);
+            v
+        }).collect::<Vec<_>>(),
+    })
+}
+
+pub fn fleet_table(networks: &[NetworkView]) -> String {
+    let mut out = String::new();
+    for n in networks {
+        out.push_str(&format!(
+            "{} ({}): fleet head {}\n  {:<16} {:>10} {:>5} {:<15} {:<6} {}\n",
+            n.network, n.chain, n.fleet_head, "NODE", "HEIGHT", "LAG", "HASH", "AGREES", "STATUS"
+        ));
+        for m in &n.nodes {
+            out.push_str(&format!(
+                "  {:<16} {:>10} {:>5} {:<15} {:<6} {}\n",
+                m.node_id,
+                m.height,
+                m.lag,
+                short(&m.hash),
+                if m.agrees { "yes" } else { "NO" },
+                m.status
+            ));
+        }
+        if n.open_findings.is_empty() {
+            out.push_str("  open findings: none\n");
+        } else {
+            out.push_str("  open findings:\n");
+            for nf in &n.open_findings {
+                if let Some(f) = &nf.finding {
+                    out.push_str(&format!("    {}\n", finding_line(&nf.node_id, f)));
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 pub fn summary_json(n: &NodeSummary) -> Value {
@@ -316,10 +418,16 @@ pub fn finding_line(node: &str, f: &Finding) -> String {
     } else {
         f.opened_at_unix_ms
     };
+    let who = if node.is_empty() { format!("@{}", f.network) } else { node.to_string() };
+    let fault = if f.verdict() == crate::proto::Verdict::Unspecified {
+        String::new()
+    } else {
+        format!(" [fault: {}]", f.verdict().label())
+    };
     format!(
-        "{:<9} {:<16} {:<10} {:<8} {:<9} h={:<9} {}",
+        "{:<9} {:<16} {:<13} {:<8} {:<9} h={:<9} {}{fault}",
         ago(when),
-        node,
+        who,
         f.kind().label(),
         f.severity().label(),
         f.state().label(),

@@ -11,6 +11,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{self, AUDIT};
+use super::fleet::Fleet;
+use super::metrics::Metrics;
 use crate::model::now_unix_ms;
 use crate::proto::{
     agent_message, aggregator_message, ingest_server, Ack, AgentMessage, AggregatorMessage, Welcome,
@@ -54,12 +56,31 @@ impl Live {
 pub struct IngestService {
     store: CentralStore,
     live: Arc<Live>,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
 }
 
 impl IngestService {
-    pub fn new(store: CentralStore, live: Arc<Live>) -> Self {
-        IngestService { store, live }
+    pub fn new(store: CentralStore, live: Arc<Live>, fleet: Arc<Fleet>, metrics: Arc<Metrics>) -> Self {
+        IngestService {
+            store,
+            live,
+            fleet,
+            metrics,
+        }
     }
+}
+
+/// What a stream's tasks share.
+struct StreamCtx {
+    node: String,
+    network: String,
+    chain: String,
+    store: CentralStore,
+    live: Arc<Live>,
+    fleet: Arc<Fleet>,
+    metrics: Arc<Metrics>,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -127,22 +148,30 @@ impl ingest_server::Ingest for IngestService {
             })),
         };
         tx.send(Ok(welcome)).await.map_err(internal)?;
-        let (lock, live, store) = (
-            self.live.with(&node, |n| {
-                n.streams += 1;
-                n.last_seen_ms = now_unix_ms();
-                n.lock.clone()
-            }),
-            self.live.clone(),
-            self.store.clone(),
-        );
+        let lock = self.live.with(&node, |n| {
+            n.streams += 1;
+            n.last_seen_ms = now_unix_ms();
+            n.lock.clone()
+        });
+        self.metrics.connected(1);
+        let ctx = StreamCtx {
+            node,
+            network: hello.network.clone(),
+            chain: hello.chain.clone(),
+            store: self.store.clone(),
+            live: self.live.clone(),
+            fleet: self.fleet.clone(),
+            metrics: self.metrics.clone(),
+            lock,
+        };
         tokio::spawn(async move {
-            let end = serve_stream(&node, &mut inbound, &tx, &store, &live, &lock).await;
-            live.with(&node, |n| n.streams = n.streams.saturating_sub(1));
+            let end = serve_stream(&ctx, &mut inbound, &tx).await;
+            ctx.live.with(&ctx.node, |n| n.streams = n.streams.saturating_sub(1));
+            ctx.metrics.connected(-1);
             match end {
-                Ok(()) => tracing::info!(node_id = %node, "agent disconnected"),
+                Ok(()) => tracing::info!(node_id = %ctx.node, "agent disconnected"),
                 Err(s) => {
-                    tracing::warn!(node_id = %node, "agent stream ended: {}", s.message());
+                    tracing::warn!(node_id = %ctx.node, "agent stream ended: {}", s.message());
                     let _ = tx.send(Err(s)).await;
                 }
             }
@@ -152,13 +181,11 @@ impl ingest_server::Ingest for IngestService {
 }
 
 async fn serve_stream(
-    node: &str,
+    ctx: &StreamCtx,
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::Sender<Result<AggregatorMessage, Status>>,
-    store: &CentralStore,
-    live: &Live,
-    lock: &tokio::sync::Mutex<()>,
 ) -> Result<(), Status> {
+    let (node, store, live, lock) = (ctx.node.as_str(), &ctx.store, &ctx.live, &ctx.lock);
     // Persisting the next batch overlaps with flushing the previous ones:
     // the reader persists, the acker waits for durability and acknowledges
     // everything that one flush covered with one Ack.
@@ -174,6 +201,10 @@ async fn serve_stream(
                             .persist(node, batch.events, now_unix_ms())
                             .map_err(internal)?
                     };
+                    ctx.metrics
+                        .counted(node, &ctx.network, persisted.stored, persisted.duplicates);
+                    ctx.fleet
+                        .on_batch(node, &ctx.network, &ctx.chain, &persisted.events);
                     if persisted_tx.send(persisted.last_seq).await.is_err() {
                         return Ok(());
                     }

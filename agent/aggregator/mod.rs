@@ -1,8 +1,11 @@
 //! Aggregator mode: the fleet's side of the delivery stream and the operator
 //! query API, over one mutual-TLS gRPC listener.
 
+pub mod alert;
 pub mod auth;
+pub mod fleet;
 pub mod ingest;
+pub mod metrics;
 pub mod query;
 
 use std::future::Future;
@@ -19,7 +22,10 @@ use crate::config::AggregatorConfig;
 use crate::proto::{ingest_server::IngestServer, query_server::QueryServer};
 use crate::service;
 use crate::store::central::CentralStore;
+use alert::Alerts;
+use fleet::Fleet;
 use ingest::{IngestService, Live};
+use metrics::Metrics;
 use query::QueryService;
 
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -29,6 +35,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("outp
 /// A bound, not yet serving aggregator.
 pub struct Aggregator {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     cfg: AggregatorConfig,
     store: CentralStore,
 }
@@ -42,8 +49,18 @@ impl Aggregator {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let metrics_listener = if cfg.metrics.enabled {
+            Some(
+                TcpListener::bind(cfg.metrics.listen)
+                    .await
+                    .with_context(|| format!("metrics.listen: cannot listen on {}", cfg.metrics.listen))?,
+            )
+        } else {
+            None
+        };
         Ok(Aggregator {
             listener,
+            metrics_listener,
             cfg,
             store,
         })
@@ -53,10 +70,27 @@ impl Aggregator {
         self.listener.local_addr()
     }
 
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` resolves.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let tls = self.cfg.tls.server_config()?;
         let live = Arc::new(Live::default());
+        let metrics = Arc::new(Metrics::default());
+        let alerts = Alerts::start(&self.cfg.alerts);
+        let fleet = Fleet::load(
+            self.store.clone(),
+            self.cfg.fleet.clone(),
+            live.clone(),
+            alerts,
+            metrics.clone(),
+        )?;
+        tokio::spawn(fleet.clone().run_clock());
+        if let Some(l) = self.metrics_listener {
+            tokio::spawn(metrics::serve(l, metrics.clone()));
+        }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -70,11 +104,16 @@ impl Aggregator {
             .context("TLS configuration")?
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(
-                IngestServer::new(IngestService::new(self.store.clone(), live.clone()))
+                IngestServer::new(IngestService::new(
+                    self.store.clone(),
+                    live.clone(),
+                    fleet.clone(),
+                    metrics,
+                ))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                QueryServer::new(QueryService::new(self.store.clone(), live))
+                QueryServer::new(QueryService::new(self.store.clone(), live, fleet))
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 auth::operator_only,
             ))
@@ -105,7 +144,7 @@ async fn prune_event_log(store: CentralStore, keep: u64) {
 /// `outpost aggregator`: serves until SIGTERM or SIGINT.
 pub async fn run(cfg: AggregatorConfig) -> anyhow::Result<()> {
     let agg = Aggregator::bind(cfg).await?;
-    tracing::info!(listen = %agg.local_addr()?, "aggregator listening");
+    tracing::info!(listen = %agg.local_addr()?, metrics = ?agg.metrics_addr(), "aggregator listening");
     service::notify_ready();
     if let Some(every) = service::watchdog_interval() {
         tokio::spawn(async move {

@@ -1,14 +1,19 @@
 //! The operator query API. Callers are checked by the `operator_only`
 //! interceptor; each call is written to the audit log.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
 
 use tonic::{Request, Response, Status};
 
 use super::auth::{self, AUDIT};
+use super::fleet::Fleet;
 use super::ingest::Live;
 use crate::proto::{
-    query_server, EventsRequest, EventsResponse, Finding, FindingKind, FindingState,
+    query_server, EventsRequest, EventsResponse, Finding, FindingKind, FindingState, FleetRequest, FleetResponse, WatchRequest,
     GetNodeRequest, HeadersRequest, HeadersResponse, ListFindingsRequest, ListFindingsResponse,
     ListNodesRequest, ListNodesResponse, NodeDetail, NodeFinding, NodeRecord, NodeSummary,
 };
@@ -20,11 +25,12 @@ const MAX_EVENTS: u32 = 10_000;
 pub struct QueryService {
     store: CentralStore,
     live: Arc<Live>,
+    fleet: Arc<Fleet>,
 }
 
 impl QueryService {
-    pub fn new(store: CentralStore, live: Arc<Live>) -> Self {
-        QueryService { store, live }
+    pub fn new(store: CentralStore, live: Arc<Live>, fleet: Arc<Fleet>) -> Self {
+        QueryService { store, live, fleet }
     }
 
     fn summary(&self, rec: &NodeRecord, open: &[Finding]) -> NodeSummary {
@@ -117,12 +123,16 @@ impl query_server::Query for QueryService {
         audit(&req, "ListFindings");
         let q = req.into_inner();
         let nodes: Vec<String> = if q.node_id.is_empty() {
-            self.store
+            let mut scopes: Vec<String> = self
+                .store
                 .nodes()
                 .map_err(internal)?
                 .into_iter()
                 .map(|r| r.node_id)
-                .collect()
+                .collect();
+            // Network-wide findings live under `@network`.
+            scopes.extend(self.fleet.network_scopes());
+            scopes
         } else {
             vec![q.node_id.clone()]
         };
@@ -139,7 +149,7 @@ impl query_server::Query for QueryService {
                     continue;
                 }
                 findings.push(NodeFinding {
-                    node_id: node.clone(),
+                    node_id: if node.starts_with('@') { String::new() } else { node.clone() },
                     finding: Some(f),
                 });
             }
@@ -185,5 +195,27 @@ impl query_server::Query for QueryService {
             .events(&q.node_id, q.from_seq, limit as usize)
             .map_err(internal)?;
         Ok(Response::new(EventsResponse { events }))
+    }
+
+    async fn fleet(&self, req: Request<FleetRequest>) -> Result<Response<FleetResponse>, Status> {
+        audit(&req, "Fleet");
+        let networks = self.fleet.view(&req.get_ref().network, crate::model::now_unix_ms());
+        Ok(Response::new(FleetResponse { networks }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<NodeFinding, Status>> + Send>>;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        audit(&req, "Watch");
+        let network = req.into_inner().network;
+        let stream = BroadcastStream::new(self.fleet.subscribe()).filter_map(move |item| match item {
+            Ok(nf) => {
+                let net = nf.finding.as_ref().map(|f| f.network.as_str()).unwrap_or("");
+                (network.is_empty() || network == net).then_some(Ok(nf))
+            }
+            // A watcher too slow for the stream is told so rather than silently skipped.
+            Err(e) => Some(Err(Status::data_loss(format!("watch fell behind: {e}")))),
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -38,6 +38,8 @@ pub struct Persisted {
     pub last_seq: u64,
     pub stored: usize,
     pub duplicates: usize,
+    /// The events that were new, in seq order.
+    pub events: Vec<proto::Event>,
 }
 
 fn node_key(prefix: u8, node: &str) -> Vec<u8> {
@@ -210,11 +212,9 @@ impl CentralStore {
         rec.duplicates_ignored += duplicates as u64;
         rec.last_seen_unix_ms = now_ms;
         let stored = kept.len();
-        if let Some(first) = kept.first().map(|e| e.seq) {
-            batch.insert(
-                node_key_u64(b'e', node, first),
-                proto::Batch { events: kept }.encode_to_vec(),
-            );
+        let log = proto::Batch { events: kept };
+        if let Some(first) = log.events.first().map(|e| e.seq) {
+            batch.insert(node_key_u64(b'e', node, first), log.encode_to_vec());
         }
         batch.insert(record_key(node), rec.encode_to_vec());
         self.tree.apply_batch(batch)?;
@@ -222,6 +222,7 @@ impl CentralStore {
             last_seq: rec.last_seq,
             stored,
             duplicates,
+            events: log.events,
         })
     }
 
@@ -252,6 +253,15 @@ impl CentralStore {
             Some(v) => Ok(decode::<HeaderChunk>(&key, &v)?.headers),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Writes a finding under a scope: a node id, or `@network` for a
+    /// network-wide finding (node ids cannot contain `@`).
+    pub fn put_finding(&self, scope: &str, f: &proto::Finding) -> Result<(), StoreError> {
+        let mut k = node_key(b'f', scope);
+        k.extend_from_slice(f.id.as_bytes());
+        self.tree.insert(k, f.encode_to_vec())?;
+        Ok(())
     }
 
     pub fn findings(&self, node: &str) -> Result<Vec<proto::Finding>, StoreError> {
@@ -420,25 +430,13 @@ mod tests {
         let p = s
             .persist("n1", (1..=3).map(|i| header_event(i, i)).collect(), 0)
             .unwrap();
-        assert_eq!(
-            p,
-            Persisted {
-                last_seq: 3,
-                stored: 3,
-                duplicates: 0
-            }
-        );
+        assert_eq!((p.last_seq, p.stored, p.duplicates), (3, 3, 0));
         let p = s
             .persist("n1", (2..=5).map(|i| header_event(i, i)).collect(), 0)
             .unwrap();
-        assert_eq!(
-            p,
-            Persisted {
-                last_seq: 5,
-                stored: 2,
-                duplicates: 2
-            }
-        );
+        assert_eq!((p.last_seq, p.stored, p.duplicates), (5, 2, 2));
+        let new: Vec<u64> = p.events.iter().map(|e| e.seq).collect();
+        assert_eq!(new, vec![4, 5]);
         s.durable().await.unwrap();
         let seqs: Vec<u64> = s
             .events("n1", 1, 100)

@@ -266,6 +266,7 @@ impl Drop for Anvil {
 
 pub struct Aggregator {
     pub port: u16,
+    pub metrics_port: u16,
     pub config: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -273,13 +274,19 @@ pub struct Aggregator {
 
 impl Aggregator {
     pub async fn start(world: &World) -> Aggregator {
+        Aggregator::start_with(world, "").await
+    }
+
+    /// Starts with extra TOML appended to the config (fleet settings, sinks).
+    pub async fn start_with(world: &World, extra: &str) -> Aggregator {
         let port = free_port();
+        let metrics_port = free_port();
         let pki = world.pki();
         let config = world.path().join("aggregator.toml");
         fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[store]\ncache_bytes = 16777216\n",
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[store]\ncache_bytes = 16777216\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
                 world.path().join("aggregator-data").display(),
                 pki.ca_cert().display(),
                 pki.cert("aggregator").display(),
@@ -289,6 +296,7 @@ impl Aggregator {
         .unwrap();
         let mut a = Aggregator {
             port,
+            metrics_port,
             config,
             log: world.path().join("aggregator.log"),
             child: None,

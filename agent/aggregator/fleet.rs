@@ -1,0 +1,771 @@
+//! The fleet's truth: per network, which node holds which hash at which
+//! height, who lags, whose agent fell silent, and whether the whole network
+//! stalled. Every finding gets a verdict (node, network or monitoring path)
+//! with its reason, so a broken monitoring path never poses as a node fault.
+//!
+//! Agent findings arrive with each persisted batch; fleet findings are
+//! decided here, on every batch and on a one-second tick.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::alert::Alerts;
+use super::ingest::Live;
+use super::metrics::Metrics;
+use crate::config::FleetConfig;
+use crate::model::{hex, now_unix_ms};
+use crate::proto::{
+    self, event::Kind, Finding, FindingKind, FindingState, HashGroup, NodeFinding, Severity,
+    Verdict,
+};
+use crate::store::central::CentralStore;
+use crate::store::StoreError;
+
+/// One node as the fleet sees it.
+#[derive(Default)]
+struct NodeView {
+    network: String,
+    chain: String,
+    head: Option<(u64, Vec<u8>)>,
+    /// Recent heights and their hashes.
+    recent: BTreeMap<u64, Vec<u8>>,
+    last_advance_ms: i64,
+    /// Open agent findings by kind, with the verdicts given to them.
+    agent_open: HashMap<i32, Finding>,
+    /// Agent stalls whose verdict waits on what the peers do.
+    held_stall: bool,
+}
+
+impl NodeView {
+    fn healthy(&self) -> bool {
+        self.agent_open.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, NodeView>,
+    /// Open fleet findings by (scope, kind); scope is a node id or `@network`.
+    open: HashMap<(String, i32), Finding>,
+    /// Per network: when some node first reached each recent height.
+    reached: HashMap<String, BTreeMap<u64, i64>>,
+    /// Divergences seen but not yet open (they must outlast a reorg's churn).
+    pending_divergence: HashMap<String, i64>,
+}
+
+pub struct Fleet {
+    state: Mutex<State>,
+    store: CentralStore,
+    cfg: FleetConfig,
+    live: Arc<Live>,
+    changes: broadcast::Sender<NodeFinding>,
+    alerts: Alerts,
+    metrics: Arc<Metrics>,
+}
+
+/// A disagreement must last this long before it opens: long enough for a
+/// reorg to reach every node.
+const DIVERGENCE_GRACE_MS: i64 = 2_000;
+
+fn network_scope(network: &str) -> String {
+    format!("@{network}")
+}
+
+impl Fleet {
+    /// Builds the fleet view from what the store holds.
+    pub fn load(
+        store: CentralStore,
+        cfg: FleetConfig,
+        live: Arc<Live>,
+        alerts: Alerts,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Fleet>, StoreError> {
+        let mut state = State::default();
+        let now = now_unix_ms();
+        let mut networks = BTreeSet::new();
+        for rec in store.nodes()? {
+            let mut view = NodeView {
+                network: rec.network.clone(),
+                chain: rec.chain.clone(),
+                last_advance_ms: now,
+                ..Default::default()
+            };
+            if let Some(h) = &rec.head {
+                view.head = Some((h.height, h.hash.clone()));
+                let from = h.height.saturating_sub(cfg.compare_window);
+                for hdr in store.headers(&rec.node_id, from, h.height)? {
+                    view.recent.insert(hdr.height, hdr.hash);
+                }
+            }
+            for f in store.findings(&rec.node_id)? {
+                if f.state() != FindingState::Open {
+                    continue;
+                }
+                if is_fleet_kind(f.kind()) {
+                    state.open.insert((rec.node_id.clone(), f.kind), f);
+                } else {
+                    view.agent_open.insert(f.kind, f);
+                }
+            }
+            networks.insert(rec.network.clone());
+            state.nodes.insert(rec.node_id.clone(), view);
+        }
+        for net in networks {
+            let scope = network_scope(&net);
+            for f in store.findings(&scope)? {
+                if f.state() == FindingState::Open {
+                    state.open.insert((scope.clone(), f.kind), f);
+                }
+            }
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Arc::new(Fleet {
+            state: Mutex::new(state),
+            store,
+            cfg,
+            live,
+            changes,
+            alerts,
+            metrics,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Findings as they open and resolve.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeFinding> {
+        self.changes.subscribe()
+    }
+
+    /// Stores a finding change, tells watchers, and alerts when `alert`.
+    fn emit(&self, scope: &str, f: &Finding, alert: bool) {
+        if let Err(e) = self.store.put_finding(scope, f) {
+            tracing::error!("cannot store finding {}: {e}", f.id);
+        }
+        let node_id = if scope.starts_with('@') { String::new() } else { scope.to_string() };
+        let nf = NodeFinding {
+            node_id,
+            finding: Some(f.clone()),
+        };
+        tracing::info!(
+            finding_kind = f.kind().label(),
+            finding_id = %f.id,
+            network = %f.network,
+            verdict = f.verdict().label(),
+            state = f.state().label(),
+            "{}",
+            f.summary
+        );
+        let _ = self.changes.send(nf.clone());
+        if alert {
+            self.alerts.notify(&nf);
+        }
+    }
+
+    /// Takes in what one batch of a node brought.
+    pub fn on_batch(&self, node: &str, network: &str, chain: &str, events: &[proto::Event]) {
+        let now = now_unix_ms();
+        let mut emits: Vec<(String, Finding, bool)> = Vec::new();
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let window = self.cfg.compare_window;
+            let peers = st.peers(network, node);
+            let view = st.nodes.entry(node.to_string()).or_default();
+            view.network = network.to_string();
+            view.chain = chain.to_string();
+            for e in events {
+                match &e.kind {
+                    Some(Kind::Header(h)) => {
+                        if view.head.as_ref().is_none_or(|(top, _)| h.height > *top) {
+                            view.last_advance_ms = now;
+                        }
+                        view.recent.insert(h.height, h.hash.clone());
+                        view.head = Some((h.height, h.hash.clone()));
+                        st.reached
+                            .entry(network.to_string())
+                            .or_default()
+                            .entry(h.height)
+                            .or_insert(now);
+                    }
+                    Some(Kind::Status(s)) => {
+                        if view.head.as_ref().is_some_and(|(top, _)| s.head_height < *top)
+                            && !s.head_hash.is_empty()
+                        {
+                            view.recent.split_off(&(s.head_height + 1));
+                            view.head = Some((s.head_height, s.head_hash.clone()));
+                        }
+                        self.metrics.node_status(network, node, s);
+                    }
+                    Some(Kind::Finding(f)) => {
+                        let mut f = f.clone();
+                        f.network = network.to_string();
+                        match f.state() {
+                            FindingState::Open => {
+                                let (verdict, reason, alert) = agent_verdict(&f, node, view, &peers);
+                                f.verdict = verdict as i32;
+                                f.verdict_reason = reason;
+                                if f.kind() == FindingKind::Stall {
+                                    view.held_stall = !alert;
+                                }
+                                view.agent_open.insert(f.kind, f.clone());
+                                emits.push((node.to_string(), f, alert));
+                            }
+                            FindingState::Resolved => {
+                                let was = view.agent_open.remove(&f.kind);
+                                let held = f.kind() == FindingKind::Stall && view.held_stall;
+                                if f.kind() == FindingKind::Stall {
+                                    view.held_stall = false;
+                                }
+                                let alerted = was.is_some() && !held;
+                                if let Some(w) = was {
+                                    f.verdict = w.verdict;
+                                    f.verdict_reason = w.verdict_reason;
+                                }
+                                emits.push((node.to_string(), f, alerted));
+                            }
+                            _ => {
+                                f.verdict = occurred_verdict(f.kind()) as i32;
+                                f.verdict_reason = occurred_reason(f.kind()).into();
+                                emits.push((node.to_string(), f, true));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some((top, _)) = view.head {
+                view.recent = view.recent.split_off(&top.saturating_sub(window));
+            }
+            if let Some(reached) = st.reached.get_mut(network) {
+                if let Some(&top) = reached.keys().next_back() {
+                    *reached = reached.split_off(&top.saturating_sub(window));
+                }
+            }
+        }
+        for (scope, f, alert) in emits {
+            self.emit(&scope, &f, alert);
+        }
+        self.evaluate(now);
+    }
+
+    /// Re-judges every network; called after each batch and every second.
+    pub fn evaluate(&self, now: i64) {
+        let mut emits: Vec<(String, Finding, bool)> = Vec::new();
+        {
+            let mut st = self.lock();
+            let networks: BTreeSet<String> = st.nodes.values().map(|v| v.network.clone()).collect();
+            for net in networks {
+                self.judge_network(&mut st, &net, now, &mut emits);
+            }
+        }
+        for (scope, f, alert) in emits {
+            self.emit(&scope, &f, alert);
+        }
+        self.update_gauges();
+    }
+
+    fn silent(&self, node: &str, now: i64) -> bool {
+        let seen = self.live.last_seen_ms(node);
+        seen == 0 || now - seen > self.cfg.silent_after.as_millis() as i64
+    }
+
+    fn judge_network(&self, st: &mut State, net: &str, now: i64, emits: &mut Vec<(String, Finding, bool)>) {
+        let members: Vec<String> = st
+            .nodes
+            .iter()
+            .filter(|(_, v)| v.network == net)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let silent: BTreeSet<String> = members.iter().filter(|n| self.silent(n, now)).cloned().collect();
+        let active: Vec<&String> = members.iter().filter(|n| !silent.contains(*n)).collect();
+
+        // Agent silent.
+        for node in &members {
+            let key = (node.clone(), FindingKind::AgentSilent as i32);
+            let view = &st.nodes[node];
+            if silent.contains(node) && !st.open.contains_key(&key) {
+                let seen = self.live.last_seen_ms(node);
+                let (verdict, reason) = if view.healthy() {
+                    (
+                        Verdict::MonitoringPath,
+                        "the node's last reports were healthy: the agent or its path to the aggregator failed".to_string(),
+                    )
+                } else {
+                    let kinds: Vec<&str> = view.agent_open.values().map(|f| f.kind().label()).collect();
+                    (
+                        Verdict::Node,
+                        format!("the node's last reports showed {}", kinds.join(", ")),
+                    )
+                };
+                let summary = if seen == 0 {
+                    format!("agent {node} has not reported since the aggregator started")
+                } else {
+                    format!("agent {node} silent for {}s", (now - seen) / 1000)
+                };
+                let f = new_finding(FindingKind::AgentSilent, Severity::Warning, net, summary, verdict, reason, now, view.head.as_ref().map_or(0, |h| h.0));
+                st.open.insert(key, f.clone());
+                emits.push((node.clone(), f, true));
+            } else if !silent.contains(node) {
+                if let Some(f) = st.open.remove(&key) {
+                    emits.push((node.clone(), resolved(f, now), true));
+                }
+            }
+        }
+
+        // Fleet head and lag, over nodes whose agents report.
+        let fleet_head = active
+            .iter()
+            .filter_map(|n| st.nodes[*n].head.as_ref().map(|h| h.0))
+            .max();
+        for node in &members {
+            let key = (node.clone(), FindingKind::Lag as i32);
+            let height = st.nodes[node].head.as_ref().map(|h| h.0);
+            let (Some(top), Some(height), false) = (fleet_head, height, silent.contains(node)) else {
+                continue;
+            };
+            let behind = top.saturating_sub(height);
+            let next_reached = st.reached.get(net).and_then(|r| r.get(&(height + 1))).copied();
+            let late_ms = next_reached.map_or(0, |t| now - t);
+            let lagging = behind > self.cfg.lag_blocks
+                || (behind > 0 && late_ms > self.cfg.lag_after.as_millis() as i64);
+            self.metrics.lag(net, node, behind);
+            if lagging && !st.open.contains_key(&key) {
+                let f = new_finding(
+                    FindingKind::Lag,
+                    Severity::Warning,
+                    net,
+                    format!("{node} is {behind} blocks behind the fleet head {top} (at {height})"),
+                    Verdict::Node,
+                    format!("other nodes of {net} reached height {} {}s ago", height + 1, late_ms / 1000),
+                    now,
+                    height,
+                );
+                st.open.insert(key, f.clone());
+                emits.push((node.clone(), f, true));
+            } else if !lagging && behind <= self.cfg.lag_blocks / 2 {
+                if let Some(f) = st.open.remove(&key) {
+                    emits.push((node.clone(), resolved(f, now), true));
+                }
+            }
+        }
+
+        self.judge_divergence(st, net, &active, now, emits);
+
+        // Network-wide stall: every reporting node has an open stall.
+        let key = (network_scope(net), FindingKind::NetworkStall as i32);
+        let stalled = active.len() >= 2
+            && active
+                .iter()
+                .all(|n| st.nodes[*n].agent_open.contains_key(&(FindingKind::Stall as i32)));
+        if stalled && !st.open.contains_key(&key) {
+            let f = new_finding(
+                FindingKind::NetworkStall,
+                Severity::Critical,
+                net,
+                format!("all {} nodes of {net} stopped advancing at height {}", active.len(), fleet_head.unwrap_or(0)),
+                Verdict::Network,
+                "every reporting node stalled at once: the chain itself stopped".into(),
+                now,
+                fleet_head.unwrap_or(0),
+            );
+            st.open.insert(key.clone(), f.clone());
+            emits.push((key.0.clone(), f, true));
+        } else if !stalled {
+            if let Some(f) = st.open.remove(&key) {
+                emits.push((key.0.clone(), resolved(f, now), true));
+            }
+        }
+
+        // Held node stalls: decided once a peer advances past them.
+        for node in &members {
+            let view = &st.nodes[node];
+            if !view.held_stall {
+                continue;
+            }
+            let peer_advanced = active
+                .iter()
+                .any(|p| *p != node && st.nodes[*p].last_advance_ms > view.last_advance_ms);
+            if peer_advanced && !st.open.contains_key(&key) {
+                let view = st.nodes.get_mut(node).expect("member");
+                view.held_stall = false;
+                if let Some(f) = view.agent_open.get_mut(&(FindingKind::Stall as i32)) {
+                    f.verdict = Verdict::Node as i32;
+                    f.verdict_reason = "other nodes of the network kept advancing".into();
+                    emits.push((node.clone(), f.clone(), true));
+                }
+            }
+        }
+    }
+
+    fn judge_divergence(
+        &self,
+        st: &mut State,
+        net: &str,
+        active: &[&String],
+        now: i64,
+        emits: &mut Vec<(String, Finding, bool)>,
+    ) {
+        let reference: BTreeSet<&str> = self.cfg.reference_nodes.iter().map(String::as_str).collect();
+        for node in active {
+            let key = ((*node).clone(), FindingKind::Divergence as i32);
+            let verdict = compare(st, node, active, &reference);
+            match verdict {
+                Some(d) => {
+                    if st.open.contains_key(&key) {
+                        continue;
+                    }
+                    let first = *st.pending_divergence.entry((*node).clone()).or_insert(now);
+                    if now - first < DIVERGENCE_GRACE_MS {
+                        continue;
+                    }
+                    st.pending_divergence.remove(*node);
+                    let (verdict, reason) = if d.canonical_known {
+                        (
+                            Verdict::Node,
+                            format!(
+                                "{} of {} nodes agree on {} at height {}; {node} holds {}",
+                                d.canonical_size,
+                                d.compared,
+                                hex(&d.canonical_hash),
+                                d.height,
+                                hex(&d.own_hash)
+                            ),
+                        )
+                    } else {
+                        (Verdict::Network, format!("no majority at height {}: the network is split", d.height))
+                    };
+                    let mut f = new_finding(
+                        FindingKind::Divergence,
+                        Severity::Critical,
+                        net,
+                        format!(
+                            "{node} diverges from {net} at height {}: fork point {}, depth {}",
+                            d.height,
+                            d.fork_point.map_or("unknown".to_string(), |f| f.to_string()),
+                            d.depth
+                        ),
+                        verdict,
+                        reason,
+                        now,
+                        d.height,
+                    );
+                    f.fork_point = d.fork_point;
+                    f.depth = Some(d.depth);
+                    f.groups = d.groups;
+                    st.open.insert(key, f.clone());
+                    emits.push(((*node).clone(), f, true));
+                }
+                None => {
+                    st.pending_divergence.remove(*node);
+                    if let Some(f) = st.open.remove(&key) {
+                        emits.push(((*node).clone(), resolved(f, now), true));
+                    }
+                }
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let st = self.lock();
+        let mut open: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
+        for (node, v) in &st.nodes {
+            if let Some((h, _)) = &v.head {
+                self.metrics.head(&v.network, node, *h);
+            }
+            for f in v.agent_open.values() {
+                *open.entry((v.network.clone(), f.kind().label())).or_default() += 1;
+            }
+        }
+        for f in st.open.values() {
+            *open.entry((f.network.clone(), f.kind().label())).or_default() += 1;
+        }
+        self.metrics.findings_open(&open);
+    }
+
+    /// Per network: fleet head, each node's height, lag and agreement.
+    pub fn view(&self, only: &str, now: i64) -> Vec<proto::NetworkView> {
+        let st = self.lock();
+        let mut nets: BTreeMap<String, proto::NetworkView> = BTreeMap::new();
+        for (node, v) in &st.nodes {
+            if !only.is_empty() && v.network != only {
+                continue;
+            }
+            let net = nets.entry(v.network.clone()).or_insert_with(|| proto::NetworkView {
+                network: v.network.clone(),
+                chain: v.chain.clone(),
+                ..Default::default()
+            });
+            let (height, hash) = v.head.clone().unwrap_or_default();
+            let silent = self.silent(node, now);
+            if !silent {
+                net.fleet_head = net.fleet_head.max(height);
+            }
+            let status = if silent {
+                "silent"
+            } else if st.open.contains_key(&(node.clone(), FindingKind::Divergence as i32)) {
+                "diverged"
+            } else if v.agent_open.contains_key(&(FindingKind::Unreachable as i32)) {
+                "unreachable"
+            } else if v.agent_open.contains_key(&(FindingKind::Stall as i32)) {
+                "stalled"
+            } else if st.open.contains_key(&(node.clone(), FindingKind::Lag as i32)) {
+                "lagging"
+            } else {
+                "ok"
+            };
+            net.nodes.push(proto::FleetNode {
+                node_id: node.clone(),
+                height,
+                hash,
+                lag: 0,
+                agrees: !st.open.contains_key(&(node.clone(), FindingKind::Divergence as i32)),
+                status: status.into(),
+            });
+        }
+        for net in nets.values_mut() {
+            let top = net.fleet_head;
+            for n in &mut net.nodes {
+                n.lag = top.saturating_sub(n.height);
+            }
+            let scope = network_scope(&net.network);
+            for ((s, _), f) in &st.open {
+                let member = net.nodes.iter().any(|n| &n.node_id == s);
+                if member || *s == scope {
+                    net.open_findings.push(NodeFinding {
+                        node_id: if s.starts_with('@') { String::new() } else { s.clone() },
+                        finding: Some(f.clone()),
+                    });
+                }
+            }
+            for n in &net.nodes {
+                if let Some(v) = st.nodes.get(&n.node_id) {
+                    for f in v.agent_open.values() {
+                        net.open_findings.push(NodeFinding {
+                            node_id: n.node_id.clone(),
+                            finding: Some(f.clone()),
+                        });
+                    }
+                }
+            }
+            net.open_findings.sort_by_key(|f| f.finding.as_ref().map_or(0, |f| f.opened_at_unix_ms));
+        }
+        nets.into_values().collect()
+    }
+
+    /// Runs `evaluate` every second (silence and lag need a clock).
+    pub async fn run_clock(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            self.evaluate(now_unix_ms());
+        }
+    }
+
+    /// The finding scopes of the networks (`@network`).
+    pub fn network_scopes(&self) -> Vec<String> {
+        let st = self.lock();
+        let nets: BTreeSet<String> = st.nodes.values().map(|v| v.network.clone()).collect();
+        nets.into_iter().map(|n| network_scope(&n)).collect()
+    }
+}
+
+impl State {
+    /// Last-advance times of the other nodes of a network.
+    fn peers(&self, network: &str, node: &str) -> Vec<(String, i64)> {
+        self.nodes
+            .iter()
+            .filter(|(k, v)| k.as_str() != node && v.network == network)
+            .map(|(k, v)| (k.clone(), v.last_advance_ms))
+            .collect()
+    }
+}
+
+fn is_fleet_kind(k: FindingKind) -> bool {
+    matches!(
+        k,
+        FindingKind::Divergence | FindingKind::Lag | FindingKind::AgentSilent | FindingKind::NetworkStall
+    )
+}
+
+/// Verdict for an agent finding as it opens. The bool says whether to alert
+/// now; a stall waits until the peers show whether it is the node's or the
+/// network's.
+fn agent_verdict(f: &Finding, node: &str, view: &NodeView, peers: &[(String, i64)]) -> (Verdict, String, bool) {
+    match f.kind() {
+        FindingKind::Stall => {
+            if peers.is_empty() {
+                return (Verdict::Node, "no other node in this network to compare with".into(), true);
+            }
+            let advanced: Vec<&str> = peers
+                .iter()
+                .filter(|(_, t)| *t > view.last_advance_ms)
+                .map(|(p, _)| p.as_str())
+                .collect();
+            if advanced.is_empty() {
+                (Verdict::Unspecified, "waiting to see whether the other nodes advance".into(), false)
+            } else {
+                (Verdict::Node, format!("{node} stalled while {} kept advancing", advanced.join(", ")), true)
+            }
+        }
+        FindingKind::Unreachable => (
+            Verdict::MonitoringPath,
+            "the agent cannot reach its node's RPC; what the node does is unknown".into(),
+            true,
+        ),
+        _ => (Verdict::Node, "reported by the node's own agent".into(), true),
+    }
+}
+
+fn occurred_verdict(k: FindingKind) -> Verdict {
+    match k {
+        FindingKind::Reorg => Verdict::Network,
+        FindingKind::EventsDropped => Verdict::MonitoringPath,
+        _ => Verdict::Node,
+    }
+}
+
+fn occurred_reason(k: FindingKind) -> &'static str {
+    match k {
+        FindingKind::Reorg => "the chain reorganised under the node",
+        FindingKind::EventsDropped => "the agent's outbox was full",
+        _ => "reported by the node's own agent",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_finding(
+    kind: FindingKind,
+    severity: Severity,
+    network: &str,
+    summary: String,
+    verdict: Verdict,
+    reason: String,
+    now: i64,
+    height: u64,
+) -> Finding {
+    Finding {
+        id: format!("{}-{now}", kind.label()),
+        kind: kind as i32,
+        severity: severity as i32,
+        state: FindingState::Open as i32,
+        height,
+        opened_at_unix_ms: now,
+        summary,
+        verdict: verdict as i32,
+        verdict_reason: reason,
+        network: network.to_string(),
+        ..Default::default()
+    }
+}
+
+fn resolved(mut f: Finding, now: i64) -> Finding {
+    f.state = FindingState::Resolved as i32;
+    f.resolved_at_unix_ms = now;
+    f
+}
+
+/// How one node stands against the canonical chain.
+struct Divergence {
+    height: u64,
+    own_hash: Vec<u8>,
+    canonical_hash: Vec<u8>,
+    canonical_known: bool,
+    canonical_size: usize,
+    compared: usize,
+    fork_point: Option<u64>,
+    depth: u64,
+    groups: Vec<HashGroup>,
+}
+
+/// The canonical hash at `height`: the reference nodes' if any of them has
+/// one, else the strict majority's. None on a tie or when nobody has it.
+fn canonical(st: &State, nodes: &[&String], height: u64, reference: &BTreeSet<&str>) -> Option<Vec<u8>> {
+    let holders: Vec<(&str, &Vec<u8>)> = nodes
+        .iter()
+        .filter_map(|n| st.nodes[*n].recent.get(&height).map(|h| (n.as_str(), h)))
+        .collect();
+    let refs: Vec<&Vec<u8>> = holders
+        .iter()
+        .filter(|(n, _)| reference.contains(n))
+        .map(|(_, h)| *h)
+        .collect();
+    let pool: Vec<&Vec<u8>> = if refs.is_empty() {
+        holders.iter().map(|(_, h)| *h).collect()
+    } else {
+        refs
+    };
+    let mut counts: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
+    for h in &pool {
+        *counts.entry(h).or_default() += 1;
+    }
+    let (best, n) = counts.iter().max_by_key(|(_, n)| **n)?;
+    let tied = counts.values().filter(|c| *c == n).count() > 1;
+    (!tied).then(|| (*best).clone())
+}
+
+fn compare(st: &State, node: &str, active: &[&String], reference: &BTreeSet<&str>) -> Option<Divergence> {
+    let view = &st.nodes[node];
+    let (own_top, _) = view.head.as_ref()?;
+    let others_top = active
+        .iter()
+        .filter(|n| n.as_str() != node)
+        .filter_map(|n| st.nodes[*n].head.as_ref().map(|h| h.0))
+        .max()?;
+    let height = (*own_top).min(others_top);
+    let own_hash = view.recent.get(&height)?.clone();
+    let holders: Vec<&String> = active
+        .iter()
+        .copied()
+        .filter(|n| st.nodes[*n].recent.contains_key(&height))
+        .collect();
+    if holders.len() < 2 {
+        return None;
+    }
+    let canon = canonical(st, active, height, reference);
+    if canon.as_ref() == Some(&own_hash) {
+        return None;
+    }
+    if canon.is_none() && holders.iter().all(|n| st.nodes[*n].recent.get(&height) == Some(&own_hash)) {
+        return None;
+    }
+    let mut groups: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
+    for n in &holders {
+        groups
+            .entry(st.nodes[*n].recent[&height].clone())
+            .or_default()
+            .push((*n).clone());
+    }
+    let canonical_hash = canon.clone().unwrap_or_default();
+    let canonical_size = groups.get(&canonical_hash).map_or(0, Vec::len);
+    // The fork point: the highest height below where this node still agrees.
+    let fork_point = view
+        .recent
+        .range(..height)
+        .rev()
+        .find(|(h, hash)| canonical(st, active, **h, reference).as_ref() == Some(*hash))
+        .map(|(h, _)| *h);
+    Some(Divergence {
+        height,
+        own_hash,
+        canonical_known: canon.is_some(),
+        canonical_size,
+        compared: holders.len(),
+        fork_point,
+        depth: own_top - fork_point.unwrap_or(0),
+        groups: groups
+            .into_iter()
+            .map(|(hash, node_ids)| HashGroup {
+                canonical: canon.as_ref() == Some(&hash),
+                hash,
+                node_ids,
+            })
+            .collect(),
+        canonical_hash,
+    })
+}

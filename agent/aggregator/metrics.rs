@@ -1,0 +1,202 @@
+//! Prometheus `/metrics` for the aggregator, with prometheus-client.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::proto::NodeStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    network: String,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabels {
+    network: String,
+    node: String,
+    quantile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    network: String,
+    kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    head: Family<NodeLabels, Gauge>,
+    lag: Family<NodeLabels, Gauge>,
+    peers: Family<NodeLabels, Gauge>,
+    rpc_latency: Family<QuantileLabels, Gauge<f64, AtomicU64>>,
+    findings_open: Family<KindLabels, Gauge>,
+    open_kinds: Mutex<BTreeMap<(String, &'static str), i64>>,
+    events: Family<NodeLabels, Counter>,
+    duplicates: Family<NodeLabels, Counter>,
+    agents_connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let (head, lag, peers) = (Family::default(), Family::default(), Family::default());
+        let rpc_latency = Family::<QuantileLabels, Gauge<f64, AtomicU64>>::default();
+        let findings_open = Family::default();
+        let (events, duplicates) = (Family::default(), Family::default());
+        let agents_connected = Gauge::default();
+        let mut registry = Registry::with_prefix("outpost");
+        registry.register("node_head_height", "Head height each node reports", head.clone());
+        registry.register("node_lag_blocks", "Blocks behind its network's fleet head", lag.clone());
+        registry.register("node_peers", "Peers each node reports", peers.clone());
+        registry.register(
+            "node_rpc_latency_seconds",
+            "Agent-measured node RPC latency over the last status interval",
+            rpc_latency.clone(),
+        );
+        registry.register("findings_open", "Open findings by network and kind", findings_open.clone());
+        registry.register("ingest_events", "Events stored per node", events.clone());
+        registry.register("ingest_duplicates", "Re-sent events recognised and ignored", duplicates.clone());
+        registry.register("agents_connected", "Agents with an open stream", agents_connected.clone());
+        Metrics {
+            registry,
+            head,
+            lag,
+            peers,
+            rpc_latency,
+            findings_open,
+            open_kinds: Mutex::new(BTreeMap::new()),
+            events,
+            duplicates,
+            agents_connected,
+        }
+    }
+}
+
+fn labels(network: &str, node: &str) -> NodeLabels {
+    NodeLabels {
+        network: network.into(),
+        node: node.into(),
+    }
+}
+
+impl Metrics {
+    pub fn head(&self, network: &str, node: &str, height: u64) {
+        self.head.get_or_create(&labels(network, node)).set(height as i64);
+    }
+
+    pub fn lag(&self, network: &str, node: &str, blocks: u64) {
+        self.lag.get_or_create(&labels(network, node)).set(blocks as i64);
+    }
+
+    pub fn node_status(&self, network: &str, node: &str, s: &NodeStatus) {
+        if let Some(p) = s.peers {
+            self.peers.get_or_create(&labels(network, node)).set(p as i64);
+        }
+        if let Some(l) = &s.rpc_latency {
+            if l.count > 0 {
+                for (q, us) in [("0.5", l.p50_us), ("0.9", l.p90_us), ("0.99", l.p99_us)] {
+                    self.rpc_latency
+                        .get_or_create(&QuantileLabels {
+                            network: network.into(),
+                            node: node.into(),
+                            quantile: q.into(),
+                        })
+                        .set(us as f64 / 1e6);
+                }
+            }
+        }
+    }
+
+    /// Sets the open-findings gauges; kinds no longer open drop to zero.
+    pub fn findings_open(&self, open: &BTreeMap<(String, &'static str), i64>) {
+        let mut prev = self.open_kinds.lock().unwrap_or_else(|p| p.into_inner());
+        for key in prev.keys() {
+            if !open.contains_key(key) {
+                self.findings_open
+                    .get_or_create(&KindLabels {
+                        network: key.0.clone(),
+                        kind: key.1.into(),
+                    })
+                    .set(0);
+            }
+        }
+        for ((network, kind), n) in open {
+            self.findings_open
+                .get_or_create(&KindLabels {
+                    network: network.clone(),
+                    kind: (*kind).into(),
+                })
+                .set(*n);
+        }
+        *prev = open.clone();
+    }
+
+    pub fn counted(&self, node: &str, network: &str, stored: usize, duplicates: usize) {
+        let l = labels(network, node);
+        self.events.get_or_create(&l).inc_by(stored as u64);
+        self.duplicates.get_or_create(&l).inc_by(duplicates as u64);
+    }
+
+    pub fn connected(&self, delta: i64) {
+        self.agents_connected.inc_by(delta);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(metrics.encode())))
+                    } else {
+                        Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                    };
+                    Ok::<_, Infallible>(resp.unwrap_or_default())
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
