@@ -321,7 +321,7 @@ impl Default for LogConfig {
 #[derive(Debug)]
 pub enum AnyConfig {
     Agent(Box<AgentConfig>),
-    Aggregator(AggregatorConfig),
+    Aggregator(Box<AggregatorConfig>),
 }
 
 /// Problems found in a config file, one line each, each naming the file.
@@ -389,7 +389,7 @@ pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigErrors> {
     if table.contains_key("source") {
         load_agent(path).map(|c| AnyConfig::Agent(Box::new(c)))
     } else if table.contains_key("tls") {
-        load_aggregator(path).map(AnyConfig::Aggregator)
+        load_aggregator(path).map(|c| AnyConfig::Aggregator(Box::new(c)))
     } else {
         Err(ConfigErrors(vec![format!(
             "{}: neither an agent config (no [source] table) nor an aggregator config (no [tls] table)",
@@ -564,9 +564,17 @@ impl AggregatorConfig {
         );
         p.positive("fleet.silent_after", self.fleet.silent_after);
         p.positive("fleet.lag_after", self.fleet.lag_after);
-        p.check(self.fleet.compare_window >= 8, "fleet.compare_window", "must be at least 8");
+        p.check(
+            self.fleet.compare_window >= 8,
+            "fleet.compare_window",
+            "must be at least 8",
+        );
         for id in &self.fleet.reference_nodes {
-            p.check(valid_name(id), "fleet.reference_nodes", format!("{id:?} is not a node id"));
+            p.check(
+                valid_name(id),
+                "fleet.reference_nodes",
+                format!("{id:?} is not a node id"),
+            );
         }
         p.check(
             !self.metrics.enabled || self.metrics.listen != self.listen,
@@ -577,7 +585,11 @@ impl AggregatorConfig {
             if let Err(e) = http_url(&sink.url, &["http", "https"]) {
                 p.check(false, &format!("alert[{i}].url"), e);
             }
-            p.check(sink.max_attempts >= 1, &format!("alert[{i}].max_attempts"), "must be at least 1");
+            p.check(
+                sink.max_attempts >= 1,
+                &format!("alert[{i}].max_attempts"),
+                "must be at least 1",
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             p.check(

@@ -12,8 +12,8 @@ use crate::aggregator::Aggregator;
 use crate::chain::sim::{Behaviour, SimNode};
 use crate::cli::Connection;
 use crate::config::{
-    AgentConfig, AgentStoreConfig, AggregatorConfig, AggregatorStoreConfig, FleetConfig, LogConfig, MetricsConfig,
-    ReportConfig, SourceConfig, SourceKind, ValidateConfig,
+    AgentConfig, AgentStoreConfig, AggregatorConfig, AggregatorStoreConfig, FleetConfig, LogConfig,
+    MetricsConfig, ReportConfig, SourceConfig, SourceKind, ValidateConfig,
 };
 use crate::node::Agent;
 use crate::operator;

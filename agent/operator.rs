@@ -11,8 +11,8 @@ use crate::cli::{Connection, QueryCommand};
 use crate::model::{hex, now_unix_ms};
 use crate::proto::{
     query_client::QueryClient, EventsRequest, Finding, FindingKind, FleetRequest, GetNodeRequest,
-    Header, NetworkView, WatchRequest,
-    HeadersRequest, LatencySummary, ListFindingsRequest, ListNodesRequest, NodeStatus, NodeSummary,
+    Header, HeadersRequest, LatencySummary, ListFindingsRequest, ListNodesRequest, NetworkView,
+    NodeStatus, NodeSummary, WatchRequest,
 };
 use crate::tls::TlsFiles;
 
@@ -79,13 +79,12 @@ pub fn parse_since(s: &str) -> anyhow::Result<i64> {
 pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
     // Check arguments before connecting, so a typo does not wait for the network.
     let kind = match &cmd {
-        QueryCommand::Findings { kind: Some(k), .. } => Some(
-            FindingKind::from_label(k)
-                .ok_or_else(|| {
-                    let kinds: Vec<&str> = crate::model::ALL_KINDS.iter().map(|k| k.label()).collect();
-                    anyhow!("--kind {k:?}: not a finding kind ({})", kinds.join(", "))
-                })?,
-        ),
+        QueryCommand::Findings { kind: Some(k), .. } => {
+            Some(FindingKind::from_label(k).ok_or_else(|| {
+                let kinds: Vec<&str> = crate::model::ALL_KINDS.iter().map(|k| k.label()).collect();
+                anyhow!("--kind {k:?}: not a finding kind ({})", kinds.join(", "))
+            })?)
+        }
         _ => None,
     };
     let since = match &cmd {
@@ -418,7 +417,11 @@ pub fn finding_line(node: &str, f: &Finding) -> String {
     } else {
         f.opened_at_unix_ms
     };
-    let who = if node.is_empty() { format!("@{}", f.network) } else { node.to_string() };
+    let who = if node.is_empty() {
+        format!("@{}", f.network)
+    } else {
+        node.to_string()
+    };
     let fault = if f.verdict() == crate::proto::Verdict::Unspecified {
         String::new()
     } else {

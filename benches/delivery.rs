@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost::aggregator::Aggregator;
-use outpost::config::{AggregatorConfig, AggregatorStoreConfig, LogConfig, ReportConfig};
+use outpost::config::{
+    AggregatorConfig, AggregatorStoreConfig, LogConfig, MetricsConfig, ReportConfig,
+};
 use outpost::model::{Hash, Header};
 use outpost::node::report;
 use outpost::proto::{
@@ -230,6 +232,9 @@ fn main() {
             data_dir: dir.path().join("aggregator"),
             tls: tls_files(&pki, "aggregator"),
             store: AggregatorStoreConfig { cache_bytes: 256 << 20, ..Default::default() },
+            fleet: Default::default(),
+            metrics: MetricsConfig { enabled: false, ..Default::default() },
+            alerts: Vec::new(),
             log: LogConfig::default(),
         })
         .await

@@ -11,11 +11,11 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-log "system packages (libsystemd-dev links the systemd crate)"
-if ! pkg-config --exists libsystemd 2>/dev/null; then
+log "system packages: libsystemd-dev (the systemd crate links it), prometheus and alertmanager (fleet tests)"
+if ! pkg-config --exists libsystemd 2>/dev/null || [ ! -x /usr/bin/prometheus ] || [ ! -x /usr/bin/prometheus-alertmanager ]; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
-        libsystemd-dev pkg-config >/dev/null
+        libsystemd-dev pkg-config prometheus prometheus-alertmanager >/dev/null
 fi
 
 log "anvil, a real Ethereum node for the integration tests"

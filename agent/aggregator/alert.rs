@@ -41,7 +41,12 @@ impl Alerts {
     pub fn notify(&self, nf: &NodeFinding) {
         let Some(f) = &nf.finding else { return };
         let key = (nf.node_id.clone(), f.id.clone(), f.state);
-        if !self.sent.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+        if !self
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key)
+        {
             return;
         }
         for sink in &self.sinks {
@@ -67,7 +72,11 @@ async fn deliver(cfg: AlertSinkConfig, mut rx: mpsc::UnboundedReceiver<NodeFindi
             .with_max_delay(Duration::from_secs(60))
             .with_max_times(cfg.max_attempts.saturating_sub(1) as usize)
             .build();
-        let id = nf.finding.as_ref().map(|f| f.id.clone()).unwrap_or_default();
+        let id = nf
+            .finding
+            .as_ref()
+            .map(|f| f.id.clone())
+            .unwrap_or_default();
         loop {
             let result = http.post(&url).json(&body).send().await;
             let error = match result {
@@ -103,7 +112,9 @@ fn subject(nf: &NodeFinding, f: &Finding) -> String {
 }
 
 pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
-    let Some(f) = &nf.finding else { return Value::Null };
+    let Some(f) = &nf.finding else {
+        return Value::Null;
+    };
     match kind {
         AlertSinkKind::Webhook => {
             let mut v = crate::operator::finding_json(f);
@@ -149,7 +160,9 @@ pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
             match f.state() {
                 FindingState::Resolved => alert["endsAt"] = json!(rfc3339(f.resolved_at_unix_ms)),
                 // Something that happened once fires for five minutes.
-                FindingState::Occurred => alert["endsAt"] = json!(rfc3339(f.opened_at_unix_ms + 300_000)),
+                FindingState::Occurred => {
+                    alert["endsAt"] = json!(rfc3339(f.opened_at_unix_ms + 300_000))
+                }
                 _ => {}
             }
             if !f.groups.is_empty() {

@@ -37,6 +37,9 @@ struct NodeView {
     agent_open: HashMap<i32, Finding>,
     /// Agent stalls whose verdict waits on what the peers do.
     held_stall: bool,
+    /// An agent stall that is part of a network stall: the network finding
+    /// speaks for it, so it is never alerted on its own.
+    stall_covered: bool,
 }
 
 impl NodeView {
@@ -147,7 +150,11 @@ impl Fleet {
         if let Err(e) = self.store.put_finding(scope, f) {
             tracing::error!("cannot store finding {}: {e}", f.id);
         }
-        let node_id = if scope.starts_with('@') { String::new() } else { scope.to_string() };
+        let node_id = if scope.starts_with('@') {
+            String::new()
+        } else {
+            scope.to_string()
+        };
         let nf = NodeFinding {
             node_id,
             finding: Some(f.clone()),
@@ -194,7 +201,10 @@ impl Fleet {
                             .or_insert(now);
                     }
                     Some(Kind::Status(s)) => {
-                        if view.head.as_ref().is_some_and(|(top, _)| s.head_height < *top)
+                        if view
+                            .head
+                            .as_ref()
+                            .is_some_and(|(top, _)| s.head_height < *top)
                             && !s.head_hash.is_empty()
                         {
                             view.recent.split_off(&(s.head_height + 1));
@@ -207,7 +217,8 @@ impl Fleet {
                         f.network = network.to_string();
                         match f.state() {
                             FindingState::Open => {
-                                let (verdict, reason, alert) = agent_verdict(&f, node, view, &peers);
+                                let (verdict, reason, alert) =
+                                    agent_verdict(&f, node, view, &peers);
                                 f.verdict = verdict as i32;
                                 f.verdict_reason = reason;
                                 if f.kind() == FindingKind::Stall {
@@ -218,9 +229,11 @@ impl Fleet {
                             }
                             FindingState::Resolved => {
                                 let was = view.agent_open.remove(&f.kind);
-                                let held = f.kind() == FindingKind::Stall && view.held_stall;
+                                let held = f.kind() == FindingKind::Stall
+                                    && (view.held_stall || view.stall_covered);
                                 if f.kind() == FindingKind::Stall {
                                     view.held_stall = false;
+                                    view.stall_covered = false;
                                 }
                                 let alerted = was.is_some() && !held;
                                 if let Some(w) = was {
@@ -275,14 +288,24 @@ impl Fleet {
         seen == 0 || now - seen > self.cfg.silent_after.as_millis() as i64
     }
 
-    fn judge_network(&self, st: &mut State, net: &str, now: i64, emits: &mut Vec<(String, Finding, bool)>) {
+    fn judge_network(
+        &self,
+        st: &mut State,
+        net: &str,
+        now: i64,
+        emits: &mut Vec<(String, Finding, bool)>,
+    ) {
         let members: Vec<String> = st
             .nodes
             .iter()
             .filter(|(_, v)| v.network == net)
             .map(|(k, _)| k.clone())
             .collect();
-        let silent: BTreeSet<String> = members.iter().filter(|n| self.silent(n, now)).cloned().collect();
+        let silent: BTreeSet<String> = members
+            .iter()
+            .filter(|n| self.silent(n, now))
+            .cloned()
+            .collect();
         let active: Vec<&String> = members.iter().filter(|n| !silent.contains(*n)).collect();
 
         // Agent silent.
@@ -297,7 +320,8 @@ impl Fleet {
                         "the node's last reports were healthy: the agent or its path to the aggregator failed".to_string(),
                     )
                 } else {
-                    let kinds: Vec<&str> = view.agent_open.values().map(|f| f.kind().label()).collect();
+                    let kinds: Vec<&str> =
+                        view.agent_open.values().map(|f| f.kind().label()).collect();
                     (
                         Verdict::Node,
                         format!("the node's last reports showed {}", kinds.join(", ")),
@@ -308,7 +332,16 @@ impl Fleet {
                 } else {
                     format!("agent {node} silent for {}s", (now - seen) / 1000)
                 };
-                let f = new_finding(FindingKind::AgentSilent, Severity::Warning, net, summary, verdict, reason, now, view.head.as_ref().map_or(0, |h| h.0));
+                let f = new_finding(
+                    FindingKind::AgentSilent,
+                    Severity::Warning,
+                    net,
+                    summary,
+                    verdict,
+                    reason,
+                    now,
+                    view.head.as_ref().map_or(0, |h| h.0),
+                );
                 st.open.insert(key, f.clone());
                 emits.push((node.clone(), f, true));
             } else if !silent.contains(node) {
@@ -326,11 +359,16 @@ impl Fleet {
         for node in &members {
             let key = (node.clone(), FindingKind::Lag as i32);
             let height = st.nodes[node].head.as_ref().map(|h| h.0);
-            let (Some(top), Some(height), false) = (fleet_head, height, silent.contains(node)) else {
+            let (Some(top), Some(height), false) = (fleet_head, height, silent.contains(node))
+            else {
                 continue;
             };
             let behind = top.saturating_sub(height);
-            let next_reached = st.reached.get(net).and_then(|r| r.get(&(height + 1))).copied();
+            let next_reached = st
+                .reached
+                .get(net)
+                .and_then(|r| r.get(&(height + 1)))
+                .copied();
             let late_ms = next_reached.map_or(0, |t| now - t);
             let lagging = behind > self.cfg.lag_blocks
                 || (behind > 0 && late_ms > self.cfg.lag_after.as_millis() as i64);
@@ -342,7 +380,11 @@ impl Fleet {
                     net,
                     format!("{node} is {behind} blocks behind the fleet head {top} (at {height})"),
                     Verdict::Node,
-                    format!("other nodes of {net} reached height {} {}s ago", height + 1, late_ms / 1000),
+                    format!(
+                        "other nodes of {net} reached height {} {}s ago",
+                        height + 1,
+                        late_ms / 1000
+                    ),
                     now,
                     height,
                 );
@@ -360,15 +402,21 @@ impl Fleet {
         // Network-wide stall: every reporting node has an open stall.
         let key = (network_scope(net), FindingKind::NetworkStall as i32);
         let stalled = active.len() >= 2
-            && active
-                .iter()
-                .all(|n| st.nodes[*n].agent_open.contains_key(&(FindingKind::Stall as i32)));
+            && active.iter().all(|n| {
+                st.nodes[*n]
+                    .agent_open
+                    .contains_key(&(FindingKind::Stall as i32))
+            });
         if stalled && !st.open.contains_key(&key) {
             let f = new_finding(
                 FindingKind::NetworkStall,
                 Severity::Critical,
                 net,
-                format!("all {} nodes of {net} stopped advancing at height {}", active.len(), fleet_head.unwrap_or(0)),
+                format!(
+                    "all {} nodes of {net} stopped advancing at height {}",
+                    active.len(),
+                    fleet_head.unwrap_or(0)
+                ),
                 Verdict::Network,
                 "every reporting node stalled at once: the chain itself stopped".into(),
                 now,
@@ -376,6 +424,12 @@ impl Fleet {
             );
             st.open.insert(key.clone(), f.clone());
             emits.push((key.0.clone(), f, true));
+            for n in &active {
+                if let Some(v) = st.nodes.get_mut(*n) {
+                    v.stall_covered = v.held_stall;
+                    v.held_stall = false;
+                }
+            }
         } else if !stalled {
             if let Some(f) = st.open.remove(&key) {
                 emits.push((key.0.clone(), resolved(f, now), true));
@@ -388,9 +442,10 @@ impl Fleet {
             if !view.held_stall {
                 continue;
             }
+            let height = view.head.as_ref().map_or(0, |h| h.0);
             let peer_advanced = active
                 .iter()
-                .any(|p| *p != node && st.nodes[*p].last_advance_ms > view.last_advance_ms);
+                .any(|p| *p != node && st.nodes[*p].head.as_ref().is_some_and(|h| h.0 > height));
             if peer_advanced && !st.open.contains_key(&key) {
                 let view = st.nodes.get_mut(node).expect("member");
                 view.held_stall = false;
@@ -411,7 +466,12 @@ impl Fleet {
         now: i64,
         emits: &mut Vec<(String, Finding, bool)>,
     ) {
-        let reference: BTreeSet<&str> = self.cfg.reference_nodes.iter().map(String::as_str).collect();
+        let reference: BTreeSet<&str> = self
+            .cfg
+            .reference_nodes
+            .iter()
+            .map(String::as_str)
+            .collect();
         for node in active {
             let key = ((*node).clone(), FindingKind::Divergence as i32);
             let verdict = compare(st, node, active, &reference);
@@ -438,7 +498,10 @@ impl Fleet {
                             ),
                         )
                     } else {
-                        (Verdict::Network, format!("no majority at height {}: the network is split", d.height))
+                        (
+                            Verdict::Network,
+                            format!("no majority at height {}: the network is split", d.height),
+                        )
                     };
                     let mut f = new_finding(
                         FindingKind::Divergence,
@@ -447,7 +510,8 @@ impl Fleet {
                         format!(
                             "{node} diverges from {net} at height {}: fork point {}, depth {}",
                             d.height,
-                            d.fork_point.map_or("unknown".to_string(), |f| f.to_string()),
+                            d.fork_point
+                                .map_or("unknown".to_string(), |f| f.to_string()),
                             d.depth
                         ),
                         verdict,
@@ -479,11 +543,15 @@ impl Fleet {
                 self.metrics.head(&v.network, node, *h);
             }
             for f in v.agent_open.values() {
-                *open.entry((v.network.clone(), f.kind().label())).or_default() += 1;
+                *open
+                    .entry((v.network.clone(), f.kind().label()))
+                    .or_default() += 1;
             }
         }
         for f in st.open.values() {
-            *open.entry((f.network.clone(), f.kind().label())).or_default() += 1;
+            *open
+                .entry((f.network.clone(), f.kind().label()))
+                .or_default() += 1;
         }
         self.metrics.findings_open(&open);
     }
@@ -496,11 +564,13 @@ impl Fleet {
             if !only.is_empty() && v.network != only {
                 continue;
             }
-            let net = nets.entry(v.network.clone()).or_insert_with(|| proto::NetworkView {
-                network: v.network.clone(),
-                chain: v.chain.clone(),
-                ..Default::default()
-            });
+            let net = nets
+                .entry(v.network.clone())
+                .or_insert_with(|| proto::NetworkView {
+                    network: v.network.clone(),
+                    chain: v.chain.clone(),
+                    ..Default::default()
+                });
             let (height, hash) = v.head.clone().unwrap_or_default();
             let silent = self.silent(node, now);
             if !silent {
@@ -508,13 +578,22 @@ impl Fleet {
             }
             let status = if silent {
                 "silent"
-            } else if st.open.contains_key(&(node.clone(), FindingKind::Divergence as i32)) {
+            } else if st
+                .open
+                .contains_key(&(node.clone(), FindingKind::Divergence as i32))
+            {
                 "diverged"
-            } else if v.agent_open.contains_key(&(FindingKind::Unreachable as i32)) {
+            } else if v
+                .agent_open
+                .contains_key(&(FindingKind::Unreachable as i32))
+            {
                 "unreachable"
             } else if v.agent_open.contains_key(&(FindingKind::Stall as i32)) {
                 "stalled"
-            } else if st.open.contains_key(&(node.clone(), FindingKind::Lag as i32)) {
+            } else if st
+                .open
+                .contains_key(&(node.clone(), FindingKind::Lag as i32))
+            {
                 "lagging"
             } else {
                 "ok"
@@ -524,7 +603,9 @@ impl Fleet {
                 height,
                 hash,
                 lag: 0,
-                agrees: !st.open.contains_key(&(node.clone(), FindingKind::Divergence as i32)),
+                agrees: !st
+                    .open
+                    .contains_key(&(node.clone(), FindingKind::Divergence as i32)),
                 status: status.into(),
             });
         }
@@ -538,7 +619,11 @@ impl Fleet {
                 let member = net.nodes.iter().any(|n| &n.node_id == s);
                 if member || *s == scope {
                     net.open_findings.push(NodeFinding {
-                        node_id: if s.starts_with('@') { String::new() } else { s.clone() },
+                        node_id: if s.starts_with('@') {
+                            String::new()
+                        } else {
+                            s.clone()
+                        },
                         finding: Some(f.clone()),
                     });
                 }
@@ -553,7 +638,8 @@ impl Fleet {
                     }
                 }
             }
-            net.open_findings.sort_by_key(|f| f.finding.as_ref().map_or(0, |f| f.opened_at_unix_ms));
+            net.open_findings
+                .sort_by_key(|f| f.finding.as_ref().map_or(0, |f| f.opened_at_unix_ms));
         }
         nets.into_values().collect()
     }
@@ -576,12 +662,12 @@ impl Fleet {
 }
 
 impl State {
-    /// Last-advance times of the other nodes of a network.
-    fn peers(&self, network: &str, node: &str) -> Vec<(String, i64)> {
+    /// Head heights of the other nodes of a network.
+    fn peers(&self, network: &str, node: &str) -> Vec<(String, u64)> {
         self.nodes
             .iter()
             .filter(|(k, v)| k.as_str() != node && v.network == network)
-            .map(|(k, v)| (k.clone(), v.last_advance_ms))
+            .map(|(k, v)| (k.clone(), v.head.as_ref().map_or(0, |h| h.0)))
             .collect()
     }
 }
@@ -589,28 +675,54 @@ impl State {
 fn is_fleet_kind(k: FindingKind) -> bool {
     matches!(
         k,
-        FindingKind::Divergence | FindingKind::Lag | FindingKind::AgentSilent | FindingKind::NetworkStall
+        FindingKind::Divergence
+            | FindingKind::Lag
+            | FindingKind::AgentSilent
+            | FindingKind::NetworkStall
     )
 }
 
 /// Verdict for an agent finding as it opens. The bool says whether to alert
 /// now; a stall waits until the peers show whether it is the node's or the
 /// network's.
-fn agent_verdict(f: &Finding, node: &str, view: &NodeView, peers: &[(String, i64)]) -> (Verdict, String, bool) {
+fn agent_verdict(
+    f: &Finding,
+    node: &str,
+    view: &NodeView,
+    peers: &[(String, u64)],
+) -> (Verdict, String, bool) {
     match f.kind() {
         FindingKind::Stall => {
             if peers.is_empty() {
-                return (Verdict::Node, "no other node in this network to compare with".into(), true);
+                return (
+                    Verdict::Node,
+                    "no other node in this network to compare with".into(),
+                    true,
+                );
             }
+            // Peers that got past this node's head; the same head everywhere
+            // may be the network's stall, which the fleet decides on its tick.
+            let height = view.head.as_ref().map_or(0, |h| h.0);
             let advanced: Vec<&str> = peers
                 .iter()
-                .filter(|(_, t)| *t > view.last_advance_ms)
+                .filter(|(_, top)| *top > height)
                 .map(|(p, _)| p.as_str())
                 .collect();
             if advanced.is_empty() {
-                (Verdict::Unspecified, "waiting to see whether the other nodes advance".into(), false)
+                (
+                    Verdict::Unspecified,
+                    "waiting to see whether the other nodes advance".into(),
+                    false,
+                )
             } else {
-                (Verdict::Node, format!("{node} stalled while {} kept advancing", advanced.join(", ")), true)
+                (
+                    Verdict::Node,
+                    format!(
+                        "{node} stalled while {} kept advancing",
+                        advanced.join(", ")
+                    ),
+                    true,
+                )
             }
         }
         FindingKind::Unreachable => (
@@ -618,7 +730,11 @@ fn agent_verdict(f: &Finding, node: &str, view: &NodeView, peers: &[(String, i64
             "the agent cannot reach its node's RPC; what the node does is unknown".into(),
             true,
         ),
-        _ => (Verdict::Node, "reported by the node's own agent".into(), true),
+        _ => (
+            Verdict::Node,
+            "reported by the node's own agent".into(),
+            true,
+        ),
     }
 }
 
@@ -685,7 +801,12 @@ struct Divergence {
 
 /// The canonical hash at `height`: the reference nodes' if any of them has
 /// one, else the strict majority's. None on a tie or when nobody has it.
-fn canonical(st: &State, nodes: &[&String], height: u64, reference: &BTreeSet<&str>) -> Option<Vec<u8>> {
+fn canonical(
+    st: &State,
+    nodes: &[&String],
+    height: u64,
+    reference: &BTreeSet<&str>,
+) -> Option<Vec<u8>> {
     let holders: Vec<(&str, &Vec<u8>)> = nodes
         .iter()
         .filter_map(|n| st.nodes[*n].recent.get(&height).map(|h| (n.as_str(), h)))
@@ -709,7 +830,12 @@ fn canonical(st: &State, nodes: &[&String], height: u64, reference: &BTreeSet<&s
     (!tied).then(|| (*best).clone())
 }
 
-fn compare(st: &State, node: &str, active: &[&String], reference: &BTreeSet<&str>) -> Option<Divergence> {
+fn compare(
+    st: &State,
+    node: &str,
+    active: &[&String],
+    reference: &BTreeSet<&str>,
+) -> Option<Divergence> {
     let view = &st.nodes[node];
     let (own_top, _) = view.head.as_ref()?;
     let others_top = active
@@ -731,7 +857,11 @@ fn compare(st: &State, node: &str, active: &[&String], reference: &BTreeSet<&str
     if canon.as_ref() == Some(&own_hash) {
         return None;
     }
-    if canon.is_none() && holders.iter().all(|n| st.nodes[*n].recent.get(&height) == Some(&own_hash)) {
+    if canon.is_none()
+        && holders
+            .iter()
+            .all(|n| st.nodes[*n].recent.get(&height) == Some(&own_hash))
+    {
         return None;
     }
     let mut groups: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();

@@ -61,7 +61,12 @@ pub struct IngestService {
 }
 
 impl IngestService {
-    pub fn new(store: CentralStore, live: Arc<Live>, fleet: Arc<Fleet>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: CentralStore,
+        live: Arc<Live>,
+        fleet: Arc<Fleet>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         IngestService {
             store,
             live,
@@ -166,7 +171,8 @@ impl ingest_server::Ingest for IngestService {
         };
         tokio::spawn(async move {
             let end = serve_stream(&ctx, &mut inbound, &tx).await;
-            ctx.live.with(&ctx.node, |n| n.streams = n.streams.saturating_sub(1));
+            ctx.live
+                .with(&ctx.node, |n| n.streams = n.streams.saturating_sub(1));
             ctx.metrics.connected(-1);
             match end {
                 Ok(()) => tracing::info!(node_id = %ctx.node, "agent disconnected"),

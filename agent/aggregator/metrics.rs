@@ -59,18 +59,38 @@ impl Default for Metrics {
         let (events, duplicates) = (Family::default(), Family::default());
         let agents_connected = Gauge::default();
         let mut registry = Registry::with_prefix("outpost");
-        registry.register("node_head_height", "Head height each node reports", head.clone());
-        registry.register("node_lag_blocks", "Blocks behind its network's fleet head", lag.clone());
+        registry.register(
+            "node_head_height",
+            "Head height each node reports",
+            head.clone(),
+        );
+        registry.register(
+            "node_lag_blocks",
+            "Blocks behind its network's fleet head",
+            lag.clone(),
+        );
         registry.register("node_peers", "Peers each node reports", peers.clone());
         registry.register(
             "node_rpc_latency_seconds",
             "Agent-measured node RPC latency over the last status interval",
             rpc_latency.clone(),
         );
-        registry.register("findings_open", "Open findings by network and kind", findings_open.clone());
+        registry.register(
+            "findings_open",
+            "Open findings by network and kind",
+            findings_open.clone(),
+        );
         registry.register("ingest_events", "Events stored per node", events.clone());
-        registry.register("ingest_duplicates", "Re-sent events recognised and ignored", duplicates.clone());
-        registry.register("agents_connected", "Agents with an open stream", agents_connected.clone());
+        registry.register(
+            "ingest_duplicates",
+            "Re-sent events recognised and ignored",
+            duplicates.clone(),
+        );
+        registry.register(
+            "agents_connected",
+            "Agents with an open stream",
+            agents_connected.clone(),
+        );
         Metrics {
             registry,
             head,
@@ -95,16 +115,22 @@ fn labels(network: &str, node: &str) -> NodeLabels {
 
 impl Metrics {
     pub fn head(&self, network: &str, node: &str, height: u64) {
-        self.head.get_or_create(&labels(network, node)).set(height as i64);
+        self.head
+            .get_or_create(&labels(network, node))
+            .set(height as i64);
     }
 
     pub fn lag(&self, network: &str, node: &str, blocks: u64) {
-        self.lag.get_or_create(&labels(network, node)).set(blocks as i64);
+        self.lag
+            .get_or_create(&labels(network, node))
+            .set(blocks as i64);
     }
 
     pub fn node_status(&self, network: &str, node: &str, s: &NodeStatus) {
         if let Some(p) = s.peers {
-            self.peers.get_or_create(&labels(network, node)).set(p as i64);
+            self.peers
+                .get_or_create(&labels(network, node))
+                .set(p as i64);
         }
         if let Some(l) = &s.rpc_latency {
             if l.count > 0 {

@@ -53,7 +53,9 @@ impl Aggregator {
             Some(
                 TcpListener::bind(cfg.metrics.listen)
                     .await
-                    .with_context(|| format!("metrics.listen: cannot listen on {}", cfg.metrics.listen))?,
+                    .with_context(|| {
+                        format!("metrics.listen: cannot listen on {}", cfg.metrics.listen)
+                    })?,
             )
         } else {
             None
@@ -71,7 +73,9 @@ impl Aggregator {
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves.
@@ -110,7 +114,7 @@ impl Aggregator {
                     fleet.clone(),
                     metrics,
                 ))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 QueryServer::new(QueryService::new(self.store.clone(), live, fleet))

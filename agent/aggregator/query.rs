@@ -13,9 +13,10 @@ use super::auth::{self, AUDIT};
 use super::fleet::Fleet;
 use super::ingest::Live;
 use crate::proto::{
-    query_server, EventsRequest, EventsResponse, Finding, FindingKind, FindingState, FleetRequest, FleetResponse, WatchRequest,
-    GetNodeRequest, HeadersRequest, HeadersResponse, ListFindingsRequest, ListFindingsResponse,
-    ListNodesRequest, ListNodesResponse, NodeDetail, NodeFinding, NodeRecord, NodeSummary,
+    query_server, EventsRequest, EventsResponse, Finding, FindingKind, FindingState, FleetRequest,
+    FleetResponse, GetNodeRequest, HeadersRequest, HeadersResponse, ListFindingsRequest,
+    ListFindingsResponse, ListNodesRequest, ListNodesResponse, NodeDetail, NodeFinding, NodeRecord,
+    NodeSummary, WatchRequest,
 };
 use crate::store::central::CentralStore;
 
@@ -149,7 +150,11 @@ impl query_server::Query for QueryService {
                     continue;
                 }
                 findings.push(NodeFinding {
-                    node_id: if node.starts_with('@') { String::new() } else { node.clone() },
+                    node_id: if node.starts_with('@') {
+                        String::new()
+                    } else {
+                        node.clone()
+                    },
                     finding: Some(f),
                 });
             }
@@ -199,23 +204,33 @@ impl query_server::Query for QueryService {
 
     async fn fleet(&self, req: Request<FleetRequest>) -> Result<Response<FleetResponse>, Status> {
         audit(&req, "Fleet");
-        let networks = self.fleet.view(&req.get_ref().network, crate::model::now_unix_ms());
+        let networks = self
+            .fleet
+            .view(&req.get_ref().network, crate::model::now_unix_ms());
         Ok(Response::new(FleetResponse { networks }))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<NodeFinding, Status>> + Send>>;
 
-    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         audit(&req, "Watch");
         let network = req.into_inner().network;
-        let stream = BroadcastStream::new(self.fleet.subscribe()).filter_map(move |item| match item {
-            Ok(nf) => {
-                let net = nf.finding.as_ref().map(|f| f.network.as_str()).unwrap_or("");
-                (network.is_empty() || network == net).then_some(Ok(nf))
-            }
-            // A watcher too slow for the stream is told so rather than silently skipped.
-            Err(e) => Some(Err(Status::data_loss(format!("watch fell behind: {e}")))),
-        });
+        let stream =
+            BroadcastStream::new(self.fleet.subscribe()).filter_map(move |item| match item {
+                Ok(nf) => {
+                    let net = nf
+                        .finding
+                        .as_ref()
+                        .map(|f| f.network.as_str())
+                        .unwrap_or("");
+                    (network.is_empty() || network == net).then_some(Ok(nf))
+                }
+                // A watcher too slow for the stream is told so rather than silently skipped.
+                Err(e) => Some(Err(Status::data_loss(format!("watch fell behind: {e}")))),
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod delivery;
+mod fleet;
 mod harness;
 mod mtls;
 mod spine;

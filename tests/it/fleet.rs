@@ -1,0 +1,538 @@
+//! Fleet truth across several real anvil nodes: divergence, lag, a network
+//! stall, a silent agent, alert sinks and Prometheus.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use outpost::proto::{
+    query_client::QueryClient, Finding, FindingKind, FindingState, ListFindingsRequest, Verdict,
+};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::harness::{free_port, hex, wait_for, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::spine::wait_at_head;
+
+const WAIT: Duration = Duration::from_secs(40);
+const GENESIS: u64 = 1_700_000_000;
+
+/// Three anvils from one genesis, each with its agent, and one aggregator.
+struct Fleet {
+    world: World,
+    anvils: Vec<Anvil>,
+    agents: Vec<Agent>,
+    agg: Aggregator,
+    q: QueryClient<Channel>,
+}
+
+impl Fleet {
+    async fn start(aggregator_extra: &str, opts: fn() -> AgentOptions) -> Fleet {
+        let world = World::new();
+        let mut anvils = Vec::new();
+        for i in 1..=3 {
+            anvils.push(Anvil::start(&world, &format!("anvil-{i}")).await);
+        }
+        let agg = Aggregator::start_with(&world, aggregator_extra).await;
+        let agents = anvils
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Agent::start(&world, &format!("node-{}", i + 1), &a.url(), &agg, opts()))
+            .collect();
+        let q = world.query(&agg).await;
+        Fleet {
+            world,
+            anvils,
+            agents,
+            agg,
+            q,
+        }
+    }
+
+    fn logs(&self) -> Vec<PathBuf> {
+        let mut l: Vec<PathBuf> = self.agents.iter().map(|a| a.log.clone()).collect();
+        l.push(self.agg.log.clone());
+        l
+    }
+
+    /// Mines one block stamped `ts` on the given nodes (0-based).
+    async fn mine_at(&self, nodes: &[usize], ts: u64) {
+        for &i in nodes {
+            self.anvils[i].rpc("evm_mine", json!([ts])).await;
+        }
+    }
+
+    async fn findings(&self, kind: FindingKind) -> Vec<(String, Finding)> {
+        self.q
+            .clone()
+            .list_findings(ListFindingsRequest {
+                kind: Some(kind as i32),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .findings
+            .into_iter()
+            .filter_map(|nf| nf.finding.map(|f| (nf.node_id, f)))
+            .collect()
+    }
+
+    async fn wait_finding(
+        &self,
+        what: &str,
+        kind: FindingKind,
+        node: &str,
+        state: FindingState,
+    ) -> Finding {
+        let logs = self.logs();
+        let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+        wait_for(what, WAIT, &logs, || async {
+            self.findings(kind)
+                .await
+                .into_iter()
+                .find(|(n, f)| n == node && f.state() == state)
+                .map(|(_, f)| f)
+        })
+        .await
+    }
+
+    async fn all_at_head(&mut self) {
+        for i in 0..3 {
+            let mut q = self.q.clone();
+            wait_at_head(&mut q, &self.anvils[i], &self.agents[i], &self.agg).await;
+        }
+    }
+}
+
+fn fast() -> AgentOptions {
+    AgentOptions {
+        block_time: "60s",
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_minority_fork_names_the_node_the_fork_point_and_resolves_when_it_rejoins() {
+    let mut fleet = Fleet::start("[fleet]\nsilent_after = \"30s\"\nlag_blocks = 50\n", fast).await;
+    let shared: Vec<u64> = (1..=5).map(|i| GENESIS + 12 * i).collect();
+    for &ts in &shared {
+        fleet.mine_at(&[0, 1, 2], ts).await;
+    }
+    fleet.all_at_head().await;
+    assert!(
+        fleet.findings(FindingKind::Divergence).await.is_empty(),
+        "identical chains agree"
+    );
+
+    // Heights 6..=8: node-3 mines blocks of its own.
+    for i in 6..=8 {
+        fleet.mine_at(&[0, 1], GENESIS + 12 * i).await;
+        fleet.mine_at(&[2], GENESIS + 12 * i + 1).await;
+    }
+    assert_ne!(fleet.anvils[0].hash(6).await, fleet.anvils[2].hash(6).await);
+    let f = fleet
+        .wait_finding(
+            "a divergence finding for node-3",
+            FindingKind::Divergence,
+            "node-3",
+            FindingState::Open,
+        )
+        .await;
+    assert_eq!(f.verdict(), Verdict::Node, "{f:?}");
+    assert_eq!(f.fork_point, Some(5), "{f:?}");
+    assert_eq!(f.depth, Some(3), "{f:?}");
+    let canonical = f
+        .groups
+        .iter()
+        .find(|g| g.canonical)
+        .expect("a canonical group");
+    assert_eq!(canonical.node_ids, vec!["node-1", "node-2"]);
+    assert_eq!(hex(&canonical.hash), fleet.anvils[0].hash(8).await);
+    let minority = f
+        .groups
+        .iter()
+        .find(|g| !g.canonical)
+        .expect("a minority group");
+    assert_eq!(minority.node_ids, vec!["node-3"]);
+    let all = fleet.findings(FindingKind::Divergence).await;
+    assert_eq!(all.len(), 1, "only the minority node diverges: {all:?}");
+
+    // Bring node-3 back: a fresh anvil with the same genesis, replaying the
+    // majority's blocks, ends with the majority's hashes.
+    fleet.anvils[2].kill();
+    fleet.anvils[2].restart().await;
+    for i in 1..=8 {
+        fleet.mine_at(&[2], GENESIS + 12 * i).await;
+    }
+    assert_eq!(fleet.anvils[2].hash(8).await, fleet.anvils[0].hash(8).await);
+    let r = fleet
+        .wait_finding(
+            "the divergence to resolve",
+            FindingKind::Divergence,
+            "node-3",
+            FindingState::Resolved,
+        )
+        .await;
+    assert_eq!(r.id, f.id);
+}
+
+#[tokio::test]
+async fn a_node_that_falls_behind_lags_and_recovers() {
+    let fleet = Fleet::start("[fleet]\nsilent_after = \"30s\"\nlag_blocks = 5\n", fast).await;
+    for i in 1..=12 {
+        fleet.mine_at(&[0, 1], GENESIS + 12 * i).await;
+    }
+    for i in 1..=2 {
+        fleet.mine_at(&[2], GENESIS + 12 * i).await;
+    }
+    let f = fleet
+        .wait_finding(
+            "a lag finding for node-3",
+            FindingKind::Lag,
+            "node-3",
+            FindingState::Open,
+        )
+        .await;
+    assert_eq!(f.verdict(), Verdict::Node, "{f:?}");
+    assert!(f.summary.contains("10 blocks behind"), "{}", f.summary);
+    for (n, _) in fleet.findings(FindingKind::Lag).await {
+        assert_eq!(n, "node-3", "only node-3 lags");
+    }
+    for i in 3..=12 {
+        fleet.mine_at(&[2], GENESIS + 12 * i).await;
+    }
+    let r = fleet
+        .wait_finding(
+            "the lag to resolve",
+            FindingKind::Lag,
+            "node-3",
+            FindingState::Resolved,
+        )
+        .await;
+    assert_eq!(r.id, f.id);
+    assert!(
+        fleet.findings(FindingKind::Divergence).await.is_empty(),
+        "a lagging node is not a fork"
+    );
+}
+
+/// An HTTP server that records every request body.
+#[derive(Clone, Default)]
+struct Recorder {
+    got: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl Recorder {
+    async fn start() -> (Recorder, String) {
+        let rec = Recorder::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let r = rec.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let r = r.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            r.got.lock().unwrap().push((path, v));
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (rec, url)
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+/// Debian's prometheus-alertmanager, on loopback, from its package.
+struct Alertmanager {
+    child: Child,
+    url: String,
+}
+
+impl Alertmanager {
+    fn start(dir: &Path) -> Alertmanager {
+        let bin = "/usr/bin/prometheus-alertmanager";
+        assert!(
+            Path::new(bin).exists(),
+            "{bin} not found: install Debian's prometheus-alertmanager (tests/run.sh does)"
+        );
+        let port = free_port();
+        let cluster = free_port();
+        let cfg = dir.join("alertmanager.yml");
+        std::fs::write(
+            &cfg,
+            "route:\n  receiver: none\nreceivers:\n  - name: none\n",
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("alertmanager.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.path={}", dir.join("am-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--cluster.listen-address=127.0.0.1:{cluster}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("alertmanager starts");
+        Alertmanager {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn alerts(&self) -> Option<Vec<Value>> {
+        let v: Value = reqwest::get(format!("{}/api/v2/alerts", self.url))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v.as_array().cloned()
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stalls_quickly() -> AgentOptions {
+    AgentOptions {
+        block_time: "500ms",
+        stall_multiple: 4.0,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_network_stall_is_one_network_alert_and_reaches_every_sink_once() {
+    let (hook, hook_url) = Recorder::start().await;
+    let (slack, slack_url) = Recorder::start().await;
+    let am_dir = tempfile::tempdir().unwrap();
+    let am = Alertmanager::start(am_dir.path());
+    let logs = [am_dir.path().join("alertmanager.log")];
+    let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+    wait_for("alertmanager to answer", WAIT, &logs, || am.alerts()).await;
+    let extra = format!(
+        "[fleet]\nsilent_after = \"30s\"\n[[alert]]\nkind = \"webhook\"\nurl = \"{hook_url}/hook\"\n[[alert]]\nkind = \"slack\"\nurl = \"{slack_url}/slack\"\n[[alert]]\nkind = \"alertmanager\"\nurl = \"{}\"\n",
+        am.url
+    );
+    let fleet = Fleet::start(&extra, stalls_quickly).await;
+    // Mine together for a while, then stop everywhere.
+    for i in 1..=10 {
+        fleet.mine_at(&[0, 1, 2], GENESIS + 12 * i).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let f = fleet
+        .wait_finding(
+            "a network stall",
+            FindingKind::NetworkStall,
+            "",
+            FindingState::Open,
+        )
+        .await;
+    assert_eq!(f.verdict(), Verdict::Network, "{f:?}");
+    assert_eq!(f.network, "devnet");
+
+    // Alertmanager accepted the v2 payload (it validates against its schema).
+    let logs2 = fleet.logs();
+    let logs2: Vec<&Path> = logs2.iter().map(PathBuf::as_path).collect();
+    let alert = wait_for("the alert in alertmanager", WAIT, &logs2, || async {
+        am.alerts()
+            .await?
+            .into_iter()
+            .find(|a| a["labels"]["kind"] == "network-stall")
+    })
+    .await;
+    assert_eq!(alert["labels"]["verdict"], "network");
+    assert_eq!(alert["labels"]["network"], "devnet");
+    assert_eq!(alert["status"]["state"], "active");
+
+    // Mining resumes: the stall resolves.
+    for i in 11..=13 {
+        fleet.mine_at(&[0, 1, 2], GENESIS + 12 * i).await;
+    }
+    let r = fleet
+        .wait_finding(
+            "the network stall to resolve",
+            FindingKind::NetworkStall,
+            "",
+            FindingState::Resolved,
+        )
+        .await;
+    assert_eq!(r.id, f.id);
+    wait_for(
+        "alertmanager to drop the resolved alert",
+        WAIT,
+        &logs2,
+        || async {
+            let alerts = am.alerts().await?;
+            (!alerts
+                .iter()
+                .any(|a| a["labels"]["kind"] == "network-stall"))
+            .then_some(())
+        },
+    )
+    .await;
+    // Give late duplicates a chance to arrive before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let hooks = hook.bodies();
+    let ours: Vec<&Value> = hooks.iter().filter(|v| v["id"] == json!(f.id)).collect();
+    let states: Vec<&str> = ours.iter().map(|v| v["state"].as_str().unwrap()).collect();
+    assert_eq!(
+        states,
+        vec!["open", "resolved"],
+        "one alert, one resolve: {hooks:#?}"
+    );
+    assert_eq!(ours[0]["verdict"], "network");
+    assert!(
+        !hooks.iter().any(|v| v["kind"] == "stall"),
+        "per-node stalls are not alerted during a network stall: {hooks:#?}"
+    );
+    let texts: Vec<String> = slack
+        .bodies()
+        .iter()
+        .filter_map(|v| v["text"].as_str().map(String::from))
+        .collect();
+    let firing = texts
+        .iter()
+        .filter(|t| t.contains("[FIRING]") && t.contains("network-stall"))
+        .count();
+    let resolved = texts
+        .iter()
+        .filter(|t| t.contains("[RESOLVED]") && t.contains("network-stall"))
+        .count();
+    assert_eq!((firing, resolved), (1, 1), "{texts:#?}");
+    assert!(
+        !texts.iter().any(|t| t.contains(" stall on ")),
+        "{texts:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_agent_is_silent_and_blamed_on_the_monitoring_path() {
+    let mut fleet = Fleet::start("[fleet]\nsilent_after = \"3s\"\n", fast).await;
+    for i in 1..=3 {
+        fleet.mine_at(&[0, 1, 2], GENESIS + 12 * i).await;
+    }
+    fleet.all_at_head().await;
+    fleet.agents[1].kill9();
+    // Its node keeps running and mining.
+    fleet.mine_at(&[0, 1, 2], GENESIS + 48).await;
+    let f = fleet
+        .wait_finding(
+            "an agent-silent finding",
+            FindingKind::AgentSilent,
+            "node-2",
+            FindingState::Open,
+        )
+        .await;
+    assert_eq!(f.verdict(), Verdict::MonitoringPath, "{f:?}");
+    assert!(f.verdict_reason.contains("healthy"), "{}", f.verdict_reason);
+    for (n, _) in fleet.findings(FindingKind::AgentSilent).await {
+        assert_eq!(n, "node-2");
+    }
+    fleet.agents[1].restart();
+    fleet
+        .wait_finding(
+            "the silence to end",
+            FindingKind::AgentSilent,
+            "node-2",
+            FindingState::Resolved,
+        )
+        .await;
+}
+
+/// Debian's prometheus scrapes the aggregator's /metrics; PromQL sees a head.
+#[tokio::test]
+async fn prometheus_scrapes_node_heads() {
+    let bin = "/usr/bin/prometheus";
+    assert!(
+        Path::new(bin).exists(),
+        "{bin} not found: install Debian's prometheus (tests/run.sh does)"
+    );
+    let fleet = Fleet::start("", fast).await;
+    for i in 1..=7 {
+        fleet.mine_at(&[0, 1, 2], GENESIS + 12 * i).await;
+    }
+    let dir = fleet.world.path().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: outpost\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            fleet.agg.metrics_port
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .spawn()
+        .expect("prometheus starts");
+    let logs = [dir.join("prometheus.log"), fleet.agg.log.clone()];
+    let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+    let url = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=outpost_node_head_height%7Bnode%3D%22node-1%22%7D"
+    );
+    let value = wait_for(
+        "PromQL to return node-1's head of 7",
+        WAIT,
+        &logs,
+        || async {
+            let v: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            let s = v["data"]["result"][0]["value"][1].as_str()?.to_string();
+            (s == "7").then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(value, "7");
+    let _ = child.kill();
+    let _ = child.wait();
+}
