@@ -62,6 +62,10 @@ pub struct SourceConfig {
     /// Most headers fetched in one poll when the node is far ahead.
     #[serde(default = "defaults::max_headers_per_poll")]
     pub max_headers_per_poll: u64,
+    /// The network the node must be on (Ethereum: the chain id, e.g. "1").
+    /// The agent refuses to monitor a node on another network.
+    #[serde(default)]
+    pub network_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

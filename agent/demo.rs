@@ -38,6 +38,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             breaker_failures: 3,
             backoff_max: Duration::from_secs(5),
             max_headers_per_poll: 256,
+            network_id: Some("31337".into()),
         },
         validate: ValidateConfig {
             expected_block_time: BLOCK_TIME,

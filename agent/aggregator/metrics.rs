@@ -226,3 +226,88 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn exported_names() -> BTreeSet<String> {
+        let m = Metrics::default();
+        m.head("devnet", "n1", 7);
+        m.lag("devnet", "n1", 0);
+        m.node_status(
+            "devnet",
+            "n1",
+            &NodeStatus {
+                peers: Some(3),
+                rpc_latency: Some(crate::proto::LatencySummary {
+                    count: 1,
+                    p50_us: 1000,
+                    p90_us: 2000,
+                    p99_us: 3000,
+                    max_us: 4000,
+                }),
+                ..Default::default()
+            },
+        );
+        m.findings_open(&BTreeMap::from([(("devnet".to_string(), "stall"), 1)]));
+        m.counted("n1", "devnet", 5, 1);
+        m.connected(1);
+        m.encode()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn exports_the_documented_series() {
+        let names = exported_names();
+        for want in [
+            "outpost_node_head_height",
+            "outpost_node_lag_blocks",
+            "outpost_node_peers",
+            "outpost_node_rpc_latency_seconds",
+            "outpost_findings_open",
+            "outpost_ingest_events_total",
+            "outpost_ingest_duplicates_total",
+            "outpost_agents_connected",
+        ] {
+            assert!(names.contains(want), "{want} missing from {names:?}");
+        }
+    }
+
+    /// The shipped Grafana dashboard queries only series the aggregator exports.
+    #[test]
+    fn grafana_dashboard_uses_exported_series() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/grafana/outpost-fleet.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let names = exported_names();
+        let mut exprs = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(t["expr"].as_str().unwrap_or("").to_string());
+            }
+        }
+        assert!(exprs.len() >= 8, "{exprs:?}");
+        for expr in exprs {
+            let mut rest = expr.as_str();
+            while let Some(i) = rest.find("outpost_") {
+                let token: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    names.contains(&token),
+                    "dashboard queries {token}, which is not exported"
+                );
+                rest = &rest[i + token.len()..];
+            }
+        }
+    }
+}

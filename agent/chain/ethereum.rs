@@ -80,6 +80,13 @@ impl ChainSource for EthereumSource {
         Box::pin(self.block(height))
     }
 
+    fn network_id(&self) -> SourceFuture<'_, String> {
+        Box::pin(async move {
+            let v = self.rpc.call("eth_chainId", json!([])).await?;
+            Ok(parse_quantity(&v, "eth_chainId")?.to_string())
+        })
+    }
+
     fn status(&self) -> SourceFuture<'_, NodeStatus> {
         Box::pin(async move {
             let mut status = NodeStatus::default();

@@ -44,4 +44,6 @@ pub trait ChainSource: Send + Sync {
     fn head(&self) -> SourceFuture<'_, HeaderRef>;
     fn header(&self, height: u64) -> SourceFuture<'_, Header>;
     fn status(&self) -> SourceFuture<'_, NodeStatus>;
+    /// Which network the node is on (Ethereum: the decimal chain id).
+    fn network_id(&self) -> SourceFuture<'_, String>;
 }

@@ -26,6 +26,9 @@ pub struct Ingest {
     last_status: Option<Instant>,
     span: tracing::Span,
     stopping: bool,
+    /// Set once the node has shown it is on the configured network.
+    network_checked: bool,
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 #[derive(Message)]
@@ -45,18 +48,21 @@ impl Ingest {
         cfg: SourceConfig,
         max_reorg_depth: u64,
         span: tracing::Span,
+        fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Ingest {
         let breaker = Breaker::new(cfg.breaker_failures, cfg.poll_interval, cfg.backoff_max);
         Ingest {
             source,
             store,
             validate,
-            cfg,
             max_reorg_depth,
             breaker,
             last_status: None,
+            network_checked: cfg.network_id.is_none(),
+            cfg,
             span,
             stopping: false,
+            fatal,
         }
     }
 }
@@ -100,10 +106,19 @@ impl Handler<Tick> for Ingest {
         let validate = self.validate.clone();
         let max_per_poll = self.cfg.max_headers_per_poll;
         let max_depth = self.max_reorg_depth;
+        let check_network = (!self.network_checked)
+            .then(|| self.cfg.network_id.clone())
+            .flatten();
         let want_status = self
             .last_status
             .is_none_or(|t| t.elapsed() >= self.cfg.status_interval);
         let work = async move {
+            if let Some(expected) = check_network {
+                let actual = source.network_id().await?;
+                if actual != expected {
+                    return Ok(Polled::WrongNetwork { actual, expected });
+                }
+            }
             let chain = poll_chain(source.as_ref(), &store, max_per_poll, max_depth).await?;
             let status = if want_status {
                 match source.status().await {
@@ -124,13 +139,25 @@ impl Handler<Tick> for Ingest {
             {
                 tracing::error!("validate actor is gone; observation not delivered");
             }
-            Ok::<bool, SourceError>(want_status)
+            Ok::<Polled, SourceError>(Polled::Done {
+                read_status: want_status,
+            })
         }
         .instrument(self.span.clone());
         Box::pin(work.into_actor(self).map(|result, act, ctx| {
             let _g = act.span.enter();
             let (transition, delay) = match result {
-                Ok(read_status) => {
+                Ok(Polled::WrongNetwork { actual, expected }) => {
+                    let msg = format!(
+                        "source.network_id: the node at {} is on network {actual}, but the config expects {expected}; refusing to monitor it",
+                        act.cfg.url
+                    );
+                    tracing::error!("{msg}");
+                    act.fatal.send_replace(Some(msg));
+                    return;
+                }
+                Ok(Polled::Done { read_status }) => {
+                    act.network_checked = true;
                     if read_status {
                         act.last_status = Some(Instant::now());
                     }
@@ -157,6 +184,12 @@ impl Handler<Tick> for Ingest {
             ctx.notify_later(Tick, delay.max(Duration::from_millis(10)));
         }))
     }
+}
+
+/// How a poll ended.
+enum Polled {
+    Done { read_status: bool },
+    WrongNetwork { actual: String, expected: String },
 }
 
 /// New canonical headers since the store's head, ascending and linked to

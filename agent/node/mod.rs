@@ -45,6 +45,8 @@ pub struct Agent {
     pub node_id: String,
     pub store: LocalStore,
     actors: Actors,
+    /// Set when the agent must not go on (the node is on the wrong network).
+    fatal: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// The addresses of one agent's actors.
@@ -129,6 +131,7 @@ impl Agent {
         let validate =
             Supervisor::start(move |_| Validate::new(vstore, vcfg, retain, latency, vspan));
 
+        let (fatal_tx, fatal) = tokio::sync::watch::channel(None);
         let (istore, scfg, depth, ispan, v) = (
             store.clone(),
             cfg.source.clone(),
@@ -136,7 +139,9 @@ impl Agent {
             span("ingest"),
             validate.clone(),
         );
-        let ingest = Supervisor::start(move |_| Ingest::new(source, istore, v, scfg, depth, ispan));
+        let ingest = Supervisor::start(move |_| {
+            Ingest::new(source, istore, v, scfg, depth, ispan, fatal_tx)
+        });
 
         let me = report::Identity {
             node_id: cfg.node_id.clone(),
@@ -154,6 +159,7 @@ impl Agent {
                 validate,
                 report,
             },
+            fatal,
         })
     }
 
@@ -193,10 +199,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         });
     }
-    let signal = service::shutdown_signal().await;
-    tracing::info!("{signal} received; shutting down");
+    let mut fatal = agent.fatal.clone();
+    let fatal_error = tokio::select! {
+        signal = service::shutdown_signal() => {
+            tracing::info!("{signal} received; shutting down");
+            None
+        }
+        msg = fatal.wait_for(Option::is_some) => msg.ok().and_then(|m| m.clone()),
+    };
     service::notify_stopping();
     agent.shutdown().await;
-    tracing::info!("agent stopped cleanly");
-    Ok(())
+    match fatal_error {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => {
+            tracing::info!("agent stopped cleanly");
+            Ok(())
+        }
+    }
 }

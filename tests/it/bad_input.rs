@@ -165,3 +165,54 @@ async fn garbage_and_oversized_replies_do_not_crash_the_agent() {
         assert!(agent.running(), "{} survived", agent.node_id);
     }
 }
+
+#[tokio::test]
+async fn a_node_on_another_network_is_refused() {
+    let world = World::new();
+    let anvil = crate::harness::Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    // anvil runs chain id 31337; this agent expects mainnet.
+    let mut agent = Agent::start(
+        &world,
+        "node-1",
+        &anvil.url(),
+        &agg,
+        AgentOptions {
+            extra_source: "network_id = \"1\"",
+            ..Default::default()
+        },
+    );
+    let logs = [agent.log.clone()];
+    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
+    let status = wait_for(
+        "the agent to refuse and exit",
+        Duration::from_secs(20),
+        &logs,
+        || {
+            let s = agent.exited();
+            async move { s }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(
+        log.contains("is on network 31337, but the config expects 1"),
+        "{log}"
+    );
+
+    // The right network id is accepted.
+    let mut ok = Agent::start(
+        &world,
+        "node-2",
+        &anvil.url(),
+        &agg,
+        AgentOptions {
+            extra_source: "network_id = \"31337\"",
+            ..Default::default()
+        },
+    );
+    let mut q = world.query(&agg).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &ok, &agg).await;
+    assert!(ok.running());
+}
