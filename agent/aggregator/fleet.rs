@@ -264,7 +264,8 @@ impl Fleet {
         for (scope, f, alert) in emits {
             self.emit(&scope, &f, alert);
         }
-        self.evaluate(now);
+        // Cross-node judgement runs on the clock (`run_clock`), so a batch
+        // costs the same however large the fleet.
     }
 
     /// Re-judges every network; called after each batch and every second.
@@ -272,9 +273,15 @@ impl Fleet {
         let mut emits: Vec<(String, Finding, bool)> = Vec::new();
         {
             let mut st = self.lock();
-            let networks: BTreeSet<String> = st.nodes.values().map(|v| v.network.clone()).collect();
-            for net in networks {
-                self.judge_network(&mut st, &net, now, &mut emits);
+            let mut networks: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (node, v) in &st.nodes {
+                networks
+                    .entry(v.network.clone())
+                    .or_default()
+                    .push(node.clone());
+            }
+            for (net, members) in networks {
+                self.judge_network(&mut st, &net, &members, now, &mut emits);
             }
         }
         for (scope, f, alert) in emits {
@@ -292,15 +299,10 @@ impl Fleet {
         &self,
         st: &mut State,
         net: &str,
+        members: &[String],
         now: i64,
         emits: &mut Vec<(String, Finding, bool)>,
     ) {
-        let members: Vec<String> = st
-            .nodes
-            .iter()
-            .filter(|(_, v)| v.network == net)
-            .map(|(k, _)| k.clone())
-            .collect();
         let silent: BTreeSet<String> = members
             .iter()
             .filter(|n| self.silent(n, now))
@@ -309,7 +311,7 @@ impl Fleet {
         let active: Vec<&String> = members.iter().filter(|n| !silent.contains(*n)).collect();
 
         // Agent silent.
-        for node in &members {
+        for node in members {
             let key = (node.clone(), FindingKind::AgentSilent as i32);
             let view = &st.nodes[node];
             if silent.contains(node) && !st.open.contains_key(&key) {
@@ -356,7 +358,7 @@ impl Fleet {
             .iter()
             .filter_map(|n| st.nodes[*n].head.as_ref().map(|h| h.0))
             .max();
-        for node in &members {
+        for node in members {
             let key = (node.clone(), FindingKind::Lag as i32);
             let height = st.nodes[node].head.as_ref().map(|h| h.0);
             let (Some(top), Some(height), false) = (fleet_head, height, silent.contains(node))
@@ -437,7 +439,7 @@ impl Fleet {
         }
 
         // Held node stalls: decided once a peer advances past them.
-        for node in &members {
+        for node in members {
             let view = &st.nodes[node];
             if !view.held_stall {
                 continue;
@@ -472,66 +474,69 @@ impl Fleet {
             .iter()
             .map(String::as_str)
             .collect();
-        for node in active {
-            let key = ((*node).clone(), FindingKind::Divergence as i32);
-            let verdict = compare(st, node, active, &reference);
-            match verdict {
-                Some(d) => {
-                    if st.open.contains_key(&key) {
-                        continue;
-                    }
-                    let first = *st.pending_divergence.entry((*node).clone()).or_insert(now);
-                    if now - first < DIVERGENCE_GRACE_MS {
-                        continue;
-                    }
-                    st.pending_divergence.remove(*node);
-                    let (verdict, reason) = if d.canonical_known {
-                        (
-                            Verdict::Node,
-                            format!(
-                                "{} of {} nodes agree on {} at height {}; {node} holds {}",
-                                d.canonical_size,
-                                d.compared,
-                                hex(&d.canonical_hash),
-                                d.height,
-                                hex(&d.own_hash)
-                            ),
-                        )
-                    } else {
-                        (
-                            Verdict::Network,
-                            format!("no majority at height {}: the network is split", d.height),
-                        )
-                    };
-                    let mut f = new_finding(
-                        FindingKind::Divergence,
-                        Severity::Critical,
-                        net,
-                        format!(
-                            "{node} diverges from {net} at height {}: fork point {}, depth {}",
-                            d.height,
-                            d.fork_point
-                                .map_or("unknown".to_string(), |f| f.to_string()),
-                            d.depth
-                        ),
-                        verdict,
-                        reason,
-                        now,
-                        d.height,
-                    );
-                    f.fork_point = d.fork_point;
-                    f.depth = Some(d.depth);
-                    f.groups = d.groups;
-                    st.open.insert(key, f.clone());
-                    emits.push(((*node).clone(), f, true));
+        let found: Vec<(String, Option<Divergence>)> = {
+            let mut canon = Canon::new(st, active, &reference);
+            active
+                .iter()
+                .map(|n| ((*n).clone(), compare(st, n, &mut canon)))
+                .collect()
+        };
+        for (node, verdict) in found {
+            let key = (node.clone(), FindingKind::Divergence as i32);
+            let Some(d) = verdict else {
+                st.pending_divergence.remove(&node);
+                if let Some(f) = st.open.remove(&key) {
+                    emits.push((node, resolved(f, now), true));
                 }
-                None => {
-                    st.pending_divergence.remove(*node);
-                    if let Some(f) = st.open.remove(&key) {
-                        emits.push(((*node).clone(), resolved(f, now), true));
-                    }
-                }
+                continue;
+            };
+            if st.open.contains_key(&key) {
+                continue;
             }
+            let first = *st.pending_divergence.entry(node.clone()).or_insert(now);
+            if now - first < DIVERGENCE_GRACE_MS {
+                continue;
+            }
+            st.pending_divergence.remove(&node);
+            let (verdict, reason) = if d.canonical_known {
+                (
+                    Verdict::Node,
+                    format!(
+                        "{} of {} nodes agree on {} at height {}; {node} holds {}",
+                        d.canonical_size,
+                        d.compared,
+                        hex(&d.canonical_hash),
+                        d.height,
+                        hex(&d.own_hash)
+                    ),
+                )
+            } else {
+                (
+                    Verdict::Network,
+                    format!("no majority at height {}: the network is split", d.height),
+                )
+            };
+            let fork = d
+                .fork_point
+                .map_or("unknown".to_string(), |f| f.to_string());
+            let mut f = new_finding(
+                FindingKind::Divergence,
+                Severity::Critical,
+                net,
+                format!(
+                    "{node} diverges from {net} at height {}: fork point {fork}, depth {}",
+                    d.height, d.depth
+                ),
+                verdict,
+                reason,
+                now,
+                d.height,
+            );
+            f.fork_point = d.fork_point;
+            f.depth = Some(d.depth);
+            f.groups = d.groups;
+            st.open.insert(key, f.clone());
+            emits.push((node, f, true));
         }
     }
 
@@ -799,66 +804,107 @@ struct Divergence {
     groups: Vec<HashGroup>,
 }
 
-/// The canonical hash at `height`: the reference nodes' if any of them has
-/// one, else the strict majority's. None on a tie or when nobody has it.
-fn canonical(
-    st: &State,
-    nodes: &[&String],
-    height: u64,
-    reference: &BTreeSet<&str>,
-) -> Option<Vec<u8>> {
-    let holders: Vec<(&str, &Vec<u8>)> = nodes
-        .iter()
-        .filter_map(|n| st.nodes[*n].recent.get(&height).map(|h| (n.as_str(), h)))
-        .collect();
-    let refs: Vec<&Vec<u8>> = holders
-        .iter()
-        .filter(|(n, _)| reference.contains(n))
-        .map(|(_, h)| *h)
-        .collect();
-    let pool: Vec<&Vec<u8>> = if refs.is_empty() {
-        holders.iter().map(|(_, h)| *h).collect()
-    } else {
-        refs
-    };
-    let mut counts: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
-    for h in &pool {
-        *counts.entry(h).or_default() += 1;
-    }
-    let (best, n) = counts.iter().max_by_key(|(_, n)| **n)?;
-    let tied = counts.values().filter(|c| *c == n).count() > 1;
-    (!tied).then(|| (*best).clone())
+/// The canonical hash per height of one network, computed once per height
+/// per evaluation: the reference nodes' if any of them has one, else the
+/// strict majority's; None on a tie or when nobody has the height. Also the
+/// two highest heads, so "the others' top" costs nothing per node.
+struct Canon<'a> {
+    st: &'a State,
+    nodes: &'a [&'a String],
+    reference: &'a BTreeSet<&'a str>,
+    memo: HashMap<u64, Option<Vec<u8>>>,
+    /// (height, node) of the highest and second-highest heads.
+    tops: [Option<(u64, &'a str)>; 2],
 }
 
-fn compare(
-    st: &State,
-    node: &str,
-    active: &[&String],
-    reference: &BTreeSet<&str>,
-) -> Option<Divergence> {
+impl<'a> Canon<'a> {
+    fn new(st: &'a State, nodes: &'a [&'a String], reference: &'a BTreeSet<&'a str>) -> Self {
+        let mut tops: [Option<(u64, &str)>; 2] = [None, None];
+        for n in nodes {
+            let Some((h, _)) = st.nodes[*n].head else {
+                continue;
+            };
+            if tops[0].is_none_or(|(t, _)| h > t) {
+                tops[1] = tops[0];
+                tops[0] = Some((h, n.as_str()));
+            } else if tops[1].is_none_or(|(t, _)| h > t) {
+                tops[1] = Some((h, n.as_str()));
+            }
+        }
+        Canon {
+            st,
+            nodes,
+            reference,
+            memo: HashMap::new(),
+            tops,
+        }
+    }
+
+    /// The highest head among the nodes other than `node`.
+    fn others_top(&self, node: &str) -> Option<u64> {
+        match self.tops {
+            [Some((_, n)), second] if n == node => second.map(|(h, _)| h),
+            [first, _] => first.map(|(h, _)| h),
+        }
+    }
+
+    fn at(&mut self, height: u64) -> Option<Vec<u8>> {
+        if let Some(c) = self.memo.get(&height) {
+            return c.clone();
+        }
+        let holders: Vec<(&str, &Vec<u8>)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                self.st.nodes[*n]
+                    .recent
+                    .get(&height)
+                    .map(|h| (n.as_str(), h))
+            })
+            .collect();
+        let refs: Vec<&Vec<u8>> = holders
+            .iter()
+            .filter(|(n, _)| self.reference.contains(n))
+            .map(|(_, h)| *h)
+            .collect();
+        let pool: Vec<&Vec<u8>> = if refs.is_empty() {
+            holders.iter().map(|(_, h)| *h).collect()
+        } else {
+            refs
+        };
+        let mut counts: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
+        for h in &pool {
+            *counts.entry(h).or_default() += 1;
+        }
+        let best = counts
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .and_then(|(best, n)| {
+                let tied = counts.values().filter(|c| *c == n).count() > 1;
+                (!tied).then(|| (*best).clone())
+            });
+        self.memo.insert(height, best.clone());
+        best
+    }
+}
+
+fn compare(st: &State, node: &str, canon: &mut Canon<'_>) -> Option<Divergence> {
     let view = &st.nodes[node];
     let (own_top, _) = view.head.as_ref()?;
-    let others_top = active
-        .iter()
-        .filter(|n| n.as_str() != node)
-        .filter_map(|n| st.nodes[*n].head.as_ref().map(|h| h.0))
-        .max()?;
-    let height = (*own_top).min(others_top);
+    let height = (*own_top).min(canon.others_top(node)?);
     let own_hash = view.recent.get(&height)?.clone();
-    let holders: Vec<&String> = active
+    let canonical = canon.at(height);
+    if canonical.as_ref() == Some(&own_hash) {
+        return None;
+    }
+    let holders: Vec<&String> = canon
+        .nodes
         .iter()
         .copied()
         .filter(|n| st.nodes[*n].recent.contains_key(&height))
         .collect();
-    if holders.len() < 2 {
-        return None;
-    }
-    let canon = canonical(st, active, height, reference);
-    if canon.as_ref() == Some(&own_hash) {
-        return None;
-    }
-    if canon.is_none()
-        && holders
+    if holders.len() < 2
+        || holders
             .iter()
             .all(|n| st.nodes[*n].recent.get(&height) == Some(&own_hash))
     {
@@ -871,19 +917,19 @@ fn compare(
             .or_default()
             .push((*n).clone());
     }
-    let canonical_hash = canon.clone().unwrap_or_default();
+    let canonical_hash = canonical.clone().unwrap_or_default();
     let canonical_size = groups.get(&canonical_hash).map_or(0, Vec::len);
     // The fork point: the highest height below where this node still agrees.
     let fork_point = view
         .recent
         .range(..height)
         .rev()
-        .find(|(h, hash)| canonical(st, active, **h, reference).as_ref() == Some(*hash))
+        .find(|(h, hash)| canon.at(**h).as_ref() == Some(*hash))
         .map(|(h, _)| *h);
     Some(Divergence {
         height,
         own_hash,
-        canonical_known: canon.is_some(),
+        canonical_known: canonical.is_some(),
         canonical_size,
         compared: holders.len(),
         fork_point,
@@ -891,7 +937,7 @@ fn compare(
         groups: groups
             .into_iter()
             .map(|(hash, node_ids)| HashGroup {
-                canonical: canon.as_ref() == Some(&hash),
+                canonical: canonical.as_ref() == Some(&hash),
                 hash,
                 node_ids,
             })
