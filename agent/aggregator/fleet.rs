@@ -67,6 +67,9 @@ pub struct Fleet {
     changes: broadcast::Sender<NodeFinding>,
     alerts: Alerts,
     metrics: Arc<Metrics>,
+    /// Agents get `silent_after` from the aggregator's start to reconnect
+    /// before their silence counts.
+    started_ms: i64,
 }
 
 /// A disagreement must last this long before it opens: long enough for a
@@ -133,6 +136,7 @@ impl Fleet {
             changes,
             alerts,
             metrics,
+            started_ms: now,
         }))
     }
 
@@ -182,7 +186,16 @@ impl Fleet {
             let mut guard = self.lock();
             let st = &mut *guard;
             let window = self.cfg.compare_window;
-            let peers = st.peers(network, node);
+            // Peers matter only to a finding that opens; finding them costs
+            // a pass over the fleet, so only batches that open one pay it.
+            let opens_finding = events.iter().any(
+                |e| matches!(&e.kind, Some(Kind::Finding(f)) if f.state() == FindingState::Open),
+            );
+            let peers = if opens_finding {
+                st.peers(network, node)
+            } else {
+                Vec::new()
+            };
             let view = st.nodes.entry(node.to_string()).or_default();
             view.network = network.to_string();
             view.chain = chain.to_string();
@@ -291,8 +304,8 @@ impl Fleet {
     }
 
     fn silent(&self, node: &str, now: i64) -> bool {
-        let seen = self.live.last_seen_ms(node);
-        seen == 0 || now - seen > self.cfg.silent_after.as_millis() as i64
+        let seen = self.live.last_seen_ms(node).max(self.started_ms);
+        now - seen > self.cfg.silent_after.as_millis() as i64
     }
 
     fn judge_network(

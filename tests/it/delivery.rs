@@ -10,7 +10,7 @@ use outpost::proto::{event::Kind, query_client::QueryClient, Event, EventsReques
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::harness::{hex, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::harness::{hex, AgentOptions, Anvil, Solo};
 use crate::spine::wait_at_head;
 
 /// The aggregator's whole event log for a node.
@@ -75,21 +75,19 @@ async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &Anvil
 
 #[tokio::test]
 async fn kill_9_of_the_agent_loses_and_duplicates_nothing() {
-    let world = World::new();
-    let anvil = Arc::new(Anvil::start(&world, "anvil").await);
-    let agg = Aggregator::start(&world).await;
-    let mut agent = Agent::start(
-        &world,
-        "node-1",
-        &anvil.url(),
-        &agg,
-        AgentOptions {
-            poll_interval: "50ms",
-            block_time: "60s",
-            ..Default::default()
-        },
-    );
-    let mut q = world.query(&agg).await;
+    let Solo {
+        world: _world,
+        anvil,
+        agg,
+        mut agent,
+        mut q,
+    } = Solo::start(AgentOptions {
+        poll_interval: "50ms",
+        block_time: "60s",
+        ..Default::default()
+    })
+    .await;
+    let anvil = Arc::new(anvil);
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
 
     // Mine a block every 60 ms for the whole test.
@@ -133,20 +131,17 @@ async fn kill_9_of_the_agent_loses_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn backlog_built_while_the_aggregator_is_down_is_delivered() {
-    let world = World::new();
-    let anvil = Anvil::start(&world, "anvil").await;
-    let mut agg = Aggregator::start(&world).await;
-    let agent = Agent::start(
-        &world,
-        "node-1",
-        &anvil.url(),
-        &agg,
-        AgentOptions {
-            block_time: "60s",
-            ..Default::default()
-        },
-    );
-    let mut q = world.query(&agg).await;
+    let Solo {
+        world,
+        anvil,
+        mut agg,
+        agent,
+        mut q,
+    } = Solo::start(AgentOptions {
+        block_time: "60s",
+        ..Default::default()
+    })
+    .await;
     anvil.mine(10).await;
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
 

@@ -492,3 +492,30 @@ impl Drop for Agent {
 pub fn hex(bytes: &[u8]) -> String {
     outpost::model::hex(bytes)
 }
+
+/// The common set-up: one anvil, one aggregator, one agent beside the anvil,
+/// and an operator's query client.
+pub struct Solo {
+    pub world: World,
+    pub anvil: Anvil,
+    pub agg: Aggregator,
+    pub agent: Agent,
+    pub q: QueryClient<Channel>,
+}
+
+impl Solo {
+    pub async fn start(opts: AgentOptions) -> Solo {
+        let world = World::new();
+        let anvil = Anvil::start(&world, "anvil").await;
+        let agg = Aggregator::start(&world).await;
+        let agent = Agent::start(&world, "node-1", &anvil.url(), &agg, opts);
+        let q = world.query(&agg).await;
+        Solo {
+            world,
+            anvil,
+            agg,
+            agent,
+            q,
+        }
+    }
+}

@@ -10,7 +10,7 @@ use outpost::proto::{
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::harness::{hex, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::harness::{hex, Agent, AgentOptions, Aggregator, Anvil, Solo, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -77,17 +77,13 @@ pub async fn wait_at_head(
 
 #[tokio::test]
 async fn headers_match_anvil_block_for_block_and_reorg_is_reported_with_depth_and_fork_point() {
-    let world = World::new();
-    let anvil = Anvil::start(&world, "anvil").await;
-    let agg = Aggregator::start(&world).await;
-    let agent = Agent::start(
-        &world,
-        "node-1",
-        &anvil.url(),
-        &agg,
-        AgentOptions::default(),
-    );
-    let mut q = world.query(&agg).await;
+    let Solo {
+        world: _world,
+        anvil,
+        agg,
+        agent,
+        mut q,
+    } = Solo::start(AgentOptions::default()).await;
 
     // The agent starts at anvil's head (block 0), then sees 50 new blocks.
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
@@ -166,21 +162,18 @@ async fn headers_match_anvil_block_for_block_and_reorg_is_reported_with_depth_an
 
 #[tokio::test]
 async fn stall_opens_when_mining_stops_and_resolves_when_it_resumes() {
-    let world = World::new();
-    let anvil = Anvil::start(&world, "anvil").await;
-    let agg = Aggregator::start(&world).await;
-    let agent = Agent::start(
-        &world,
-        "node-1",
-        &anvil.url(),
-        &agg,
-        AgentOptions {
-            block_time: "500ms",
-            stall_multiple: 4.0,
-            ..Default::default()
-        },
-    );
-    let mut q = world.query(&agg).await;
+    let Solo {
+        world: _world,
+        anvil,
+        agg,
+        agent,
+        mut q,
+    } = Solo::start(AgentOptions {
+        block_time: "500ms",
+        stall_multiple: 4.0,
+        ..Default::default()
+    })
+    .await;
     let logs = [agent.log.as_path(), agg.log.as_path()];
 
     // Mine steadily: no stall while blocks come every 200 ms.
@@ -236,21 +229,18 @@ async fn stall_opens_when_mining_stops_and_resolves_when_it_resumes() {
 
 #[tokio::test]
 async fn killed_node_is_unreachable_and_the_agent_stays_up_until_it_returns() {
-    let world = World::new();
-    let mut anvil = Anvil::start(&world, "anvil").await;
-    let agg = Aggregator::start(&world).await;
-    let mut agent = Agent::start(
-        &world,
-        "node-1",
-        &anvil.url(),
-        &agg,
-        // A long block time keeps stalls out of this test.
-        AgentOptions {
-            block_time: "60s",
-            ..Default::default()
-        },
-    );
-    let mut q = world.query(&agg).await;
+    // A long block time keeps stalls out of this test.
+    let Solo {
+        world: _world,
+        mut anvil,
+        agg,
+        mut agent,
+        mut q,
+    } = Solo::start(AgentOptions {
+        block_time: "60s",
+        ..Default::default()
+    })
+    .await;
     anvil.mine(5).await;
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
     let (agent_log, agg_log) = (agent.log.clone(), agg.log.clone());

@@ -1,0 +1,325 @@
+//! Fleet load: N simulated agents against one real aggregator process on
+//! loopback. Each agent has its own certificate and TLS connection and sends
+//! one report a second (a status event, and a header every fourth report).
+//! "Ingest to queryable" is the time from sending a report to receiving its
+//! acknowledgement: the aggregator acknowledges only after the events are
+//! persisted and flushed, at which point queries return them.
+//!
+//! Run: `cargo bench --bench fleet_load` (OUTPOST_LOAD_STEPS=1000,5000,...
+//! sets the agent counts; OUTPOST_LOAD_SECONDS the measuring time per step).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use outpost::proto::{
+    agent_message, event::Kind, ingest_client::IngestClient, AgentMessage, Batch, Event, Header,
+    Hello, LatencySummary, NodeStatus,
+};
+use outpost::tls::{self, PkiLayout};
+use rand::Rng;
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const NETWORKS: usize = 100;
+const BLOCK_SECS: u64 = 4;
+
+struct Shared {
+    hist: Mutex<Histogram<u64>>,
+    measuring: AtomicBool,
+    reports: AtomicU64,
+    connected: AtomicU64,
+    failed: AtomicU64,
+    start: Instant,
+}
+
+fn hash(net: usize, height: u64) -> Vec<u8> {
+    let mut h = vec![0u8; 32];
+    h[..8].copy_from_slice(&height.to_be_bytes());
+    h[8..16].copy_from_slice(&(net as u64).to_be_bytes());
+    h
+}
+
+fn issue(issuer: &Issuer<'_, KeyPair>, node: &str) -> Identity {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(
+        format!("outpost://agent/{node}")
+            .as_str()
+            .try_into()
+            .unwrap(),
+    )];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    Identity::from_pem(cert.pem(), key.serialize_pem())
+}
+
+async fn agent(
+    i: usize,
+    url: String,
+    tls: ClientTlsConfig,
+    shared: Arc<Shared>,
+    gate: Arc<Semaphore>,
+) {
+    let node = format!("load-{i}");
+    let net = i % NETWORKS;
+    let connect = async {
+        let _permit = gate.acquire().await.ok()?;
+        let channel = Endpoint::from_shared(url)
+            .ok()?
+            .tls_config(tls)
+            .ok()?
+            .connect_timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .ok()?;
+        let (tx, rx) = mpsc::channel::<AgentMessage>(2);
+        let hello = Hello {
+            node_id: node.clone(),
+            network: format!("net-{net}"),
+            chain: "ethereum".into(),
+            agent_version: "load".into(),
+            local_last_seq: 0,
+        };
+        tx.send(AgentMessage {
+            body: Some(agent_message::Body::Hello(hello)),
+        })
+        .await
+        .ok()?;
+        let mut inbound = IngestClient::new(channel)
+            .report(ReceiverStream::new(rx))
+            .await
+            .ok()?
+            .into_inner();
+        let welcome = inbound.message().await.ok()??;
+        Some((tx, inbound, welcome))
+    };
+    let Some((tx, mut inbound, _)) = connect.await else {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    let mut seq = 0u64;
+    let phase = Duration::from_millis(rand::rng().random_range(0..1000));
+    tokio::time::sleep(phase).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut report = 0u64;
+    loop {
+        tick.tick().await;
+        report += 1;
+        let height = shared.start.elapsed().as_secs() / BLOCK_SECS + 1;
+        let now_ms = outpost::model::now_unix_ms();
+        let mut events = Vec::with_capacity(2);
+        if report % 4 == 0 {
+            seq += 1;
+            events.push(Event {
+                seq,
+                at_unix_ms: now_ms,
+                kind: Some(Kind::Header(Header {
+                    height,
+                    hash: hash(net, height),
+                    parent_hash: hash(net, height - 1),
+                    timestamp: now_ms / 1000,
+                })),
+            });
+        }
+        seq += 1;
+        events.push(Event {
+            seq,
+            at_unix_ms: now_ms,
+            kind: Some(Kind::Status(NodeStatus {
+                head_height: height,
+                head_hash: hash(net, height),
+                reachable: true,
+                peers: Some(25),
+                syncing: Some(false),
+                rpc_latency: Some(LatencySummary {
+                    count: 3,
+                    p50_us: 900,
+                    p90_us: 1500,
+                    p99_us: 2500,
+                    max_us: 3000,
+                }),
+                ..Default::default()
+            })),
+        });
+        let sent = Instant::now();
+        if tx
+            .send(AgentMessage {
+                body: Some(agent_message::Body::Batch(Batch { events })),
+            })
+            .await
+            .is_err()
+        {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match inbound.message().await {
+            Ok(Some(_)) => {}
+            _ => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                shared.connected.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if shared.measuring.load(Ordering::Relaxed) {
+            let us = sent.elapsed().as_micros() as u64;
+            let _ = shared.hist.lock().unwrap().record(us.max(1));
+            shared.reports.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn proc_stat(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    (rss_kb, ticks)
+}
+
+struct Aggregator(Child);
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    tls::install_crypto_provider();
+    let steps: Vec<usize> = std::env::var("OUTPOST_LOAD_STEPS")
+        .unwrap_or_else(|_| "1000,5000,10000,15000,19000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let seconds: u64 = std::env::var("OUTPOST_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let dir = tempfile::tempdir().unwrap();
+    let pki = PkiLayout::new(dir.path().join("pki"));
+    tls::init_pki(&pki.dir, &[], 1).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("aggregator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[metrics]\nenabled = false\n[fleet]\nsilent_after = \"60s\"\n[log]\nlevel = \"warn\"\n",
+            dir.path().join("data").display(),
+            pki.ca_cert().display(),
+            pki.cert("aggregator").display(),
+            pki.key("aggregator").display()
+        ),
+    )
+    .unwrap();
+    let agg = Aggregator(
+        Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(["aggregator", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("aggregator.log")).unwrap())
+            .spawn()
+            .expect("aggregator starts"),
+    );
+    let pid = agg.0.id();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let ca_pem = std::fs::read_to_string(pki.ca_cert()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &ca_pem,
+        KeyPair::from_pem(&std::fs::read_to_string(pki.ca_key()).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = Arc::new(Shared {
+        hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
+        measuring: AtomicBool::new(false),
+        reports: AtomicU64::new(0),
+        connected: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        start: Instant::now(),
+    });
+    let gate = Arc::new(Semaphore::new(32));
+    let url = format!("https://127.0.0.1:{port}");
+    println!("aggregator pid {pid}; {NETWORKS} networks; 1 report/s per agent, a header every 4th");
+    println!("| agents | connected | reports/s | p50 ms | p99 ms | max ms | aggregator RSS MiB | aggregator CPU % |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut started = 0;
+    for n in steps {
+        let t = Instant::now();
+        for i in started..n {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca_pem))
+                .identity(issue(&issuer, &format!("load-{i}")))
+                .domain_name("localhost");
+            rt.spawn(agent(i, url.clone(), tls, shared.clone(), gate.clone()));
+        }
+        started = n;
+        while (shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed))
+            < n as u64
+            && t.elapsed() < Duration::from_secs(300)
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        shared.hist.lock().unwrap().reset();
+        shared.reports.store(0, Ordering::Relaxed);
+        let (_, cpu0) = proc_stat(pid);
+        shared.measuring.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(seconds));
+        shared.measuring.store(false, Ordering::Relaxed);
+        let (rss_kb, cpu1) = proc_stat(pid);
+        let h = shared.hist.lock().unwrap().clone();
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let clk = 100.0;
+        println!(
+            "| {n} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            shared.connected.load(Ordering::Relaxed),
+            shared.reports.load(Ordering::Relaxed) as f64 / seconds as f64,
+            ms(0.5),
+            ms(0.99),
+            h.max() as f64 / 1000.0,
+            rss_kb as f64 / 1024.0,
+            (cpu1 - cpu0) as f64 / clk / seconds as f64 * 100.0,
+        );
+        if shared.failed.load(Ordering::Relaxed) > 0 {
+            println!(
+                "({} agents failed to connect or lost their stream)",
+                shared.failed.load(Ordering::Relaxed)
+            );
+        }
+    }
+    drop(agg);
+}
