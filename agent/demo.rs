@@ -68,7 +68,13 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
     tls::init_pki(&pki_dir, &[], 2).context("making demo certificates")?;
     let nodes = [
         ("node-1", Behaviour::Steady),
-        ("node-2", Behaviour::Reorg { every: 9, depth: 2 }),
+        (
+            "node-2",
+            Behaviour::Reorg {
+                every: 12,
+                depth: 4,
+            },
+        ),
         ("node-3", Behaviour::Lag { factor: 3 }),
     ];
     for (node, _) in &nodes {
@@ -91,6 +97,9 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
         },
         fleet: FleetConfig {
             silent_after: Duration::from_secs(10),
+            // With node-3 behind, two nodes compare at the top: a reference
+            // node decides who is on the side branch.
+            reference_nodes: vec!["node-1".into()],
             ..Default::default()
         },
         metrics: MetricsConfig {

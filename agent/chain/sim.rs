@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 pub enum Behaviour {
     /// A block every `block_time`.
     Steady,
-    /// Like `Steady`, but every `every` blocks the last `depth` blocks are replaced.
+    /// Like `Steady`, but every `every` blocks it follows a side branch for
+    /// `depth` blocks, then reorganises back onto the canonical chain.
     Reorg { every: u64, depth: u64 },
     /// Produces blocks `factor` times slower than the others.
     Lag { factor: u32 },
@@ -35,28 +36,29 @@ struct Block {
 
 struct Chain {
     blocks: Vec<Block>,
-    reorgs: u64,
+    /// Blocks at the top that belong to a side branch.
+    side: u64,
 }
 
 impl Chain {
     fn new() -> Chain {
         let mut c = Chain {
             blocks: Vec::new(),
-            reorgs: 0,
+            side: 0,
         };
-        c.push();
+        c.push(0);
         c
     }
 
-    /// Block contents depend only on height and branch, so simulated nodes
-    /// that never reorg agree on every hash.
-    fn push(&mut self) {
+    /// Block contents depend only on the parent, the height and the branch,
+    /// so simulated nodes on the canonical branch (0) agree on every hash.
+    fn push(&mut self, branch: u64) {
         let height = self.blocks.len() as u64;
         let parent = self.blocks.last().map(|b| b.hash).unwrap_or([0; 32]);
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(&parent);
         ctx.update(&height.to_be_bytes());
-        ctx.update(&self.reorgs.to_be_bytes());
+        ctx.update(&branch.to_be_bytes());
         let mut hash = [0u8; 32];
         hash.copy_from_slice(ctx.finish().as_ref());
         self.blocks.push(Block {
@@ -66,13 +68,28 @@ impl Chain {
         });
     }
 
-    fn reorg(&mut self, depth: u64) {
-        let keep = self.blocks.len().saturating_sub(depth as usize).max(1);
-        let replaced = self.blocks.len() - keep;
-        self.blocks.truncate(keep);
-        self.reorgs += 1;
-        for _ in 0..replaced {
-            self.push();
+    /// One block time: extend the canonical chain, or the side branch, or
+    /// leave the side branch for the canonical chain (a reorg).
+    fn tick(&mut self, behaviour: Behaviour) {
+        let next = self.blocks.len() as u64;
+        match behaviour {
+            Behaviour::Reorg { depth, .. } if self.side > 0 && self.side < depth => {
+                self.side += 1;
+                self.push(1);
+            }
+            Behaviour::Reorg { .. } if self.side > 0 => {
+                let keep = self.blocks.len() - self.side as usize;
+                self.blocks.truncate(keep);
+                for _ in 0..=self.side {
+                    self.push(0);
+                }
+                self.side = 0;
+            }
+            Behaviour::Reorg { every, .. } if every > 0 && next % every == 0 => {
+                self.side = 1;
+                self.push(1);
+            }
+            _ => self.push(0),
         }
     }
 }
@@ -115,13 +132,7 @@ async fn produce(chain: Arc<Mutex<Chain>>, behaviour: Behaviour, block_time: Dur
     loop {
         tick.tick().await;
         let Ok(mut c) = chain.lock() else { return };
-        c.push();
-        if let Behaviour::Reorg { every, depth } = behaviour {
-            let height = c.blocks.len() as u64 - 1;
-            if every > 0 && height % every == 0 {
-                c.reorg(depth);
-            }
-        }
+        c.tick(behaviour);
     }
 }
 
@@ -206,18 +217,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reorg_replaces_the_top_blocks_and_keeps_linkage() {
-        let mut c = Chain::new();
-        for _ in 0..10 {
-            c.push();
+    fn a_side_branch_is_left_for_the_canonical_chain() {
+        let behaviour = Behaviour::Reorg { every: 5, depth: 2 };
+        let mut steady = Chain::new();
+        let mut reorging = Chain::new();
+        let mut diverged = 0;
+        // 19 ticks end just after the third reorg (side branches start at
+        // heights 5, 10 and 15 and last two blocks each).
+        for _ in 0..19 {
+            steady.tick(Behaviour::Steady);
+            reorging.tick(behaviour);
+            let top = reorging.blocks.len() - 1;
+            if reorging.blocks[top].hash != steady.blocks[top].hash {
+                diverged += 1;
+            }
+            for h in 1..reorging.blocks.len() {
+                assert_eq!(reorging.blocks[h].parent, reorging.blocks[h - 1].hash);
+            }
         }
-        let before: Vec<[u8; 32]> = c.blocks.iter().map(|b| b.hash).collect();
-        c.reorg(3);
-        assert_eq!(c.blocks.len(), 11);
-        assert_eq!(c.blocks[7].hash, before[7]);
-        for (h, old) in before.iter().enumerate().skip(8) {
-            assert_ne!(&c.blocks[h].hash, old);
-            assert_eq!(c.blocks[h].parent, c.blocks[h - 1].hash);
-        }
+        assert!(
+            diverged >= 4,
+            "it spent time on side branches ({diverged} ticks)"
+        );
+        assert_eq!(reorging.side, 0);
+        assert_eq!(reorging.blocks.len(), steady.blocks.len());
+        assert_eq!(
+            reorging.blocks.last().map(|b| b.hash),
+            steady.blocks.last().map(|b| b.hash)
+        );
     }
 }
