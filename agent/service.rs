@@ -39,17 +39,25 @@ pub fn watchdog_interval() -> Option<Duration> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT, naming which.
+/// Resolves on SIGTERM or SIGINT, naming which. SIGHUP (`systemctl reload`)
+/// must not end the service: until live reload exists it is logged and
+/// otherwise ignored.
 pub async fn shutdown_signal() -> &'static str {
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         std::future::pending::<()>().await;
         unreachable!()
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP received: live config reload is not supported yet; restart the service to apply config changes"
+            ),
+        }
     }
 }

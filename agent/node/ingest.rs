@@ -71,6 +71,12 @@ impl Actor for Ingest {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let _g = self.span.enter();
+        tracing::info!(
+            url = %self.cfg.url,
+            every_ms = self.cfg.poll_interval.as_millis() as u64,
+            "polling the node"
+        );
         ctx.notify(Tick);
     }
 }

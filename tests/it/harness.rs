@@ -466,6 +466,12 @@ reconnect_max = "1s"
         }
     }
 
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c, sig);
+        }
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;

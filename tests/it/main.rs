@@ -4,5 +4,6 @@ mod bad_input;
 mod delivery;
 mod fleet;
 mod harness;
+mod journal;
 mod mtls;
 mod spine;

@@ -322,6 +322,10 @@ async fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     anvil.mine(3).await;
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
 
+    // `systemctl reload` sends SIGHUP: the agent must survive it.
+    agent.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(agent.running(), "SIGHUP must not end the agent");
     let status = agent.terminate().expect("agent was running");
     assert!(
         status.success(),
