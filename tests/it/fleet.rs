@@ -201,7 +201,13 @@ async fn a_node_that_falls_behind_lags_and_recovers() {
         )
         .await;
     assert_eq!(f.verdict(), Verdict::Node, "{f:?}");
-    assert!(f.summary.contains("10 blocks behind"), "{}", f.summary);
+    // The clock may judge while blocks are still arriving: at least 6 behind.
+    assert!(
+        f.summary.contains("blocks behind the fleet head"),
+        "{}",
+        f.summary
+    );
+    assert!(f.height <= 2, "node-3 is at most at height 2: {f:?}");
     for (n, _) in fleet.findings(FindingKind::Lag).await {
         assert_eq!(n, "node-3", "only node-3 lags");
     }

@@ -46,6 +46,31 @@ pub async fn findings(
         .unwrap_or_default()
 }
 
+/// Waits until `node` has a finding of `kind` in `state`, and returns it.
+pub async fn wait_finding(
+    q: &QueryClient<Channel>,
+    node: &str,
+    kind: FindingKind,
+    state: FindingState,
+    logs: &[&std::path::Path],
+) -> Finding {
+    let what = format!(
+        "{node}: a {} finding that is {}",
+        kind.label(),
+        state.label()
+    );
+    crate::harness::wait_for(&what, WAIT, logs, || {
+        let mut c = q.clone();
+        async move {
+            findings(&mut c, node, kind)
+                .await
+                .into_iter()
+                .find(|f| f.state() == state)
+        }
+    })
+    .await
+}
+
 /// Waits until the aggregator shows `id` at anvil's current head.
 pub async fn wait_at_head(
     client: &mut QueryClient<Channel>,
@@ -190,14 +215,7 @@ async fn stall_opens_when_mining_stops_and_resolves_when_it_resumes() {
     );
 
     // Stop mining: after 4 × 500 ms a stall opens, once.
-    let open = crate::harness::wait_for("a stall finding", WAIT, &logs, || {
-        let mut c = q.clone();
-        async move {
-            let f = findings(&mut c, "node-1", FindingKind::Stall).await;
-            f.into_iter().find(|f| f.state() == FindingState::Open)
-        }
-    })
-    .await;
+    let open = wait_finding(&q, "node-1", FindingKind::Stall, FindingState::Open, &logs).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let all = findings(&mut q, "node-1", FindingKind::Stall).await;
     assert_eq!(all.len(), 1, "one stall, not one per poll: {all:?}");
@@ -215,13 +233,13 @@ async fn stall_opens_when_mining_stops_and_resolves_when_it_resumes() {
     );
 
     anvil.mine(1).await;
-    let resolved = crate::harness::wait_for("the stall to resolve", WAIT, &logs, || {
-        let mut c = q.clone();
-        async move {
-            let f = findings(&mut c, "node-1", FindingKind::Stall).await;
-            f.into_iter().find(|f| f.state() == FindingState::Resolved)
-        }
-    })
+    let resolved = wait_finding(
+        &q,
+        "node-1",
+        FindingKind::Stall,
+        FindingState::Resolved,
+        &logs,
+    )
     .await;
     assert_eq!(resolved.id, open.id, "the same finding resolves");
     assert!(resolved.resolved_at_unix_ms >= resolved.opened_at_unix_ms);
@@ -247,15 +265,13 @@ async fn killed_node_is_unreachable_and_the_agent_stays_up_until_it_returns() {
     let logs = [agent_log.as_path(), agg_log.as_path()];
 
     anvil.kill();
-    let open = crate::harness::wait_for("an unreachable finding", WAIT, &logs, || {
-        let mut c = q.clone();
-        async move {
-            findings(&mut c, "node-1", FindingKind::Unreachable)
-                .await
-                .into_iter()
-                .find(|f| f.state() == FindingState::Open)
-        }
-    })
+    let open = wait_finding(
+        &q,
+        "node-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
     .await;
     assert!(open.summary.contains("unreachable"), "{}", open.summary);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -269,17 +285,14 @@ async fn killed_node_is_unreachable_and_the_agent_stays_up_until_it_returns() {
 
     anvil.restart().await;
     anvil.mine(5).await;
-    let resolved =
-        crate::harness::wait_for("the unreachable finding to resolve", WAIT, &logs, || {
-            let mut c = q.clone();
-            async move {
-                findings(&mut c, "node-1", FindingKind::Unreachable)
-                    .await
-                    .into_iter()
-                    .find(|f| f.state() == FindingState::Resolved)
-            }
-        })
-        .await;
+    let resolved = wait_finding(
+        &q,
+        "node-1",
+        FindingKind::Unreachable,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
     assert_eq!(resolved.id, open.id);
     // The restarted anvil is the same genesis and the same five empty blocks.
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
