@@ -16,9 +16,6 @@ use super::local::event_last_seq;
 use super::{decode, key_tail_u64, Durability, StoreError};
 use crate::proto::{self, event::Kind, HeaderChunk, NodeRecord};
 
-/// How long a flush waits for more writes to join it.
-const GROUP_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
-
 /// Heights per header chunk.
 const CHUNK: u64 = 64;
 
@@ -393,10 +390,6 @@ async fn run_group_commit(
 ) {
     loop {
         commit.wake.notified().await;
-        // Gather the requests of the next moment into this flush: with
-        // thousands of agents a flush per request would cost more than
-        // the writes themselves.
-        tokio::time::sleep(GROUP_COMMIT_DELAY).await;
         let target = commit.requested.load(Ordering::SeqCst);
         let result = super::flush(&db, &dir, durability).await;
         let failed = result.is_err();
