@@ -56,7 +56,7 @@ impl JsonRpcClient {
             .json(&body)
             .send()
             .await
-            .map_err(|e| SourceError::Unreachable(error_chain(&e)))?;
+            .map_err(|e| SourceError::Unreachable(crate::error_chain(&e)))?;
         let status = resp.status();
         if let Some(len) = resp.content_length() {
             if len as usize > self.max_reply_bytes {
@@ -69,7 +69,7 @@ impl JsonRpcClient {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| SourceError::Unreachable(error_chain(&e)))?
+            .map_err(|e| SourceError::Unreachable(crate::error_chain(&e)))?
         {
             if buf.len() + chunk.len() > self.max_reply_bytes {
                 return Err(SourceError::TooLarge {
@@ -107,17 +107,6 @@ impl JsonRpcClient {
             ))),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 /// Parses a 0x-prefixed hex quantity.

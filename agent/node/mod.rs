@@ -96,9 +96,11 @@ impl Agent {
             }
             Err(e) => return Err(AgentError::Identity(e.to_string())),
         }
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| crate::store::StoreError::Sync {
-            path: cfg.data_dir.clone(),
-            source: e,
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            crate::store::StoreError::CreateDir {
+                path: cfg.data_dir.clone(),
+                source: e,
+            }
         })?;
         let store = LocalStore::open(
             &cfg.data_dir,

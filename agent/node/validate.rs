@@ -376,18 +376,6 @@ impl Handler<Ping> for Validate {
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
 }
 
-/// Replaced config values (live reload).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Reconfigure(pub ValidateConfig);
-
-impl Handler<Reconfigure> for Validate {
-    type Result = ();
-    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
-        self.cfg = msg.0;
-    }
-}
-
 impl Handler<Observation> for Validate {
     type Result = ResponseActFuture<Self, ()>;
 

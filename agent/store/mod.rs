@@ -12,6 +12,11 @@ use serde::{Deserialize, Serialize};
 pub enum StoreError {
     #[error("cannot open store at {path}: {source}")]
     Open { path: PathBuf, source: sled::Error },
+    #[error("cannot create store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
     #[error("store at {path}: fsync failed: {source}")]
