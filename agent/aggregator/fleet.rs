@@ -671,6 +671,24 @@ impl Fleet {
         }
     }
 
+    /// A node's open findings: its agent's and the fleet's, oldest first.
+    pub fn open_findings(&self, node: &str) -> Vec<Finding> {
+        let st = self.lock();
+        let mut open: Vec<Finding> = st
+            .nodes
+            .get(node)
+            .map(|v| v.agent_open.values().cloned().collect())
+            .unwrap_or_default();
+        open.extend(
+            st.open
+                .iter()
+                .filter(|((scope, _), _)| scope == node)
+                .map(|(_, f)| f.clone()),
+        );
+        open.sort_by_key(|f| f.opened_at_unix_ms);
+        open
+    }
+
     /// The finding scopes of the networks (`@network`).
     pub fn network_scopes(&self) -> Vec<String> {
         let st = self.lock();

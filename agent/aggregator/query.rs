@@ -62,14 +62,10 @@ impl QueryService {
         }
     }
 
+    /// The fleet keeps every open finding in memory; the store's copy also
+    /// holds every resolved one, which a listing need not scan.
     fn open_findings(&self, node: &str) -> Result<Vec<Finding>, Status> {
-        Ok(self
-            .store
-            .findings(node)
-            .map_err(internal)?
-            .into_iter()
-            .filter(|f| f.state() == FindingState::Open)
-            .collect())
+        Ok(self.fleet.open_findings(node))
     }
 }
 
