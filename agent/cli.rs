@@ -45,6 +45,13 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Write man pages and shell completions into a directory (used when
+    /// building the packages).
+    #[command(hide = true)]
+    PackageAssets {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod latency;
 pub mod logging;
+pub mod manual;
 pub mod model;
 pub mod node;
 pub mod operator;

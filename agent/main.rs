@@ -6,7 +6,7 @@ use clap::Parser;
 use outpost::cli::{CertsCommand, Cli, Command, Role};
 use outpost::config::{self, AnyConfig};
 use outpost::tls::{self, Identity};
-use outpost::{aggregator, demo, logging, node, operator};
+use outpost::{aggregator, demo, logging, manual, node, operator};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -74,6 +74,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { duration } => {
             logging::init("error");
             actix_rt::System::new().block_on(demo::run(duration))
+        }
+        Command::PackageAssets { out } => {
+            for path in manual::write_package_assets(&out)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
     }
 }

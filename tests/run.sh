@@ -19,6 +19,36 @@ if ! pkg-config --exists libsystemd 2>/dev/null || [ ! -x /usr/bin/prometheus ] 
         libsystemd-dev pkg-config prometheus prometheus-alertmanager systemd util-linux >/dev/null
 fi
 
+log "ops tools: podman and runc (hosts with systemd), debootstrap, lintian, rpm"
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null \
+    || ! command -v lintian >/dev/null || ! command -v rpm >/dev/null; then
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+        podman runc debootstrap lintian rpm iproute2 netavark aardvark-dns fuse-overlayfs >/dev/null
+fi
+
+log "ansible-core and ansible-lint from PyPI, the containers.podman collection"
+if ! command -v ansible-playbook >/dev/null || ! command -v ansible-lint >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check ansible-core==2.19.14 ansible-lint==26.10.1
+fi
+OPS_CACHE=${OPS_CACHE:-/var/tmp/outpost-ops}
+COLLECTIONS=$OPS_CACHE/collections
+if [ ! -e "$COLLECTIONS/ansible_collections/containers/podman/plugins/connection/podman.py" ]; then
+    # The collection ships inside the ansible community package's wheel.
+    mkdir -p "$OPS_CACHE/wheels"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps ansible==12.3.0 -d "$OPS_CACHE/wheels"
+    python3 - "$OPS_CACHE/wheels/ansible-12.3.0-py3-none-any.whl" "$COLLECTIONS" <<'PY'
+import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+wanted = [n for n in wheel.namelist() if n.startswith("ansible_collections/containers/podman/")]
+wheel.extractall(sys.argv[2], wanted)
+PY
+fi
+
+log "cargo-deb and cargo-generate-rpm"
+command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
+command -v cargo-generate-rpm >/dev/null || cargo install --locked --quiet cargo-generate-rpm@0.21.1
+
 log "anvil, a real Ethereum node for the integration tests"
 ANVIL=node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
 if [ ! -x "$ANVIL" ]; then
@@ -34,3 +64,6 @@ log "unit and integration tests"
 # Benches are load generators (run by hand, see BENCHMARKS.md); clippy above
 # already compiled them.
 cargo test --locked
+
+log "packages, systemd units, Ansible rollout on podman hosts"
+bash tests/ops/run.sh

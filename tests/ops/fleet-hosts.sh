@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# A fleet on real hosts: podman containers with systemd as PID 1, built from
+# the cached Debian root. One runs the aggregator, three run an anvil node
+# and an agent. ansible/site.yml installs the .deb, places certificates and
+# starts the units; then the test checks the fleet through the aggregator,
+# journald, a second run (changed=0), a serial upgrade through the health
+# gate, systemctl reload, a rollout stopped by an unhealthy host, and a bad
+# config refused before it lands.
+# Expects target/packages/ from build-packages.sh with revisions 1, 2 and 3
+# of the .deb. Needs root, podman and runc.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT_DIR=$PWD
+. tests/ops/lib.sh
+
+need podman
+need runc
+need ansible-playbook
+ANVIL=${OUTPOST_ANVIL:-$ROOT_DIR/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil}
+[ -x "$ANVIL" ] || fail "anvil not found at $ANVIL; run bash tests/run.sh, which installs it"
+export ANSIBLE_COLLECTIONS_PATH=$OPS_CACHE/collections
+[ -e "$ANSIBLE_COLLECTIONS_PATH/ansible_collections/containers/podman/plugins/connection/podman.py" ] \
+    || fail "the containers.podman collection is missing from $ANSIBLE_COLLECTIONS_PATH; run bash tests/run.sh"
+export ANSIBLE_CONFIG=$ROOT_DIR/ansible/ansible.cfg ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0
+
+DEB1=$(one_file "$ROOT_DIR/target/packages/outpost_*-1_amd64.deb")
+DEB2=$(one_file "$ROOT_DIR/target/packages/outpost_*-2_amd64.deb")
+DEB3=$(one_file "$ROOT_DIR/target/packages/outpost_*-3_amd64.deb")
+OUTPOST=$ROOT_DIR/target/release/outpost
+IMAGE=localhost/outpost-bookworm-systemd
+AGG=outpost-agg
+NODES=(outpost-n1 outpost-n2 outpost-n3)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/outpost-hosts.XXXXXX")
+
+cleanup() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        for h in "$AGG" "${NODES[@]}"; do
+            echo "--- journal of $h" >&2
+            podman exec "$h" journalctl --no-pager -n 30 -u 'outpost-*' 2>/dev/null >&2 || true
+        done
+    fi
+    podman rm -f -t 0 "$AGG" "${NODES[@]}" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- hosts --------------------------------------------------------------------
+if ! podman image exists "$IMAGE"; then
+    tar -C "$(base_root)" --exclude=./.complete -cf "$WORK/root.tar" .
+    podman import --change 'CMD ["/sbin/init"]' "$WORK/root.tar" "$IMAGE" >/dev/null
+    rm -f "$WORK/root.tar"
+fi
+podman rm -f -t 0 "$AGG" "${NODES[@]}" >/dev/null 2>&1 || true
+for h in "$AGG" "${NODES[@]}"; do
+    podman run -d --runtime runc --ulimit nofile=10000:10000 --ulimit nproc=10000:10000 \
+        --systemd=always --cap-add SYS_ADMIN --name "$h" --hostname "$h" "$IMAGE" /sbin/init >/dev/null
+done
+for h in "$AGG" "${NODES[@]}"; do
+    for _ in $(seq 1 50); do
+        state=$(podman exec "$h" systemctl is-system-running 2>/dev/null || true)
+        case "$state" in running|degraded) break ;; esac
+        sleep 0.2
+    done
+    case "$state" in running|degraded) ;; *) fail "$h: systemd did not come up ($state)" ;; esac
+done
+ip_of() { podman inspect -f '{{.NetworkSettings.IPAddress}}' "$1"; }
+AGG_IP=$(ip_of "$AGG")
+pass "4 hosts with systemd as PID 1; aggregator at $AGG_IP"
+
+start_anvil() {
+    podman exec -d "$1" /usr/local/bin/anvil --host 0.0.0.0 --port 8545 --block-time 1 --silent
+}
+for h in "${NODES[@]}"; do
+    podman cp "$ANVIL" "$h:/usr/local/bin/anvil"
+    start_anvil "$h"
+done
+
+cat >"$WORK/inventory.yml" <<INV
+all:
+  vars:
+    ansible_connection: containers.podman.podman
+    ansible_python_interpreter: /usr/bin/python3
+    outpost_control_binary: $OUTPOST
+    outpost_pki_dir: $WORK/pki
+    outpost_aggregator_endpoint: "https://$AGG_IP:7443"
+    outpost_aggregator_server_name: outpost-agg
+    outpost_aggregator_sans: [outpost-agg, "$AGG_IP"]
+    outpost_network: devnet
+    outpost_network_id: "31337"
+    outpost_expected_block_time: 1s
+  children:
+    outpost_aggregators:
+      hosts:
+        $AGG:
+    outpost_agents:
+      hosts:
+        outpost-n1:
+        outpost-n2:
+        outpost-n3:
+INV
+
+play() {
+    local log=$1
+    shift
+    ansible-playbook -i "$WORK/inventory.yml" "$ROOT_DIR/ansible/site.yml" "$@" >"$WORK/$log" 2>&1
+}
+show() { tail -n 40 "$WORK/$1" >&2; }
+
+query() {
+    "$OUTPOST" query --endpoint "https://$AGG_IP:7443" --server-name outpost-agg --ca "$WORK/pki/ca.pem" \
+        --cert "$WORK/pki/operator-ansible.pem" --key "$WORK/pki/operator-ansible.key" --json "$@"
+}
+pkg_version() { podman exec "$1" dpkg-query -W -f='${Version}' outpost; }
+main_pid() { podman exec "$1" systemctl show -p MainPID --value outpost-agent; }
+recap_changed() { sed -n 's/^\([^ ]*\) *: ok=[0-9]* *changed=\([0-9]*\).*/\1 \2/p' "$WORK/$1"; }
+
+# --- first run ------------------------------------------------------------------
+play run1.log -e "outpost_package_path=$DEB1" || { show run1.log; fail "first site.yml run failed"; }
+for h in "${NODES[@]}"; do
+    [ "$(podman exec "$h" systemctl is-active outpost-agent)" = active ] || fail "$h: outpost-agent is not active"
+done
+[ "$(podman exec "$AGG" systemctl is-active outpost-aggregator)" = active ] || fail "outpost-aggregator is not active"
+pass "site.yml: .deb installed, certs placed, units active on all hosts"
+
+query nodes >"$WORK/nodes.json"
+for h in "${NODES[@]}"; do
+    anvil_head=$(python3 - "$(ip_of "$h")" <<'PY'
+import json, sys, urllib.request
+req = urllib.request.Request(f"http://{sys.argv[1]}:8545", data=json.dumps(
+    {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}).encode(),
+    headers={"content-type": "application/json"})
+print(int(json.load(urllib.request.urlopen(req, timeout=5))["result"], 16))
+PY
+)
+    python3 - "$WORK/nodes.json" "$h" "$anvil_head" <<'PY' || fail "$h is not in query nodes with its node's head"
+import json, sys
+nodes = {n["node_id"]: n for n in json.load(open(sys.argv[1]))}
+n, anvil = nodes.get(sys.argv[2]), int(sys.argv[3])
+assert n and n["connected"] and n["status"] == "ok", n
+# anvil mines a block a second; the aggregator may be a poll or two behind.
+assert anvil - 3 <= n["head"]["height"] <= anvil, (n["head"], anvil)
+print(f"ok: {sys.argv[2]} at the aggregator: head {n['head']['height']} (anvil {anvil}), {n['status']}")
+PY
+    entries=$(podman exec "$h" journalctl -u outpost-agent "NODE_ID=$h" -o json --no-pager | grep -c . || true)
+    [ "$entries" -gt 0 ] || fail "$h: no journal entries with NODE_ID=$h"
+done
+pass "journald on each agent host has entries with its NODE_ID"
+
+# --- second run changes nothing -----------------------------------------------------
+play run2.log -e "outpost_package_path=$DEB1" || { show run2.log; fail "second site.yml run failed"; }
+if recap_changed run2.log | awk '$2 != 0 { bad = 1 } END { exit !bad }'; then
+    show run2.log
+    fail "the second run changed something: $(recap_changed run2.log | tr '\n' ' ')"
+fi
+[ "$(recap_changed run2.log | wc -l)" -eq 4 ] || { show run2.log; fail "no PLAY RECAP for all 4 hosts"; }
+pass "second run: changed=0 on all 4 hosts"
+
+# --- serial upgrade through the health gate ------------------------------------------
+declare -A before
+for h in "${NODES[@]}"; do before[$h]=$(main_pid "$h"); done
+play run3.log -e "outpost_package_path=$DEB2" -e outpost_serial=1 || { show run3.log; fail "upgrade rollout failed"; }
+v2=$(dpkg-deb -f "$DEB2" Version)
+for h in "${NODES[@]}"; do
+    [ "$(pkg_version "$h")" = "$v2" ] || fail "$h runs $(pkg_version "$h"), not $v2"
+    [ "$(main_pid "$h")" != "${before[$h]}" ] || fail "$h: the agent was not restarted by the upgrade"
+done
+[ "$(grep -c 'Wait until the aggregator reports' "$WORK/run3.log")" -eq 3 ] \
+    || { show run3.log; fail "the health gate did not run once per batch"; }
+pass "serial upgrade to $v2: 3 batches of 1, each through the health gate"
+
+# --- reload does not kill the agent ----------------------------------------------------
+pid=$(main_pid outpost-n1)
+podman exec outpost-n1 systemctl reload outpost-agent
+sleep 1
+[ "$(podman exec outpost-n1 systemctl is-active outpost-agent)" = active ] || fail "reload stopped the agent"
+[ "$(main_pid outpost-n1)" = "$pid" ] || fail "reload restarted the agent"
+podman exec outpost-n1 journalctl -u outpost-agent --no-pager -o cat | grep -q 'SIGHUP received' \
+    || fail "reload: no SIGHUP line in the journal"
+pass "systemctl reload: same process, still active, SIGHUP logged"
+
+# --- an unhealthy host stops the rollout ------------------------------------------------
+podman exec outpost-n2 pkill -x anvil
+if play run4.log -e "outpost_package_path=$DEB3" -e outpost_serial=1 \
+    -e outpost_health_retries=8 -e outpost_health_delay=2; then
+    show run4.log
+    fail "the rollout went on past a host whose node is down"
+fi
+grep -q 'Health gate: the aggregator does not report outpost-n2 as connected and ok' "$WORK/run4.log" \
+    || { show run4.log; fail "no health-gate message for outpost-n2"; }
+v3=$(dpkg-deb -f "$DEB3" Version)
+[ "$(pkg_version outpost-n1)" = "$v3" ] || fail "outpost-n1 (batch 1) was not upgraded"
+[ "$(pkg_version outpost-n3)" = "$v2" ] || fail "outpost-n3 (after the failed batch) was touched: $(pkg_version outpost-n3)"
+pass "rollout of $v3 stopped at outpost-n2 (node down); outpost-n3 still on $v2"
+
+# --- a bad config is refused before it lands ----------------------------------------------
+start_anvil outpost-n2
+cp "$WORK/inventory.yml" "$WORK/inventory.good.yml"
+sed -i 's/^        outpost-n3:$/        outpost-n3:\n          outpost_source_poll_interval: 0s/' "$WORK/inventory.yml"
+config_before=$(podman exec outpost-n3 sha256sum /etc/outpost/agent.toml)
+if play run5.log -e "outpost_package_path=$DEB3" -e outpost_serial=1; then
+    show run5.log
+    fail "a config with poll_interval = 0s was accepted"
+fi
+grep -q 'source.poll_interval: must be greater than zero' "$WORK/run5.log" \
+    || { show run5.log; fail "the refusal does not say what is wrong"; }
+[ "$(podman exec outpost-n3 sha256sum /etc/outpost/agent.toml)" = "$config_before" ] \
+    || fail "the refused config replaced the working one"
+[ "$(podman exec outpost-n3 systemctl is-active outpost-agent)" = active ] || fail "outpost-n3 stopped"
+pass "bad config on outpost-n3 refused by check-config; old config and agent kept"
