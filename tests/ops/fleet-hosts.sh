@@ -37,10 +37,11 @@ cleanup() {
     if [ "$rc" -ne 0 ]; then
         for h in "$AGG" "${NODES[@]}"; do
             echo "--- journal of $h" >&2
-            podman exec "$h" journalctl --no-pager -n 30 -u 'outpost-*' 2>/dev/null >&2 || true
+            podman exec "$h" journalctl --no-pager -n 30 -u outpost-agent -u outpost-aggregator 2>/dev/null >&2 || true
         done
     fi
-    podman rm -f -t 0 "$AGG" "${NODES[@]}" >/dev/null 2>&1 || true
+    # OUTPOST_KEEP_HOSTS=1 leaves the hosts running for a look after a failure.
+    [ -n "${OUTPOST_KEEP_HOSTS:-}" ] || podman rm -f -t 0 "$AGG" "${NODES[@]}" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -81,6 +82,8 @@ all:
   vars:
     ansible_connection: containers.podman.podman
     ansible_python_interpreter: /usr/bin/python3
+    # podman exec is root already; the hosts have no sudo.
+    ansible_become: false
     outpost_control_binary: $OUTPOST
     outpost_pki_dir: $WORK/pki
     outpost_aggregator_endpoint: "https://$AGG_IP:7443"
