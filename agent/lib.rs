@@ -13,6 +13,7 @@ pub mod manual;
 pub mod model;
 pub mod node;
 pub mod operator;
+pub mod reload;
 pub mod service;
 pub mod store;
 pub mod tls;

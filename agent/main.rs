@@ -26,7 +26,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent { config } => {
             let cfg = config::load_agent(&config)?;
             logging::init(&cfg.log.level);
-            actix_rt::System::new().block_on(node::run(cfg))
+            actix_rt::System::new().block_on(node::run(cfg, &config))
         }
         Command::Aggregator { config } => {
             let cfg = config::load_aggregator(&config)?;
@@ -35,7 +35,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
-                .block_on(aggregator::run(cfg))
+                .block_on(aggregator::run(cfg, &config))
         }
         Command::CheckConfig { config } => {
             let kind = match config::load_any(&config)? {

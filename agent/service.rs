@@ -21,7 +21,7 @@ pub fn notify_status(status: &str) {
     notify(&[("STATUS", status)]);
 }
 
-fn notify(state: &[(&str, &str)]) {
+pub fn notify(state: &[(&str, &str)]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -39,25 +39,51 @@ pub fn watchdog_interval() -> Option<Duration> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT, naming which. SIGHUP (`systemctl reload`)
-/// must not end the service: until live reload exists it is logged and
-/// otherwise ignored.
+/// What a signal asks of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM or SIGINT, by name.
+    Stop(&'static str),
+    /// SIGHUP: `systemctl reload`.
+    Reload,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, installed once and read in a loop.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, naming which, for a mode with nothing to
+/// reload: SIGHUP is logged and otherwise ignored.
 pub async fn shutdown_signal() -> &'static str {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let Ok(mut signals) = Signals::install() else {
         std::future::pending::<()>().await;
         unreachable!()
     };
     loop {
-        tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP received: live config reload is not supported yet; restart the service to apply config changes"
-            ),
+        match signals.next().await {
+            Signal::Stop(name) => return name,
+            Signal::Reload => tracing::warn!("SIGHUP received: this mode has no config to reload"),
         }
     }
 }

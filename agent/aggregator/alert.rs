@@ -16,7 +16,9 @@ use crate::model::hex;
 use crate::proto::{Finding, FindingState, NodeFinding};
 
 pub struct Alerts {
-    sinks: Vec<mpsc::UnboundedSender<NodeFinding>>,
+    /// One delivery task per sink; replaced whole by a config reload (the old
+    /// tasks finish what they hold, then end).
+    sinks: Mutex<Vec<mpsc::UnboundedSender<NodeFinding>>>,
     /// (scope, finding id, state) already queued: an alert goes out once per state.
     sent: Mutex<HashSet<(String, String, i32)>>,
 }
@@ -24,18 +26,14 @@ pub struct Alerts {
 impl Alerts {
     /// Starts one delivery task per sink (inside a tokio runtime).
     pub fn start(cfgs: &[AlertSinkConfig]) -> Alerts {
-        let sinks = cfgs
-            .iter()
-            .map(|cfg| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(deliver(cfg.clone(), rx));
-                tx
-            })
-            .collect();
         Alerts {
-            sinks,
+            sinks: Mutex::new(spawn_sinks(cfgs)),
             sent: Mutex::new(HashSet::new()),
         }
+    }
+
+    pub fn set_sinks(&self, cfgs: &[AlertSinkConfig]) {
+        *self.sinks.lock().unwrap_or_else(|p| p.into_inner()) = spawn_sinks(cfgs);
     }
 
     pub fn notify(&self, nf: &NodeFinding) {
@@ -49,10 +47,20 @@ impl Alerts {
         {
             return;
         }
-        for sink in &self.sinks {
+        for sink in self.sinks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = sink.send(nf.clone());
         }
     }
+}
+
+fn spawn_sinks(cfgs: &[AlertSinkConfig]) -> Vec<mpsc::UnboundedSender<NodeFinding>> {
+    cfgs.iter()
+        .map(|cfg| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(deliver(cfg.clone(), rx));
+            tx
+        })
+        .collect()
 }
 
 async fn deliver(cfg: AlertSinkConfig, mut rx: mpsc::UnboundedReceiver<NodeFinding>) {

@@ -7,7 +7,7 @@
 //! decided here, on every batch and on a one-second tick.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -62,7 +62,8 @@ struct State {
 pub struct Fleet {
     state: Mutex<State>,
     store: CentralStore,
-    cfg: FleetConfig,
+    /// Replaced whole by a config reload.
+    cfg: RwLock<Arc<FleetConfig>>,
     live: Arc<Live>,
     changes: broadcast::Sender<NodeFinding>,
     alerts: Alerts,
@@ -81,6 +82,17 @@ fn network_scope(network: &str) -> String {
 }
 
 impl Fleet {
+    fn cfg(&self) -> Arc<FleetConfig> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A reloaded `[fleet]` table and `[[alert]]` list: thresholds apply
+    /// from the next evaluation, alerts from the next finding.
+    pub fn reconfigure(&self, cfg: FleetConfig, sinks: &[crate::config::AlertSinkConfig]) {
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+        self.alerts.set_sinks(sinks);
+    }
+
     /// Builds the fleet view from what the store holds.
     pub fn load(
         store: CentralStore,
@@ -131,7 +143,7 @@ impl Fleet {
         Ok(Arc::new(Fleet {
             state: Mutex::new(state),
             store,
-            cfg,
+            cfg: RwLock::new(Arc::new(cfg)),
             live,
             changes,
             alerts,
@@ -185,7 +197,7 @@ impl Fleet {
         {
             let mut guard = self.lock();
             let st = &mut *guard;
-            let window = self.cfg.compare_window;
+            let window = self.cfg().compare_window;
             // Peers matter only to a finding that opens; finding them costs
             // a pass over the fleet, so only batches that open one pay it.
             let opens_finding = events.iter().any(
@@ -305,7 +317,7 @@ impl Fleet {
 
     fn silent(&self, node: &str, now: i64) -> bool {
         let seen = self.live.last_seen_ms(node).max(self.started_ms);
-        now - seen > self.cfg.silent_after.as_millis() as i64
+        now - seen > self.cfg().silent_after.as_millis() as i64
     }
 
     fn judge_network(
@@ -371,6 +383,7 @@ impl Fleet {
             .iter()
             .filter_map(|n| st.nodes[*n].head.as_ref().map(|h| h.0))
             .max();
+        let cfg = self.cfg();
         for node in members {
             let key = (node.clone(), FindingKind::Lag as i32);
             let height = st.nodes[node].head.as_ref().map(|h| h.0);
@@ -385,8 +398,8 @@ impl Fleet {
                 .and_then(|r| r.get(&(height + 1)))
                 .copied();
             let late_ms = next_reached.map_or(0, |t| now - t);
-            let lagging = behind > self.cfg.lag_blocks
-                || (behind > 0 && late_ms > self.cfg.lag_after.as_millis() as i64);
+            let lagging = behind > cfg.lag_blocks
+                || (behind > 0 && late_ms > cfg.lag_after.as_millis() as i64);
             self.metrics.lag(net, node, behind);
             if lagging && !st.open.contains_key(&key) {
                 let f = new_finding(
@@ -405,7 +418,7 @@ impl Fleet {
                 );
                 st.open.insert(key, f.clone());
                 emits.push((node.clone(), f, true));
-            } else if !lagging && behind <= self.cfg.lag_blocks / 2 {
+            } else if !lagging && behind <= cfg.lag_blocks / 2 {
                 if let Some(f) = st.open.remove(&key) {
                     emits.push((node.clone(), resolved(f, now), true));
                 }
@@ -481,12 +494,8 @@ impl Fleet {
         now: i64,
         emits: &mut Vec<(String, Finding, bool)>,
     ) {
-        let reference: BTreeSet<&str> = self
-            .cfg
-            .reference_nodes
-            .iter()
-            .map(String::as_str)
-            .collect();
+        let cfg = self.cfg();
+        let reference: BTreeSet<&str> = cfg.reference_nodes.iter().map(String::as_str).collect();
         let found: Vec<(String, Option<Divergence>)> = {
             let mut canon = Canon::new(st, active, &reference);
             active

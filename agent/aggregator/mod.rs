@@ -10,6 +10,7 @@ pub mod query;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ use tonic::transport::Server;
 
 use crate::config::AggregatorConfig;
 use crate::proto::{ingest_server::IngestServer, query_server::QueryServer};
-use crate::service;
+use crate::reload;
+use crate::service::{self, Signal, Signals};
 use crate::store::central::CentralStore;
 use alert::Alerts;
 use fleet::Fleet;
@@ -80,6 +82,17 @@ impl Aggregator {
 
     /// Serves until `shutdown` resolves.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (_keep, reloads) = tokio::sync::watch::channel(self.cfg.clone());
+        self.serve_with_reload(shutdown, reloads).await
+    }
+
+    /// Serves until `shutdown` resolves; each config sent on `reloads` has its
+    /// live part (`[fleet]`, `[[alert]]`) applied.
+    pub async fn serve_with_reload(
+        self,
+        shutdown: impl Future<Output = ()>,
+        mut reloads: tokio::sync::watch::Receiver<AggregatorConfig>,
+    ) -> anyhow::Result<()> {
         let tls = self.cfg.tls.server_config()?;
         let live = Arc::new(Live::default());
         let metrics = Arc::new(Metrics::default());
@@ -92,6 +105,13 @@ impl Aggregator {
             metrics.clone(),
         )?;
         tokio::spawn(fleet.clone().run_clock());
+        let reloaded = fleet.clone();
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                let cfg = reloads.borrow_and_update().clone();
+                reloaded.reconfigure(cfg.fleet, &cfg.alerts);
+            }
+        });
         if let Some(l) = self.metrics_listener {
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }
@@ -145,8 +165,15 @@ async fn prune_event_log(store: CentralStore, keep: u64) {
     }
 }
 
-/// `outpost aggregator`: serves until SIGTERM or SIGINT.
-pub async fn run(cfg: AggregatorConfig) -> anyhow::Result<()> {
+/// Config keys a reload applies without a restart.
+pub const LIVE_KEYS: &[&str] = &["fleet", "alert"];
+
+/// `outpost aggregator`: serves until SIGTERM or SIGINT; SIGHUP reloads the
+/// config at `path`.
+pub async fn run(cfg: AggregatorConfig, path: &Path) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
+    let (reload_tx, reloads) = tokio::sync::watch::channel(cfg.clone());
+    let started = cfg.clone();
     let agg = Aggregator::bind(cfg).await?;
     tracing::info!(listen = %agg.local_addr()?, metrics = ?agg.metrics_addr(), "aggregator listening");
     service::notify_ready();
@@ -159,10 +186,28 @@ pub async fn run(cfg: AggregatorConfig) -> anyhow::Result<()> {
             }
         });
     }
-    agg.serve(async {
-        let signal = service::shutdown_signal().await;
-        tracing::info!("{signal} received; shutting down");
-        service::notify_stopping();
-    })
+    let path = path.to_path_buf();
+    agg.serve_with_reload(
+        async move {
+            loop {
+                match signals.next().await {
+                    Signal::Stop(name) => {
+                        tracing::info!("{name} received; shutting down");
+                        break;
+                    }
+                    Signal::Reload => match crate::config::load_aggregator(&path) {
+                        Ok(new) => {
+                            let plan = reload::plan(&started, &reload_tx.borrow(), &new, LIVE_KEYS);
+                            reload::log_plan(&path, &plan);
+                            reload_tx.send_replace(new);
+                        }
+                        Err(e) => reload::log_refused(&e),
+                    },
+                }
+            }
+            service::notify_stopping();
+        },
+        reloads,
+    )
     .await
 }

@@ -41,6 +41,15 @@ impl Breaker {
         }
     }
 
+    /// New limits from a reloaded config; the open/closed state and the
+    /// failure count carry over.
+    pub fn retune(&mut self, threshold: u32, poll_interval: Duration, backoff_max: Duration) {
+        self.threshold = threshold.max(1);
+        self.poll_interval = poll_interval;
+        self.backoff_max = backoff_max;
+        self.backoff = Self::fresh_backoff(poll_interval, backoff_max);
+    }
+
     fn fresh_backoff(min: Duration, max: Duration) -> ExponentialBackoff {
         ExponentialBuilder::default()
             .with_jitter()

@@ -93,6 +93,31 @@ impl Handler<Ping> for Ingest {
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}
 }
 
+/// The live part of a reloaded config: poll and status intervals, the
+/// breaker, the per-poll header limit and the reorg depth. The URL, timeout
+/// and reply cap belong to the RPC client, made once at start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconfigure {
+    pub source: SourceConfig,
+    pub max_reorg_depth: u64,
+}
+
+impl Handler<Reconfigure> for Ingest {
+    type Result = ();
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        let new = msg.source;
+        self.cfg.poll_interval = new.poll_interval;
+        self.cfg.status_interval = new.status_interval;
+        self.cfg.breaker_failures = new.breaker_failures;
+        self.cfg.backoff_max = new.backoff_max;
+        self.cfg.max_headers_per_poll = new.max_headers_per_poll;
+        self.max_reorg_depth = msg.max_reorg_depth;
+        self.breaker
+            .retune(new.breaker_failures, new.poll_interval, new.backoff_max);
+    }
+}
+
 impl Handler<StopPolling> for Ingest {
     type Result = ();
     fn handle(&mut self, _: StopPolling, _: &mut Context<Self>) {

@@ -20,7 +20,8 @@ use crate::chain::rpc::JsonRpcClient;
 use crate::chain::ChainSource;
 use crate::config::{AgentConfig, SourceKind};
 use crate::latency::Latency;
-use crate::service;
+use crate::reload;
+use crate::service::{self, Signal, Signals};
 use crate::store::local::LocalStore;
 use crate::tls::Identity;
 use ingest::Ingest;
@@ -39,6 +40,18 @@ pub enum AgentError {
     #[error("report.cert: {0}")]
     Identity(String),
 }
+
+/// Config keys a reload applies without a restart (tables cover every key
+/// under them). Everything else is named in the log as needing a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "source.poll_interval",
+    "source.status_interval",
+    "source.breaker_failures",
+    "source.backoff_max",
+    "source.max_headers_per_poll",
+    "validate",
+    "store.retain_headers",
+];
 
 /// A running agent.
 pub struct Agent {
@@ -169,6 +182,26 @@ impl Agent {
         self.actors.healthy(timeout).await
     }
 
+    /// Hands the live part of a reloaded config to the actors.
+    pub async fn reconfigure(&self, cfg: &AgentConfig) {
+        let _ = self
+            .actors
+            .ingest
+            .send(ingest::Reconfigure {
+                source: cfg.source.clone(),
+                max_reorg_depth: cfg.validate.max_reorg_depth,
+            })
+            .await;
+        let _ = self
+            .actors
+            .validate
+            .send(validate::Reconfigure {
+                cfg: cfg.validate.clone(),
+                retain_headers: cfg.store.retain_headers,
+            })
+            .await;
+    }
+
     /// Stops polling, makes the store durable and closes the stream.
     pub async fn shutdown(&self) {
         let _ = self.actors.ingest.send(ingest::StopPolling).await;
@@ -182,9 +215,40 @@ impl Agent {
     }
 }
 
-/// `outpost agent`: runs until SIGTERM or SIGINT.
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// Re-reads the config file on SIGHUP. A config that fails validation is
+/// refused and the running one stays in force.
+struct Reloader {
+    path: std::path::PathBuf,
+    started: AgentConfig,
+    loaded: AgentConfig,
+}
+
+impl Reloader {
+    async fn reload(&mut self, agent: &Agent) {
+        let new = match crate::config::load_agent(&self.path) {
+            Ok(new) => new,
+            Err(e) => {
+                reload::log_refused(&e);
+                return;
+            }
+        };
+        let plan = reload::plan(&self.started, &self.loaded, &new, LIVE_KEYS);
+        agent.reconfigure(&new).await;
+        reload::log_plan(&self.path, &plan);
+        self.loaded = new;
+    }
+}
+
+/// `outpost agent`: runs until SIGTERM or SIGINT; SIGHUP reloads the config
+/// at `path`.
+pub async fn run(cfg: AgentConfig, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
     let agent = Agent::start(&cfg)?;
+    let mut reloader = Reloader {
+        path: path.to_path_buf(),
+        started: cfg.clone(),
+        loaded: cfg.clone(),
+    };
     service::notify_ready();
     service::notify_status(&format!("monitoring {} as {}", cfg.source.url, cfg.node_id));
     if let Some(every) = service::watchdog_interval() {
@@ -202,12 +266,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
     let mut fatal = agent.fatal.clone();
-    let fatal_error = tokio::select! {
-        signal = service::shutdown_signal() => {
-            tracing::info!("{signal} received; shutting down");
-            None
+    let fatal_error = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop(name) => {
+                    tracing::info!("{name} received; shutting down");
+                    break None;
+                }
+                Signal::Reload => {
+                    service::notify(&[("RELOADING", "1")]);
+                    reloader.reload(&agent).await;
+                    service::notify_ready();
+                }
+            },
+            msg = fatal.wait_for(Option::is_some) => break msg.ok().and_then(|m| m.clone()),
         }
-        msg = fatal.wait_for(Option::is_some) => msg.ok().and_then(|m| m.clone()),
     };
     service::notify_stopping();
     agent.shutdown().await;

@@ -371,6 +371,22 @@ impl Supervised for Validate {
     }
 }
 
+/// A reloaded `[validate]` table and `store.retain_headers`, all live.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reconfigure {
+    pub cfg: ValidateConfig,
+    pub retain_headers: u64,
+}
+
+impl Handler<Reconfigure> for Validate {
+    type Result = ();
+    fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
+        self.cfg = msg.cfg;
+        self.retain_headers = msg.retain_headers;
+    }
+}
+
 impl Handler<Ping> for Validate {
     type Result = ();
     fn handle(&mut self, _: Ping, _: &mut Context<Self>) {}

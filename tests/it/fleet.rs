@@ -547,3 +547,67 @@ async fn prometheus_scrapes_node_heads() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// SIGHUP applies a new silence window and a new alert sink without a
+/// restart, names a change that needs one, and refuses a broken config.
+#[tokio::test]
+async fn aggregator_reload_applies_fleet_thresholds_and_sinks_live() {
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start_with(&world, "[fleet]\nsilent_after = \"300s\"\n").await;
+    let mut agent = Agent::start(&world, "node-1", &anvil.url(), &agg, fast());
+    let mut q = world.query(&agg).await;
+    anvil.mine(2).await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    let agent_log = agent.log.clone();
+    let logs = [agg.log.as_path(), agent_log.as_path()];
+
+    // A broken config is refused; the aggregator keeps serving.
+    let good = std::fs::read_to_string(&agg.config).unwrap();
+    std::fs::write(
+        &agg.config,
+        good.replace("silent_after = \"300s\"", "silent_after = \"soon\""),
+    )
+    .unwrap();
+    agg.signal("HUP");
+    wait_for("the reload to be refused", WAIT, &logs, || async {
+        let log = std::fs::read_to_string(&agg.log).ok()?;
+        log.contains("config reload refused, the running config stays in force")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        crate::spine::node(&mut q, "node-1").await.is_some(),
+        "the aggregator stopped serving after a refused reload"
+    );
+
+    let (hook, hook_url) = Recorder::start().await;
+    let reloaded = good
+        .replace("silent_after = \"300s\"", "silent_after = \"2s\"")
+        .replace("cache_bytes = 16777216", "cache_bytes = 33554432")
+        + &format!("[[alert]]\nkind = \"webhook\"\nurl = \"{hook_url}/hook\"\n");
+    std::fs::write(&agg.config, reloaded).unwrap();
+    agg.signal("HUP");
+    wait_for("the reload to apply", WAIT, &logs, || async {
+        let log = std::fs::read_to_string(&agg.log).ok()?;
+        (log.contains("config reloaded: fleet.silent_after: \"5m\" -> \"2s\"")
+            && log.contains("config change needs a restart to apply: store.cache_bytes"))
+        .then_some(())
+    })
+    .await;
+
+    // With the old 300 s window this would take five minutes.
+    agent.kill9();
+    let body = wait_for(
+        "the agent-silent alert at the new sink",
+        WAIT,
+        &logs,
+        || async {
+            hook.bodies()
+                .into_iter()
+                .find(|b| b["kind"] == "agent-silent" && b["node_id"] == "node-1")
+        },
+    )
+    .await;
+    assert_eq!(body["verdict"], "monitoring-path", "{body}");
+}

@@ -333,6 +333,12 @@ impl Aggregator {
             let _ = c.wait();
         }
     }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c, sig);
+        }
+    }
 }
 
 impl Drop for Aggregator {

@@ -367,3 +367,92 @@ async fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     )
     .await;
 }
+
+/// SIGHUP re-reads the agent config: validation thresholds apply at once,
+/// a change that needs a restart is named, and a broken config is refused
+/// with the running one kept.
+#[tokio::test]
+async fn agent_reload_applies_thresholds_live_and_refuses_a_broken_config() {
+    let mut solo = Solo::start(AgentOptions {
+        block_time: "60s",
+        ..Default::default()
+    })
+    .await;
+    solo.anvil.mine(2).await;
+    wait_at_head(&mut solo.q, &solo.anvil, &solo.agent, &solo.agg).await;
+    let (agent_log, agg_log) = (solo.agent.log.clone(), solo.agg.log.clone());
+    let logs = [agent_log.as_path(), agg_log.as_path()];
+    let log_has = |needle: &'static str| {
+        let path = agent_log.clone();
+        move || {
+            let path = path.clone();
+            async move {
+                std::fs::read_to_string(&path)
+                    .ok()?
+                    .contains(needle)
+                    .then_some(())
+            }
+        }
+    };
+
+    let good = std::fs::read_to_string(&solo.agent.config).unwrap();
+    std::fs::write(
+        &solo.agent.config,
+        good.replace("poll_interval = \"100ms\"", "poll_interval = \"0s\""),
+    )
+    .unwrap();
+    solo.agent.signal("HUP");
+    crate::harness::wait_for(
+        "the broken config to be refused",
+        WAIT,
+        &logs,
+        log_has("config reload refused, the running config stays in force"),
+    )
+    .await;
+    assert!(solo.agent.running(), "a refused reload ended the agent");
+    let log = std::fs::read_to_string(&solo.agent.log).unwrap();
+    assert!(
+        log.contains("source.poll_interval: must be greater than zero"),
+        "{log}"
+    );
+
+    // No block for 60 s is no stall yet; with a 1 s block time it is.
+    std::fs::write(
+        &solo.agent.config,
+        good.replace(
+            "expected_block_time = \"60s\"",
+            "expected_block_time = \"1s\"",
+        )
+        .replace("network = \"devnet\"", "network = \"devnet-2\""),
+    )
+    .unwrap();
+    solo.agent.signal("HUP");
+    crate::harness::wait_for(
+        "the reload to apply",
+        WAIT,
+        &logs,
+        log_has("config reloaded: validate.expected_block_time: \"1m\" -> \"1s\""),
+    )
+    .await;
+    let log = std::fs::read_to_string(&solo.agent.log).unwrap();
+    assert!(
+        log.contains("config change needs a restart to apply: network: \"devnet\" -> \"devnet-2\""),
+        "{log}"
+    );
+    let stall = wait_finding(
+        &solo.q,
+        "node-1",
+        FindingKind::Stall,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        stall.summary.contains("expected one every 1s"),
+        "{}",
+        stall.summary
+    );
+    let n = node(&mut solo.q, "node-1").await.unwrap();
+    assert_eq!(n.network, "devnet", "network changes only with a restart");
+    assert!(solo.agent.running());
+}

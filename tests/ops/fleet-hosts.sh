@@ -4,7 +4,7 @@
 # and an agent. ansible/site.yml installs the .deb, places certificates and
 # starts the units; then the test checks the fleet through the aggregator,
 # journald, a second run (changed=0), a serial upgrade through the health
-# gate, systemctl reload, a rollout stopped by an unhealthy host, and a bad
+# gate, systemctl reload of a threshold, a rollout stopped by an unhealthy host, and a bad
 # config refused before it lands.
 # Expects target/packages/ from build-packages.sh with revisions 1, 2 and 3
 # of the .deb. Needs root, podman and runc.
@@ -106,7 +106,9 @@ INV
 play() {
     local log=$1
     shift
-    ansible-playbook -i "$WORK/inventory.yml" "$ROOT_DIR/ansible/site.yml" "$@" >"$WORK/$log" 2>&1
+    # One batch unless a run asks for serial 1 (serial is a play keyword, so it
+    # comes from extra vars, not the inventory).
+    ansible-playbook -i "$WORK/inventory.yml" "$ROOT_DIR/ansible/site.yml" -e outpost_serial=3 "$@" >"$WORK/$log" 2>&1
 }
 show() { tail -n 40 "$WORK/$1" >&2; }
 
@@ -172,15 +174,21 @@ done
     || { show run3.log; fail "the health gate did not run once per batch"; }
 pass "serial upgrade to $v2: 3 batches of 1, each through the health gate"
 
-# --- reload does not kill the agent ----------------------------------------------------
+# --- systemctl reload applies a changed threshold live ----------------------------------
 pid=$(main_pid outpost-n1)
+podman exec outpost-n1 sed -i 's/^expected_block_time = "1s"$/expected_block_time = "2s"/' /etc/outpost/agent.toml
 podman exec outpost-n1 systemctl reload outpost-agent
-sleep 1
+for _ in $(seq 1 50); do
+    podman exec outpost-n1 journalctl -u outpost-agent --no-pager -o cat \
+        | grep -q 'config reloaded: validate.expected_block_time: "1s" -> "2s"' && break
+    sleep 0.2
+done
+podman exec outpost-n1 journalctl -u outpost-agent --no-pager -o cat \
+    | grep -q 'config reloaded: validate.expected_block_time: "1s" -> "2s"' \
+    || fail "reload: the changed threshold is not in the journal"
 [ "$(podman exec outpost-n1 systemctl is-active outpost-agent)" = active ] || fail "reload stopped the agent"
 [ "$(main_pid outpost-n1)" = "$pid" ] || fail "reload restarted the agent"
-podman exec outpost-n1 journalctl -u outpost-agent --no-pager -o cat | grep -q 'SIGHUP received' \
-    || fail "reload: no SIGHUP line in the journal"
-pass "systemctl reload: same process, still active, SIGHUP logged"
+pass "systemctl reload: expected_block_time 1s -> 2s applied in the same process"
 
 # --- an unhealthy host stops the rollout ------------------------------------------------
 podman exec outpost-n2 pkill -x anvil
@@ -198,10 +206,9 @@ pass "rollout of $v3 stopped at outpost-n2 (node down); outpost-n3 still on $v2"
 
 # --- a bad config is refused before it lands ----------------------------------------------
 start_anvil outpost-n2
-cp "$WORK/inventory.yml" "$WORK/inventory.good.yml"
 sed -i 's/^        outpost-n3:$/        outpost-n3:\n          outpost_source_poll_interval: 0s/' "$WORK/inventory.yml"
 config_before=$(podman exec outpost-n3 sha256sum /etc/outpost/agent.toml)
-if play run5.log -e "outpost_package_path=$DEB3" -e outpost_serial=1; then
+if play run5.log -e "outpost_package_path=$DEB3"; then
     show run5.log
     fail "a config with poll_interval = 0s was accepted"
 fi
