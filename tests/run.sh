@@ -23,8 +23,9 @@ log "ops tools: podman and runc (hosts with systemd), debootstrap, lintian, rpm"
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null \
     || ! command -v lintian >/dev/null || ! command -v rpm >/dev/null; then
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
-        podman runc debootstrap lintian rpm iproute2 netavark aardvark-dns fuse-overlayfs >/dev/null
+    # With podman's recommends: the tests run it as it is usually installed.
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \
+        podman runc debootstrap lintian rpm iproute2 netavark aardvark-dns >/dev/null
 fi
 
 log "ansible-core and ansible-lint from PyPI, the containers.podman collection"
