@@ -45,6 +45,11 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// Snapshots of a stopped agent's or aggregator's store.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Write man pages and shell completions into a directory (used when
     /// building the packages).
     #[command(hide = true)]
@@ -75,6 +80,32 @@ pub enum CertsCommand {
         dir: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Write a snapshot of the store named in a config (the service must be stopped).
+    Create {
+        /// The agent or aggregator config whose data_dir to snapshot.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Directory to write the snapshot into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Snapshots in a directory, newest first.
+    List { dir: PathBuf },
+    /// Re-read a snapshot and check every checksum.
+    Verify { file: PathBuf },
+    /// Restore a snapshot into a data dir; an existing store is moved aside.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Replace a store that is newer than the snapshot.
+        #[arg(long)]
+        force: bool,
     },
 }
 

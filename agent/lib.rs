@@ -15,6 +15,7 @@ pub mod node;
 pub mod operator;
 pub mod reload;
 pub mod service;
+pub mod snapshot_cmd;
 pub mod store;
 pub mod tls;
 

@@ -6,7 +6,7 @@ use clap::Parser;
 use outpost::cli::{CertsCommand, Cli, Command, Role};
 use outpost::config::{self, AnyConfig};
 use outpost::tls::{self, Identity};
-use outpost::{aggregator, demo, logging, manual, node, operator};
+use outpost::{aggregator, demo, logging, manual, node, operator, snapshot_cmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -75,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             logging::init("error");
             actix_rt::System::new().block_on(demo::run(duration))
         }
+        Command::Snapshot { command } => snapshot_cmd::run(command),
         Command::PackageAssets { out } => {
             for path in manual::write_package_assets(&out)? {
                 println!("wrote {}", path.display());

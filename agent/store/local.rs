@@ -68,6 +68,11 @@ pub struct Record {
     pub batch: proto::Batch,
 }
 
+/// The last seq an agent store assigned, read from its sled database.
+pub fn last_seq_of(db: &sled::Db) -> Result<u64, StoreError> {
+    Ok(u64_value(db.open_tree("agent")?.get(NEXT_SEQ)?).max(1) - 1)
+}
+
 impl LocalStore {
     pub fn open(
         dir: &Path,
@@ -99,6 +104,10 @@ impl LocalStore {
     fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
         // A poisoned lock can only come from a panic, and the binary aborts on panic.
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// The highest seq ever assigned (0 for a new store).

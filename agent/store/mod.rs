@@ -3,6 +3,7 @@
 
 pub mod central;
 pub mod local;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
