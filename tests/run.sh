@@ -48,7 +48,9 @@ fi
 
 log "cargo-deb and cargo-generate-rpm"
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
-command -v cargo-generate-rpm >/dev/null || cargo install --locked --quiet cargo-generate-rpm@0.21.1
+# A debug build installs in ~2.5 min instead of ~5 and costs ~35 s more
+# when it writes the one .rpm.
+command -v cargo-generate-rpm >/dev/null || cargo install --locked --quiet --debug cargo-generate-rpm@0.21.1
 
 log "anvil, a real Ethereum node for the integration tests"
 ANVIL=node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
