@@ -431,12 +431,13 @@ async fn agent_reload_applies_thresholds_live_and_refuses_a_broken_config() {
         "the reload to apply",
         WAIT,
         &logs,
-        log_has("config reloaded: validate.expected_block_time: \"1m\" -> \"1s\""),
+        // Logged last, after every live change.
+        log_has("config change needs a restart to apply: network: \"devnet\" -> \"devnet-2\""),
     )
     .await;
     let log = std::fs::read_to_string(&solo.agent.log).unwrap();
     assert!(
-        log.contains("config change needs a restart to apply: network: \"devnet\" -> \"devnet-2\""),
+        log.contains("config reloaded: validate.expected_block_time: \"1m\" -> \"1s\""),
         "{log}"
     );
     let stall = wait_finding(
