@@ -66,14 +66,15 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
 }
 
 fn create(config_path: &Path, out: &Path) -> anyhow::Result<snapshot::Written> {
-    let in_use = |e: crate::store::StoreError| match &e {
-        crate::store::StoreError::Open { source, .. } if source.to_string().contains("lock") => {
+    let in_use = |e: crate::store::StoreError| {
+        if e.is_in_use() {
             anyhow::anyhow!(
                 "{}: the store is in use by a running process; stop the service first",
                 config_path.display()
             )
+        } else {
+            anyhow::Error::new(e)
         }
-        _ => anyhow::Error::new(e),
     };
     let written = match config::load_any(config_path)? {
         AnyConfig::Agent(cfg) => {

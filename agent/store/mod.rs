@@ -29,6 +29,15 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
+impl StoreError {
+    /// True when the store could not open because another process holds it
+    /// (sled locks its files while a `Db` is open).
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, StoreError::Open { source, .. }
+            if source.to_string().contains("could not acquire lock"))
+    }
+}
+
 /// What a flush promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]

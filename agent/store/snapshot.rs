@@ -358,7 +358,9 @@ pub fn restore(
     data_dir: &Path,
     force: bool,
 ) -> Result<(Manifest, Option<PathBuf>), SnapshotError> {
-    let (manifest, _) = verify(path)?;
+    // The whole-file checksum first; sections are checked as they are imported
+    // into a staging store, which is discarded if one fails.
+    let (file, manifest, _) = read_checked(path)?;
     let existing = data_dir.exists()
         && std::fs::read_dir(data_dir)
             .map_err(io(data_dir))?
@@ -367,7 +369,7 @@ pub fn restore(
     if existing {
         let db = match super::open_db(data_dir, 1 << 20) {
             Ok(db) => Some(db),
-            Err(super::StoreError::Open { source, .. }) if source.to_string().contains("lock") => {
+            Err(e) if e.is_in_use() => {
                 return Err(SnapshotError::Refused(format!(
                     "{}: the store is in use by a running process; stop it first",
                     data_dir.display()
@@ -397,8 +399,7 @@ pub fn restore(
         .map_err(io(parent))?;
     {
         let db = super::open_db(staging.path(), 16 << 20)?;
-        let (f, manifest, _) = read_checked(path)?;
-        read_sections(path, f, &manifest, |tree, k, v| {
+        read_sections(path, file, &manifest, |tree, k, v| {
             db.open_tree(tree)?.insert(k, v)?;
             Ok(())
         })?;
