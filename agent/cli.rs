@@ -85,14 +85,17 @@ pub enum CertsCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
-    /// Write a snapshot of the store named in a config (the service must be stopped).
+    /// Write a snapshot of the store named in a config. A running agent is
+    /// asked through its admin socket and writes into its snapshot dir; a
+    /// stopped agent's or aggregator's store is read directly.
     Create {
         /// The agent or aggregator config whose data_dir to snapshot.
         #[arg(long, short)]
         config: PathBuf,
-        /// Directory to write the snapshot into.
+        /// Directory to write the snapshot into (default: the agent's
+        /// snapshot.dir; required for an aggregator).
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
     /// Snapshots in a directory, newest first.
     List { dir: PathBuf },

@@ -28,7 +28,51 @@ pub struct AgentConfig {
     pub store: AgentStoreConfig,
     pub report: ReportConfig,
     #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// Scheduled snapshots of the agent's store, and their retention.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// Where snapshots go; unset, `<data_dir>-snapshots`. Start-up recovery
+    /// restores from here.
+    pub dir: Option<PathBuf>,
+    /// Time between scheduled snapshots; "0s" turns the schedule off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Snapshots kept: the newest `keep`, and any younger than `max_age`.
+    pub keep: usize,
+    #[serde(with = "humantime_serde::option")]
+    pub max_age: Option<Duration>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            dir: None,
+            interval: Duration::from_secs(6 * 3600),
+            keep: 4,
+            max_age: None,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The snapshot directory, with its default applied.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.snapshot.dir.clone().unwrap_or_else(|| {
+            let mut name = self
+                .data_dir
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_else(|| "store".into());
+            name.push("-snapshots");
+            self.data_dir.with_file_name(name)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -77,6 +121,41 @@ pub struct ValidateConfig {
     pub stall_multiple: f64,
     /// How far back a reorg is followed before it counts as a broken chain.
     pub max_reorg_depth: u64,
+    /// How much each header is checked; see `ValidationLevel`.
+    pub level: ValidationLevel,
+    /// Level `comprehensive` and up: how far a header's timestamp may lie
+    /// ahead of this host's clock.
+    #[serde(with = "humantime_serde")]
+    pub future_tolerance: Duration,
+}
+
+/// How much the agent checks. Each level does what the one before does, and more.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValidationLevel {
+    /// The head's height and hash only: one header fetched per poll, no
+    /// linkage, reorg, stall or status checks.
+    Minimal,
+    /// Every header: linkage, reorgs, stalls, sync state and peers.
+    #[default]
+    Standard,
+    /// Adds timestamp sanity (not ahead of the clock beyond
+    /// `future_tolerance`, not before the parent's) and each header's fields
+    /// against the protocol's bounds.
+    Comprehensive,
+    /// Adds recomputing every header's hash from its contents.
+    Full,
+}
+
+impl ValidationLevel {
+    pub fn label(self) -> &'static str {
+        match self {
+            ValidationLevel::Minimal => "minimal",
+            ValidationLevel::Standard => "standard",
+            ValidationLevel::Comprehensive => "comprehensive",
+            ValidationLevel::Full => "full",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -288,6 +367,8 @@ impl Default for ValidateConfig {
             expected_block_time: Duration::from_secs(12),
             stall_multiple: 3.0,
             max_reorg_depth: 128,
+            level: ValidationLevel::Standard,
+            future_tolerance: Duration::from_secs(15),
         }
     }
 }
@@ -490,11 +571,24 @@ impl AgentConfig {
             "validate.stall_multiple",
             "must be at least 1.0",
         );
+        p.positive("validate.future_tolerance", self.validate.future_tolerance);
         p.check(
             self.validate.max_reorg_depth >= 1,
             "validate.max_reorg_depth",
             "must be at least 1",
         );
+        p.check(
+            self.snapshot.keep >= 1,
+            "snapshot.keep",
+            "must be at least 1",
+        );
+        if self.snapshot.dir.as_ref() == Some(&self.data_dir) {
+            p.check(
+                false,
+                "snapshot.dir",
+                "must not be data_dir: a restore moves data_dir aside",
+            );
+        }
         p.check(
             self.store.outbox_quota_bytes >= 64 * 1024,
             "store.outbox_quota_bytes",

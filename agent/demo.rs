@@ -28,6 +28,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
         node_id: node.into(),
         network: "simnet".into(),
         data_dir: dir.join(node),
+        snapshot: Default::default(),
         source: SourceConfig {
             kind: SourceKind::Ethereum,
             url: url.into(),
@@ -44,6 +45,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             expected_block_time: BLOCK_TIME,
             stall_multiple: 5.0,
             max_reorg_depth: 64,
+            ..ValidateConfig::default()
         },
         store: AgentStoreConfig::default(),
         report: ReportConfig {

@@ -2,6 +2,7 @@
 //! shapes are the generated protobuf types in `crate::proto`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::proto;
@@ -59,6 +60,9 @@ pub struct Header {
     pub parent_hash: Hash,
     /// Seconds since the Unix epoch, as the chain reports it.
     pub timestamp: i64,
+    /// The node's own reply for this header, kept in memory for the checks
+    /// of validation levels `comprehensive` and `full`; never stored or sent.
+    pub raw: Option<Arc<serde_json::Value>>,
 }
 
 impl Header {
@@ -77,6 +81,7 @@ impl Header {
             hash: Hash(p.hash.clone()),
             parent_hash: Hash(p.parent_hash.clone()),
             timestamp: p.timestamp,
+            raw: None,
         }
     }
 }
@@ -113,6 +118,8 @@ impl proto::FindingKind {
             proto::FindingKind::Lag => "lag",
             proto::FindingKind::AgentSilent => "agent-silent",
             proto::FindingKind::NetworkStall => "network-stall",
+            proto::FindingKind::InvalidHeader => "invalid-header",
+            proto::FindingKind::StoreRecovered => "store-recovered",
         }
     }
 
@@ -121,7 +128,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 11] = [
+pub const ALL_KINDS: [proto::FindingKind; 13] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -133,6 +140,8 @@ pub const ALL_KINDS: [proto::FindingKind; 11] = [
     proto::FindingKind::Lag,
     proto::FindingKind::AgentSilent,
     proto::FindingKind::NetworkStall,
+    proto::FindingKind::InvalidHeader,
+    proto::FindingKind::StoreRecovered,
 ];
 
 impl proto::Verdict {

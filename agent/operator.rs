@@ -120,6 +120,11 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
                 "agent_version": d.agent_version,
                 "duplicates_ignored": d.duplicates_ignored,
                 "dropped_events": d.dropped_events,
+                "last_snapshot": d.last_snapshot.as_ref().map(|s| {
+                    let mut v = snapshot_json(s);
+                    v["at_unix_ms"] = json!(d.last_snapshot_at_unix_ms);
+                    v
+                }),
             });
             if conn.json {
                 v
@@ -352,6 +357,17 @@ pub fn summary_json(n: &NodeSummary) -> Value {
     })
 }
 
+fn snapshot_json(s: &crate::proto::SnapshotTaken) -> Value {
+    json!({
+        "file": s.file,
+        "bytes": s.bytes,
+        "duration_ms": s.duration_ms,
+        "sha256": s.sha256,
+        "last_seq": s.last_seq,
+        "head_height": s.head_height,
+    })
+}
+
 pub fn event_json(e: &crate::proto::Event) -> Value {
     use crate::proto::event::Kind;
     let (kind, body) = match &e.kind {
@@ -359,6 +375,7 @@ pub fn event_json(e: &crate::proto::Event) -> Value {
         Some(Kind::Status(s)) => ("status", status_json(s)),
         Some(Kind::Finding(f)) => ("finding", finding_json(f)),
         Some(Kind::Gap(g)) => ("gap", json!({"last_seq": g.last_seq, "dropped": g.dropped})),
+        Some(Kind::Snapshot(s)) => ("snapshot", snapshot_json(s)),
         None => ("unknown", Value::Null),
     };
     json!({"seq": e.seq, "at_unix_ms": e.at_unix_ms, "kind": kind, "body": body})
@@ -461,6 +478,23 @@ fn node_text(v: &Value) -> String {
         v["dropped_events"],
         v["duplicates_ignored"],
     );
+    let snap = &v["last_snapshot"];
+    if snap.is_null() {
+        out.push_str(
+            "snapshot  none reported
+",
+        );
+    } else {
+        out.push_str(&format!(
+            "snapshot  {} ({} bytes, {} ms, last seq {}, head {}) sha256 {}\n",
+            snap["file"].as_str().unwrap_or(""),
+            snap["bytes"],
+            snap["duration_ms"],
+            snap["last_seq"],
+            snap["head_height"],
+            snap["sha256"].as_str().unwrap_or(""),
+        ));
+    }
     let open = v["open_findings"].as_array().cloned().unwrap_or_default();
     if open.is_empty() {
         out.push_str("open findings: none\n");

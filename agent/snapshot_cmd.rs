@@ -12,7 +12,7 @@ use crate::store::{open_db, Durability};
 pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
         SnapshotCommand::Create { config, out } => {
-            let w = create(&config, &out)?;
+            let w = create(&config, out.as_deref())?;
             println!(
                 "wrote {} ({} bytes, sha256 {})",
                 w.path.display(),
@@ -65,7 +65,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create(config_path: &Path, out: &Path) -> anyhow::Result<snapshot::Written> {
+fn create(config_path: &Path, out: Option<&Path>) -> anyhow::Result<snapshot::Written> {
     let in_use = |e: crate::store::StoreError| {
         if e.is_in_use() {
             anyhow::anyhow!(
@@ -78,9 +78,18 @@ fn create(config_path: &Path, out: &Path) -> anyhow::Result<snapshot::Written> {
     };
     let written = match config::load_any(config_path)? {
         AnyConfig::Agent(cfg) => {
-            let store =
-                LocalStore::open(&cfg.data_dir, 4 << 20, Durability::ProcessCrash, u64::MAX)
-                    .map_err(in_use)?;
+            let dir = cfg.snapshot_dir();
+            let out = out.unwrap_or(&dir);
+            let store = match LocalStore::open(
+                &cfg.data_dir,
+                4 << 20,
+                Durability::ProcessCrash,
+                u64::MAX,
+            ) {
+                Ok(s) => s,
+                Err(e) if e.is_in_use() => return from_running_agent(&cfg, out),
+                Err(e) => return Err(e.into()),
+            };
             let meta = Meta {
                 store: "agent".into(),
                 node_id: Some(cfg.node_id.clone()),
@@ -90,6 +99,8 @@ fn create(config_path: &Path, out: &Path) -> anyhow::Result<snapshot::Written> {
             snapshot::create(store.db(), meta, out)?
         }
         AnyConfig::Aggregator(cfg) => {
+            let out =
+                out.ok_or_else(|| anyhow::anyhow!("--out: required for an aggregator's store"))?;
             let db = open_db(&cfg.data_dir, 16 << 20).map_err(in_use)?;
             let meta = Meta {
                 store: "aggregator".into(),
@@ -101,4 +112,29 @@ fn create(config_path: &Path, out: &Path) -> anyhow::Result<snapshot::Written> {
         }
     };
     Ok(written)
+}
+
+/// The agent holds its store: it takes the snapshot itself, into its
+/// snapshot dir, so it stays consistent with what it writes.
+fn from_running_agent(cfg: &config::AgentConfig, out: &Path) -> anyhow::Result<snapshot::Written> {
+    if out != cfg.snapshot_dir() {
+        anyhow::bail!(
+            "--out: the running agent writes snapshots into its snapshot dir {}; omit --out or stop the agent",
+            cfg.snapshot_dir().display()
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reply = rt
+        .block_on(crate::node::admin::request_snapshot(&cfg.data_dir))
+        .map_err(|e| anyhow::anyhow!("snapshot by the running agent: {e}"))?;
+    let path = std::path::PathBuf::from(reply["file"].as_str().unwrap_or_default());
+    let (manifest, sha256) = snapshot::verify(&path)?;
+    Ok(snapshot::Written {
+        bytes: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+        path,
+        sha256,
+        manifest,
+    })
 }

@@ -50,6 +50,7 @@ fn header_events(n: usize) -> Vec<Vec<Kind>> {
                 hash: Hash(hash.clone()),
                 parent_hash: Hash(parent.clone()),
                 timestamp: 1_700_000_000 + height as i64 * 12,
+                raw: None,
             };
             parent = hash;
             rec.push(Kind::Header(h.to_proto()));

@@ -110,6 +110,8 @@ impl query_server::Query for QueryService {
             agent_version: rec.agent_version.clone(),
             duplicates_ignored: rec.duplicates_ignored,
             dropped_events: rec.dropped_events,
+            last_snapshot: rec.last_snapshot.clone(),
+            last_snapshot_at_unix_ms: rec.last_snapshot_at_unix_ms,
         }))
     }
 

@@ -8,7 +8,7 @@ pub mod sim;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::model::{Header, HeaderRef, NodeStatus};
+use crate::model::{Hash, Header, HeaderRef, NodeStatus};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SourceError {
@@ -35,6 +35,21 @@ impl SourceError {
     }
 }
 
+/// Whether a header's served hash matches its contents (validation level
+/// `full`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// This chain's source cannot recompute hashes.
+    NotSupported,
+    Match,
+    /// The contents hash to `computed`, not to the served hash.
+    Mismatch {
+        computed: Hash,
+    },
+    /// The reply lacks what the recomputation needs; says what.
+    Unreadable(String),
+}
+
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
 
 /// What every chain source gives.
@@ -46,4 +61,18 @@ pub trait ChainSource: Send + Sync {
     fn status(&self) -> SourceFuture<'_, NodeStatus>;
     /// Which network the node is on (Ethereum: the decimal chain id).
     fn network_id(&self) -> SourceFuture<'_, String>;
+    /// Level `full`: recomputes the header's hash from its contents
+    /// (`Header::raw`) and compares it with the served one.
+    fn verify(&self, _header: &Header) -> Verification {
+        Verification::NotSupported
+    }
+    /// True when `verify` does more than answer `NotSupported`.
+    fn can_verify(&self) -> bool {
+        false
+    }
+    /// Level `comprehensive`: the header's own fields against the protocol's
+    /// bounds, one line per field out of bounds.
+    fn check_fields(&self, _header: &Header) -> Vec<String> {
+        Vec::new()
+    }
 }

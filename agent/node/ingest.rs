@@ -12,7 +12,7 @@ use super::breaker::{Breaker, Transition};
 use super::validate::{Observation, Validate};
 use super::Ping;
 use crate::chain::{ChainSource, SourceError};
-use crate::config::SourceConfig;
+use crate::config::{SourceConfig, ValidateConfig, ValidationLevel};
 use crate::model::Header;
 use crate::store::local::LocalStore;
 
@@ -21,7 +21,7 @@ pub struct Ingest {
     store: LocalStore,
     validate: Addr<Validate>,
     cfg: SourceConfig,
-    max_reorg_depth: u64,
+    walk: Walk,
     breaker: Breaker,
     last_status: Option<Instant>,
     span: tracing::Span,
@@ -35,6 +35,24 @@ pub struct Ingest {
 #[rtype(result = "()")]
 struct Tick;
 
+/// What validation needs from a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Walk {
+    /// How far back a reorg is followed.
+    pub max_reorg_depth: u64,
+    /// Level `minimal`: fetch the head alone; no walk, no status.
+    pub head_only: bool,
+}
+
+impl Walk {
+    pub fn of(v: &ValidateConfig) -> Walk {
+        Walk {
+            max_reorg_depth: v.max_reorg_depth,
+            head_only: v.level == ValidationLevel::Minimal,
+        }
+    }
+}
+
 /// Stop polling (graceful shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -46,7 +64,7 @@ impl Ingest {
         store: LocalStore,
         validate: Addr<Validate>,
         cfg: SourceConfig,
-        max_reorg_depth: u64,
+        walk: Walk,
         span: tracing::Span,
         fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Ingest {
@@ -55,7 +73,7 @@ impl Ingest {
             source,
             store,
             validate,
-            max_reorg_depth,
+            walk,
             breaker,
             last_status: None,
             network_checked: cfg.network_id.is_none(),
@@ -94,13 +112,14 @@ impl Handler<Ping> for Ingest {
 }
 
 /// The live part of a reloaded config: poll and status intervals, the
-/// breaker, the per-poll header limit and the reorg depth. The URL, timeout
+/// breaker, the per-poll header limit, the reorg depth and whether to fetch
+/// the head alone. The URL, timeout
 /// and reply cap belong to the RPC client, made once at start.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reconfigure {
     pub source: SourceConfig,
-    pub max_reorg_depth: u64,
+    pub walk: Walk,
 }
 
 impl Handler<Reconfigure> for Ingest {
@@ -112,7 +131,7 @@ impl Handler<Reconfigure> for Ingest {
         self.cfg.breaker_failures = new.breaker_failures;
         self.cfg.backoff_max = new.backoff_max;
         self.cfg.max_headers_per_poll = new.max_headers_per_poll;
-        self.max_reorg_depth = msg.max_reorg_depth;
+        self.walk = msg.walk;
         self.breaker
             .retune(new.breaker_failures, new.poll_interval, new.backoff_max);
     }
@@ -136,7 +155,7 @@ impl Handler<Tick> for Ingest {
         let store = self.store.clone();
         let validate = self.validate.clone();
         let max_per_poll = self.cfg.max_headers_per_poll;
-        let max_depth = self.max_reorg_depth;
+        let walk = self.walk;
         let check_network = (!self.network_checked)
             .then(|| self.cfg.network_id.clone())
             .flatten();
@@ -150,8 +169,16 @@ impl Handler<Tick> for Ingest {
                     return Ok(Polled::WrongNetwork { actual, expected });
                 }
             }
-            let chain = poll_chain(source.as_ref(), &store, max_per_poll, max_depth).await?;
-            let status = if want_status {
+            let chain = if walk.head_only {
+                poll_head(source.as_ref(), &store).await?
+            } else {
+                poll_chain(source.as_ref(), &store, max_per_poll, walk.max_reorg_depth).await?
+            };
+            let status = if want_status && walk.head_only {
+                // Level minimal reads no peers or sync state; the empty
+                // status still carries head, reachability and latency.
+                Some(crate::model::NodeStatus::default())
+            } else if want_status {
                 match source.status().await {
                     Ok(s) => Some(s),
                     Err(e) => {
@@ -230,6 +257,24 @@ enum Polled {
 pub struct ChainStep {
     pub headers: Vec<Header>,
     pub linked: bool,
+}
+
+/// One poll at level `minimal`: the node's head header, when it changed.
+pub async fn poll_head(
+    source: &dyn ChainSource,
+    store: &LocalStore,
+) -> Result<Option<ChainStep>, SourceError> {
+    let head = source.head().await?;
+    let known = store
+        .head()
+        .map_err(|e| SourceError::Malformed(e.to_string()))?;
+    if known.is_some_and(|k| k.height == head.height && k.hash == head.hash) {
+        return Ok(None);
+    }
+    Ok(Some(ChainStep {
+        headers: vec![source.header(head.height).await?],
+        linked: true,
+    }))
 }
 
 /// One poll: the node's head, then whatever headers the store lacks or

@@ -5,9 +5,11 @@
 //! binary aborts on panic and systemd restarts it); an actor that hits an
 //! error it cannot handle stops itself and its supervisor restarts it.
 
+pub mod admin;
 pub mod breaker;
 pub mod ingest;
 pub mod report;
+pub mod snapshot;
 pub mod validate;
 
 use std::sync::Arc;
@@ -24,8 +26,9 @@ use crate::reload;
 use crate::service::{self, Signal, Signals};
 use crate::store::local::LocalStore;
 use crate::tls::Identity;
-use ingest::Ingest;
+use ingest::{Ingest, Walk};
 use report::Report;
+use snapshot::Snapshots;
 use validate::Validate;
 
 /// Liveness probe: an actor that answers is processing its mailbox.
@@ -39,6 +42,8 @@ pub enum AgentError {
     Store(#[from] crate::store::StoreError),
     #[error("report.cert: {0}")]
     Identity(String),
+    #[error("{0}")]
+    Unrecoverable(String),
 }
 
 /// Config keys a reload applies without a restart (tables cover every key
@@ -51,6 +56,9 @@ pub const LIVE_KEYS: &[&str] = &[
     "source.max_headers_per_poll",
     "validate",
     "store.retain_headers",
+    "snapshot.interval",
+    "snapshot.keep",
+    "snapshot.max_age",
 ];
 
 /// A running agent.
@@ -68,6 +76,7 @@ struct Actors {
     ingest: Addr<Ingest>,
     validate: Addr<Validate>,
     report: Addr<Report>,
+    snapshots: Addr<Snapshots>,
 }
 
 impl Actors {
@@ -77,6 +86,7 @@ impl Actors {
         ok(tokio::time::timeout(timeout, self.ingest.send(Ping)).await)
             && ok(tokio::time::timeout(timeout, self.validate.send(Ping)).await)
             && ok(tokio::time::timeout(timeout, self.report.send(Ping)).await)
+            && ok(tokio::time::timeout(timeout, self.snapshots.send(Ping)).await)
     }
 }
 
@@ -115,12 +125,7 @@ impl Agent {
                 source: e,
             }
         })?;
-        let store = LocalStore::open(
-            &cfg.data_dir,
-            cfg.store.cache_bytes,
-            cfg.store.durability,
-            cfg.store.outbox_quota_bytes,
-        )?;
+        let (store, recovered) = open_or_recover(cfg)?;
         let latency = Latency::new();
         let source = source_for(cfg, latency.clone());
         let chain = source.chain();
@@ -137,20 +142,30 @@ impl Agent {
             "agent starting"
         );
 
-        let (vstore, vcfg, retain, vspan) = (
+        let (vstore, checks, vcfg, retain, vspan) = (
             store.clone(),
+            source.clone(),
             cfg.validate.clone(),
             cfg.store.retain_headers,
             span("validate"),
         );
-        let validate =
-            Supervisor::start(move |_| Validate::new(vstore, vcfg, retain, latency, vspan));
+        let validate = Supervisor::start(move |_| {
+            Validate::new(vstore, checks, vcfg, retain, latency, vspan).recovered(recovered)
+        });
+        let (v, snapcfg, snapdir, id, sspan) = (
+            validate.clone(),
+            cfg.snapshot.clone(),
+            cfg.snapshot_dir(),
+            cfg.node_id.clone(),
+            span("snapshot"),
+        );
+        let snapshots = Supervisor::start(move |_| Snapshots::new(v, snapcfg, snapdir, id, sspan));
 
         let (fatal_tx, fatal) = tokio::sync::watch::channel(None);
         let (istore, scfg, depth, ispan, v) = (
             store.clone(),
             cfg.source.clone(),
-            cfg.validate.max_reorg_depth,
+            Walk::of(&cfg.validate),
             span("ingest"),
             validate.clone(),
         );
@@ -173,6 +188,7 @@ impl Agent {
                 ingest,
                 validate,
                 report,
+                snapshots,
             },
             fatal,
         })
@@ -189,7 +205,7 @@ impl Agent {
             .ingest
             .send(ingest::Reconfigure {
                 source: cfg.source.clone(),
-                max_reorg_depth: cfg.validate.max_reorg_depth,
+                walk: Walk::of(&cfg.validate),
             })
             .await;
         let _ = self
@@ -199,6 +215,11 @@ impl Agent {
                 cfg: cfg.validate.clone(),
                 retain_headers: cfg.store.retain_headers,
             })
+            .await;
+        let _ = self
+            .actors
+            .snapshots
+            .send(snapshot::Reconfigure(cfg.snapshot.clone()))
             .await;
     }
 
@@ -211,8 +232,89 @@ impl Agent {
         let _ = self.actors.report.send(report::Shutdown).await;
         if let Err(e) = self.store.flush().await {
             tracing::error!(node_id = %self.node_id, "final flush failed: {e}");
+        } else if let Err(e) = self.store.write_witness() {
+            tracing::warn!(node_id = %self.node_id, "store witness not written: {e}");
         }
     }
+}
+
+/// Opens the store and checks it. A store that will not open or fails its
+/// check is moved aside and replaced by the newest snapshot that verifies;
+/// the second value is then the summary of the `store-recovered` finding.
+fn open_or_recover(cfg: &AgentConfig) -> Result<(LocalStore, Option<String>), AgentError> {
+    let open = || {
+        let s = LocalStore::open(
+            &cfg.data_dir,
+            cfg.store.cache_bytes,
+            cfg.store.durability,
+            cfg.store.outbox_quota_bytes,
+        )?;
+        s.check()?;
+        Ok::<_, crate::store::StoreError>(s)
+    };
+    let witness = LocalStore::witness(&cfg.data_dir);
+    // The store's last seq when it opens but holds less than its witness.
+    let (broken, kept_seq) = match open() {
+        Ok(s) => match witness.filter(|w| s.last_seq() < *w) {
+            None => return Ok((s, None)),
+            Some(w) => (
+                format!(
+                    "it holds events up to seq {}, but had reached seq {w}: sled dropped a damaged part of its log",
+                    s.last_seq()
+                ),
+                Some(s.last_seq()),
+            ),
+        },
+        Err(e) if e.is_in_use() => return Err(e.into()),
+        Err(e) => (e.to_string(), None),
+    };
+    let dir = cfg.snapshot_dir();
+    let unrecoverable = |why: String| {
+        AgentError::Unrecoverable(format!(
+            "the store at {} is unusable ({broken}) and {why}; move it aside to start with an empty store",
+            cfg.data_dir.display()
+        ))
+    };
+    let (newest, skipped) = crate::store::snapshot::newest_valid(&dir, &cfg.node_id)
+        .map_err(|e| unrecoverable(format!("the snapshots cannot be read: {e}")))?;
+    for s in &skipped {
+        tracing::warn!("snapshot passed over: {s}");
+    }
+    let newest = newest.filter(|(_, m)| kept_seq.is_none_or(|k| m.last_seq.unwrap_or(0) > k));
+    let Some((snap, manifest)) = newest else {
+        if let Some(kept) = kept_seq {
+            // The store opens and no snapshot holds more: go on with it.
+            let summary = format!(
+                "store at {}: {broken}; no snapshot in {} holds more, so the store is kept as it is (last seq {kept})",
+                cfg.data_dir.display(),
+                dir.display()
+            );
+            tracing::error!(node_id = %cfg.node_id, "{summary}");
+            return Ok((open()?, Some(summary)));
+        }
+        return Err(unrecoverable(format!(
+            "no snapshot of {} in {} verifies",
+            cfg.node_id,
+            dir.display()
+        )));
+    };
+    let (_, aside) = crate::store::snapshot::restore(&snap, &cfg.data_dir, true)
+        .map_err(|e| unrecoverable(format!("restoring {} failed: {e}", snap.display())))?;
+    let aside = aside.map_or("-".into(), |a| a.display().to_string());
+    let summary = format!(
+        "store at {} was unusable ({broken}); moved it to {aside} and restored {} (last seq {}, head {}); later events are re-read from the node",
+        cfg.data_dir.display(),
+        snap.display(),
+        manifest.last_seq.unwrap_or(0),
+        manifest.head_height.map_or("-".into(), |h| h.to_string()),
+    );
+    tracing::error!(
+        node_id = %cfg.node_id,
+        broken_store = %aside,
+        snapshot = %snap.display(),
+        "{summary}"
+    );
+    Ok((open()?, Some(summary)))
 }
 
 /// Re-reads the config file on SIGHUP. A config that fails validation is
@@ -244,6 +346,13 @@ impl Reloader {
 pub async fn run(cfg: AgentConfig, path: &std::path::Path) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     let agent = Agent::start(&cfg)?;
+    match admin::serve(&cfg.data_dir, agent.actors.snapshots.clone()) {
+        Ok(path) => tracing::info!(socket = %path.display(), "admin endpoint listening"),
+        Err(e) => tracing::warn!(
+            "admin endpoint unavailable at {}: {e}",
+            admin::socket_path(&cfg.data_dir).display()
+        ),
+    }
     let mut reloader = Reloader {
         path: path.to_path_buf(),
         started: cfg.clone(),

@@ -1,10 +1,12 @@
 //! Validate: judges what Ingest saw. Checks linkage and height, detects
-//! reorgs (depth and fork point), stalls, an unreachable node and syncing,
-//! and writes headers, findings and status with their events in one atomic
+//! reorgs (depth and fork point), stalls, an unreachable node and syncing;
+//! at the higher validation levels also each header's timestamp, fields and
+//! hash. It writes headers, findings and status with their events in one atomic
 //! store commit, then makes them durable. A finding opens once and resolves
 //! once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -12,11 +14,69 @@ use tracing::Instrument;
 
 use super::ingest::ChainStep;
 use super::Ping;
-use crate::config::ValidateConfig;
+use crate::chain::{ChainSource, Verification};
+use crate::config::{ValidateConfig, ValidationLevel};
 use crate::latency::Latency;
 use crate::model::{hex, now_unix_ms, Header, NodeStatus};
 use crate::proto::{self, event::Kind, FindingKind, FindingState, Severity};
 use crate::store::local::{Commit, LocalStore};
+
+/// How often the store's witness file is rewritten while events flow.
+const WITNESS_EVERY: Duration = Duration::from_secs(5);
+
+/// One thing wrong with a header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub text: String,
+    /// The header cannot be what the chain holds (its hash does not match).
+    pub critical: bool,
+}
+
+/// What levels `comprehensive` and `full` find wrong with one header.
+/// `parent` is the header below it when known; `now_s` this host's clock.
+pub fn header_problems(
+    level: ValidationLevel,
+    checks: &dyn ChainSource,
+    h: &Header,
+    parent: Option<&Header>,
+    now_s: i64,
+    future_tolerance: Duration,
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if level < ValidationLevel::Comprehensive {
+        return out;
+    }
+    let warn = |text: String| Problem {
+        text,
+        critical: false,
+    };
+    let ahead = h.timestamp - now_s;
+    if ahead > future_tolerance.as_secs() as i64 {
+        out.push(warn(format!(
+            "timestamp {} is {ahead}s ahead of this host's clock (tolerance {}s)",
+            h.timestamp,
+            future_tolerance.as_secs()
+        )));
+    }
+    if let Some(p) = parent.filter(|p| p.timestamp > h.timestamp) {
+        out.push(warn(format!(
+            "timestamp {} is before its parent's ({})",
+            h.timestamp, p.timestamp
+        )));
+    }
+    out.extend(checks.check_fields(h).into_iter().map(warn));
+    if level >= ValidationLevel::Full {
+        match checks.verify(h) {
+            Verification::Mismatch { computed } => out.push(Problem {
+                text: format!("served hash does not match its contents, which hash to {computed}"),
+                critical: true,
+            }),
+            Verification::Unreadable(e) => out.push(warn(format!("hash not recomputable: {e}"))),
+            Verification::Match | Verification::NotSupported => {}
+        }
+    }
+    out
+}
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -32,6 +92,8 @@ pub enum Observation {
 
 pub struct Validate {
     store: LocalStore,
+    /// The chain's own header checks (levels `comprehensive` and `full`).
+    checks: Arc<dyn ChainSource>,
     cfg: ValidateConfig,
     retain_headers: u64,
     latency: Latency,
@@ -39,6 +101,11 @@ pub struct Validate {
     /// Open findings by kind, as the store has them.
     open: HashMap<i32, proto::Finding>,
     head: Option<Header>,
+    /// Set when the store was restored from a snapshot at start-up: the
+    /// summary of the `store-recovered` finding to raise.
+    recovered: Option<String>,
+    /// When the store's witness file was last written.
+    witness_at: Option<Instant>,
     last_advance: Instant,
     reachable: bool,
     status: NodeStatus,
@@ -47,6 +114,7 @@ pub struct Validate {
 impl Validate {
     pub fn new(
         store: LocalStore,
+        checks: Arc<dyn ChainSource>,
         cfg: ValidateConfig,
         retain_headers: u64,
         latency: Latency,
@@ -54,12 +122,15 @@ impl Validate {
     ) -> Validate {
         let mut v = Validate {
             store,
+            checks,
             cfg,
             retain_headers,
             latency,
             span,
             open: HashMap::new(),
             head: None,
+            recovered: None,
+            witness_at: None,
             last_advance: Instant::now(),
             reachable: true,
             status: NodeStatus::default(),
@@ -80,6 +151,19 @@ impl Validate {
             (Err(e), _) | (_, Err(e)) => tracing::error!("cannot read the store: {e}"),
         }
         self.last_advance = Instant::now();
+    }
+
+    fn announce_level(&self) {
+        let _g = self.span.enter();
+        let level = self.cfg.level;
+        if level == ValidationLevel::Full && !self.checks.can_verify() {
+            tracing::warn!(
+                level = level.label(),
+                "this chain's source cannot recompute header hashes; level full checks what comprehensive does"
+            );
+        } else {
+            tracing::info!(level = level.label(), "validation level");
+        }
     }
 
     fn stall_after(&self) -> Duration {
@@ -157,7 +241,8 @@ impl Validate {
         };
         let old_head = self.head.clone();
         let mut findings = Vec::new();
-        if !step.linked {
+        let standard = self.cfg.level >= ValidationLevel::Standard;
+        if standard && !step.linked {
             findings.push(self.occurred(
                 FindingKind::Linkage,
                 Severity::Critical,
@@ -177,7 +262,7 @@ impl Validate {
                 ));
             }
         }
-        if let Some(old) = &old_head {
+        if let Some(old) = old_head.as_ref().filter(|_| standard) {
             if first.height <= old.height {
                 // None when even the genesis block differs: a different chain.
                 let fork_point = first.height.checked_sub(1);
@@ -207,6 +292,39 @@ impl Validate {
                     f.depth = Some(depth);
                     findings.push(f);
                 }
+            }
+        }
+        if self.cfg.level >= ValidationLevel::Comprehensive {
+            let mut parent = self
+                .store
+                .header(first.height.saturating_sub(1))
+                .map_err(|e| e.to_string())?
+                .filter(|p| first.height > 0 && p.hash == first.parent_hash);
+            for h in &step.headers {
+                let problems = header_problems(
+                    self.cfg.level,
+                    self.checks.as_ref(),
+                    h,
+                    parent.as_ref(),
+                    now_ms / 1000,
+                    self.cfg.future_tolerance,
+                );
+                if !problems.is_empty() {
+                    let critical = problems.iter().any(|p| p.critical);
+                    let text: Vec<&str> = problems.iter().map(|p| p.text.as_str()).collect();
+                    findings.push(self.occurred(
+                        FindingKind::InvalidHeader,
+                        if critical {
+                            Severity::Critical
+                        } else {
+                            Severity::Warning
+                        },
+                        h.height,
+                        format!("header {} ({}): {}", h.height, h.hash, text.join("; ")),
+                        now_ms,
+                    ));
+                }
+                parent = Some(h.clone());
             }
         }
         let new_head = step.headers.last().cloned().unwrap_or(first);
@@ -247,7 +365,10 @@ impl Validate {
 
     fn judge_status(&mut self, status: NodeStatus, commit: &mut Commit, now_ms: i64) {
         let mut findings = Vec::new();
-        match status.syncing {
+        let syncing = status
+            .syncing
+            .filter(|_| self.cfg.level >= ValidationLevel::Standard);
+        match syncing {
             Some(true) => findings.extend(self.open_finding(
                 FindingKind::Syncing,
                 Severity::Warning,
@@ -313,16 +434,26 @@ impl Validate {
         let store = self.store.clone();
         let flush = async move { store.flush().await }.instrument(self.span.clone());
         Box::pin(flush.into_actor(self).map(|res, act, ctx| {
+            let _g = act.span.clone().entered();
             if let Err(e) = res {
-                let _g = act.span.enter();
                 tracing::error!("store flush failed: {e}; validate restarts");
                 ctx.stop();
+                return;
+            }
+            if act.witness_at.is_none_or(|t| t.elapsed() >= WITNESS_EVERY) {
+                act.witness_at = Some(Instant::now());
+                if let Err(e) = act.store.write_witness() {
+                    tracing::warn!("store witness not written: {e}");
+                }
             }
         }))
     }
 
     fn check_stall(&mut self, ctx: &mut Context<Self>) {
         let _g = self.span.clone().entered();
+        if self.cfg.level < ValidationLevel::Standard {
+            return;
+        }
         if !self.reachable || self.open.contains_key(&(FindingKind::Stall as i32)) {
             return;
         }
@@ -353,10 +484,37 @@ impl Validate {
     }
 }
 
+impl Validate {
+    /// Raises `store-recovered` once the actor runs.
+    pub fn recovered(mut self, summary: Option<String>) -> Validate {
+        self.recovered = summary;
+        self
+    }
+}
+
 impl Actor for Validate {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.announce_level();
+        if let Some(summary) = self.recovered.take() {
+            let _g = self.span.clone().entered();
+            let height = self.head.as_ref().map_or(0, |h| h.height);
+            let f = self.occurred(
+                FindingKind::StoreRecovered,
+                Severity::Critical,
+                height,
+                summary,
+                now_unix_ms(),
+            );
+            let commit = Commit {
+                events: vec![Kind::Finding(f.clone())],
+                findings: vec![f],
+                ..Default::default()
+            };
+            let write = self.write(commit, ctx);
+            ctx.wait(write);
+        }
         let every = (self.cfg.expected_block_time / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(1));
         ctx.run_interval(every, |act, ctx| act.check_stall(ctx));
@@ -384,6 +542,68 @@ impl Handler<Reconfigure> for Validate {
     fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
         self.cfg = msg.cfg;
         self.retain_headers = msg.retain_headers;
+        self.announce_level();
+    }
+}
+
+/// Writes a snapshot of the store into `dir`. No commit happens while it
+/// runs (the mailbox waits), so the snapshot holds exactly the events up to
+/// its last seq. The snapshot is then reported as an event.
+#[derive(Message)]
+#[rtype(result = "Result<crate::store::snapshot::Written, String>")]
+pub struct TakeSnapshot {
+    pub dir: std::path::PathBuf,
+    pub node_id: String,
+}
+
+impl Handler<TakeSnapshot> for Validate {
+    type Result = ResponseFuture<Result<crate::store::snapshot::Written, String>>;
+
+    fn handle(&mut self, msg: TakeSnapshot, ctx: &mut Context<Self>) -> Self::Result {
+        use crate::store::snapshot::{self, Meta};
+        let meta = Meta {
+            store: "agent".into(),
+            node_id: Some(msg.node_id),
+            last_seq: Some(self.store.last_seq()),
+            head_height: self.head.as_ref().map(|h| h.height),
+        };
+        let db = self.store.db().clone();
+        let dir = msg.dir;
+        let started = Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work = async move {
+            tokio::task::spawn_blocking(move || snapshot::create(&db, meta, &dir))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        };
+        ctx.wait(work.into_actor(self).map(move |result, act, ctx| {
+            if let Ok(w) = &result {
+                let taken = proto::SnapshotTaken {
+                    file: w
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    bytes: w.bytes,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    sha256: w.sha256.clone(),
+                    last_seq: w.manifest.last_seq.unwrap_or(0),
+                    head_height: w.manifest.head_height.unwrap_or(0),
+                };
+                let commit = Commit {
+                    events: vec![Kind::Snapshot(taken)],
+                    ..Default::default()
+                };
+                let write = act.write(commit, ctx);
+                ctx.spawn(write);
+            }
+            let _ = tx.send(result);
+        }));
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err("the validate actor stopped".into()))
+        })
     }
 }
 
@@ -445,5 +665,79 @@ impl Handler<Observation> for Validate {
             }
         }
         self.write(commit, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::ethereum::{parse_block, EthereumSource};
+    use crate::chain::rpc::JsonRpcClient;
+
+    fn anvil_header() -> (EthereumSource, Header) {
+        let source = EthereumSource::new(JsonRpcClient::new(
+            "http://127.0.0.1:1",
+            Duration::from_secs(1),
+            1 << 20,
+            Latency::new(),
+        ));
+        let block = serde_json::from_str(include_str!("../chain/testdata/anvil-prague-block.json"))
+            .unwrap();
+        (source, parse_block(&block).unwrap())
+    }
+
+    #[test]
+    fn timestamps_are_checked_against_the_clock_and_the_parent() {
+        let (source, h) = anvil_header();
+        let tolerance = Duration::from_secs(15);
+        let check = |level, parent: Option<&Header>, now: i64| {
+            header_problems(level, &source, &h, parent, now, tolerance)
+        };
+        let t = h.timestamp;
+        let mut parent = h.clone();
+        assert!(check(ValidationLevel::Full, Some(&parent), t).is_empty());
+        // Equal to the parent's is allowed; one second later is not.
+        parent.timestamp = t + 1;
+        let p = check(ValidationLevel::Comprehensive, Some(&parent), t);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].text.contains("before its parent's"), "{p:?}");
+        assert!(!p[0].critical);
+        // 15 s ahead of the clock is tolerated, 16 s is not.
+        assert!(check(ValidationLevel::Comprehensive, None, t - 15).is_empty());
+        let p = check(ValidationLevel::Comprehensive, None, t - 16);
+        assert!(
+            p[0].text.contains("16s ahead of this host's clock"),
+            "{p:?}"
+        );
+        // Levels below comprehensive look at none of it.
+        assert!(check(ValidationLevel::Standard, Some(&parent), t - 100).is_empty());
+    }
+
+    #[test]
+    fn only_level_full_recomputes_the_hash() {
+        let (source, mut h) = anvil_header();
+        h.hash.0[0] ^= 1;
+        assert!(header_problems(
+            ValidationLevel::Comprehensive,
+            &source,
+            &h,
+            None,
+            h.timestamp,
+            Duration::from_secs(15)
+        )
+        .is_empty());
+        let p = header_problems(
+            ValidationLevel::Full,
+            &source,
+            &h,
+            None,
+            h.timestamp,
+            Duration::from_secs(15),
+        );
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].critical && p[0].text.contains("does not match"),
+            "{p:?}"
+        );
     }
 }

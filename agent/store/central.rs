@@ -203,6 +203,10 @@ impl CentralStore {
                     batch.insert(k, f.encode_to_vec());
                 }
                 Some(Kind::Gap(g)) => rec.dropped_events += g.dropped,
+                Some(Kind::Snapshot(s)) => {
+                    rec.last_snapshot = Some(s.clone());
+                    rec.last_snapshot_at_unix_ms = e.at_unix_ms;
+                }
                 None => {}
             }
             rec.last_seq = last;

@@ -20,6 +20,13 @@ const NEXT_SEQ: &[u8] = b"mnext_seq";
 const OUTBOX_BYTES: &[u8] = b"moutbox_bytes";
 const DROPPED: &[u8] = b"mdropped";
 const STATUS: &[u8] = b"mstatus";
+/// The last seq the store held when it was opened and the aggregator had not
+/// yet confirmed it: events up to it were assigned before, and the aggregator
+/// may hold them; events above it are this run's. Cleared at the first
+/// reconcile.
+const UNCONFIRMED_AFTER: &[u8] = b"munconfirmed_after";
+/// The witness file's name in the store's directory.
+const WITNESS: &str = "outpost-witness";
 
 /// Counters guarded together: the seq counter and the outbox size change in
 /// the same batches.
@@ -83,6 +90,9 @@ impl LocalStore {
         let db = super::open_db(dir, cache_bytes)?;
         let tree = db.open_tree("agent")?;
         let next_seq = u64_value(tree.get(NEXT_SEQ)?).max(1);
+        if tree.get(UNCONFIRMED_AFTER)?.is_none() {
+            tree.insert(UNCONFIRMED_AFTER, &(next_seq - 1).to_be_bytes())?;
+        }
         let counters = Counters {
             next_seq,
             outbox_bytes: u64_value(tree.get(OUTBOX_BYTES)?),
@@ -121,6 +131,63 @@ impl LocalStore {
 
     pub fn outbox_bytes(&self) -> u64 {
         self.counters().outbox_bytes
+    }
+
+    /// Records, in a small file beside sled's own, the highest seq known to
+    /// be durable. sled recovers from a damaged log by dropping everything
+    /// after the damage, and opens without an error; a store that opens
+    /// holding less than its witness says has lost events.
+    pub fn write_witness(&self) -> Result<(), StoreError> {
+        let seq = *self.durable_tx.borrow();
+        let path = self.dir.join(WITNESS);
+        let tmp = self.dir.join(format!(".{WITNESS}.tmp"));
+        std::fs::write(&tmp, format!("{seq}\n"))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|source| StoreError::Sync { path, source })
+    }
+
+    /// The seq the store's witness file holds, if there is one.
+    pub fn witness(dir: &Path) -> Option<u64> {
+        std::fs::read_to_string(dir.join(WITNESS))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Reads every entry back and checks that it decodes and that the outbox
+    /// lies below the seq counter: the start-up integrity check.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let next_seq = self.counters().next_seq;
+        let corrupt = |key: &[u8], reason: String| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason,
+        };
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            match k.first() {
+                Some(b'h') => {
+                    decode::<proto::Header>(&k, &v)?;
+                }
+                Some(b'f') | Some(b'k') => {
+                    decode::<proto::Finding>(&k, &v)?;
+                }
+                Some(b'o') => {
+                    let (last, batch) = decode_record(&k, &v)?;
+                    if last >= next_seq || batch.events.last().map(event_last_seq) != Some(last) {
+                        return Err(corrupt(
+                            &k,
+                            format!(
+                                "outbox record ends at seq {last}, the counter is at {next_seq}"
+                            ),
+                        ));
+                    }
+                }
+                Some(b'm') => {}
+                _ => return Err(corrupt(&k, "unknown key".into())),
+            }
+        }
+        Ok(())
     }
 
     /// Seqs up to this one are on disk and may be sent.
@@ -354,21 +421,33 @@ impl LocalStore {
     }
 
     /// Lines the store up with what the aggregator holds (`aggregator_last`).
-    /// Normally that drops what it already has. If the aggregator holds more
-    /// than this store ever assigned (the store was restored or lost its tail
-    /// in a power loss), pending events get fresh seqs above the aggregator's
-    /// so none is mistaken for a duplicate, and the counter continues from there.
-    /// Returns how many events were renumbered.
+    /// Normally that drops what it already has. If the aggregator holds seqs
+    /// above what this store held when it was opened (the store was restored
+    /// from a snapshot or lost its tail in a power loss), the events the store
+    /// held at opening are ones the aggregator already has, and are dropped;
+    /// the events made since reuse seqs the aggregator holds for other events,
+    /// so they get fresh seqs above the aggregator's, and the counter
+    /// continues from there. Returns how many events were renumbered.
     pub fn reconcile(&self, aggregator_last: u64) -> Result<u64, StoreError> {
         let local_last = self.last_seq();
-        if aggregator_last <= local_last {
+        let held_at_open = self
+            .tree
+            .get(UNCONFIRMED_AFTER)?
+            .map_or(local_last, |v| u64_value(Some(v)));
+        if aggregator_last <= held_at_open {
             self.ack(aggregator_last)?;
+            self.tree.remove(UNCONFIRMED_AFTER)?;
             return Ok(0);
         }
+        self.ack(held_at_open)?;
         let mut c = self.counters();
         let mut batch = sled::Batch::default();
+        batch.remove(UNCONFIRMED_AFTER);
         let mut next = aggregator_last + 1;
         let mut renumbered = 0;
+        // A batch keeps the last operation per key: every old key is removed
+        // first, so a new key equal to an old one is not removed again.
+        let mut moved = Vec::new();
         for kv in self.tree.scan_prefix(b"o") {
             let (k, v) = kv?;
             let (_, mut record) = decode_record(&k, &v)?;
@@ -386,7 +465,10 @@ impl LocalStore {
                 renumbered += 1;
             }
             batch.remove(k);
-            batch.insert(key_u64(b"o", first), encode_record(next - 1, &record));
+            moved.push((key_u64(b"o", first), encode_record(next - 1, &record)));
+        }
+        for (k, v) in moved {
+            batch.insert(k, v);
         }
         batch.insert(NEXT_SEQ, &next.to_be_bytes());
         self.tree.apply_batch(batch)?;
@@ -502,6 +584,7 @@ mod tests {
             hash: Hash(vec![h as u8; 32]),
             parent_hash: Hash(vec![h.wrapping_sub(1) as u8; 32]),
             timestamp: h as i64,
+            raw: None,
         }
     }
 
@@ -583,6 +666,67 @@ mod tests {
             s.commit(header_commit(3..=3), 0).unwrap().seqs,
             Some((13, 13))
         );
+    }
+
+    #[test]
+    fn a_restored_store_drops_what_the_aggregator_holds_and_renumbers_only_new_events() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Events 1..=5 were sent before the store was lost; the snapshot
+            // still has them pending.
+            let s = open(dir.path(), 1 << 20);
+            s.commit(header_commit(1..=5), 0).unwrap();
+            s.reconcile(0).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = open(dir.path(), 1 << 20);
+        // Made after the restore, before the aggregator was reached.
+        s.commit(header_commit(6..=7), 0).unwrap();
+        assert_eq!(s.reconcile(9).unwrap(), 2);
+        let events: Vec<(u64, u64)> = s
+            .records_after(0, 100)
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.batch.events.iter())
+            .map(|e| match &e.kind {
+                Some(Kind::Header(h)) => (e.seq, h.height),
+                _ => (e.seq, 0),
+            })
+            .collect();
+        assert_eq!(events, vec![(10, 6), (11, 7)]);
+        // Confirmed now: a later reconcile has nothing to renumber.
+        assert_eq!(
+            s.commit(header_commit(8..=8), 0).unwrap().seqs,
+            Some((12, 12))
+        );
+        assert_eq!(s.reconcile(11).unwrap(), 0);
+    }
+
+    #[test]
+    fn new_events_are_renumbered_even_when_the_store_got_past_the_aggregator() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Welcomed as a new node, then 1..=5 made, sent and acknowledged.
+            let s = open(dir.path(), 1 << 20);
+            s.reconcile(0).unwrap();
+            s.commit(header_commit(1..=5), 0).unwrap();
+            s.ack(5).unwrap();
+            s.db.flush().unwrap();
+        }
+        // Restored at seq 5 while the aggregator holds 7; four new events
+        // take seqs 6..=9, two of which the aggregator holds for others.
+        let s = open(dir.path(), 1 << 20);
+        // Two records, the second starting where the first moves to.
+        s.commit(header_commit(6..=7), 0).unwrap();
+        s.commit(header_commit(8..=9), 0).unwrap();
+        assert_eq!(s.reconcile(7).unwrap(), 4);
+        let seqs: Vec<u64> = s
+            .records_after(0, 100)
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.batch.events.iter().map(|e| e.seq))
+            .collect();
+        assert_eq!(seqs, vec![8, 9, 10, 11]);
     }
 
     #[test]

@@ -350,6 +350,79 @@ pub fn list(dir: &Path) -> Result<Vec<Listed>, SnapshotError> {
     Ok(out)
 }
 
+/// Retention: of the valid snapshots in `dir` of this store (`store` kind and
+/// `node_id`), keeps the newest `keep` and any younger than `max_age`, and
+/// deletes the rest. Files that do not verify are left for an operator to
+/// look at. Returns the deleted files.
+pub fn prune(
+    dir: &Path,
+    store: &str,
+    node_id: Option<&str>,
+    keep: usize,
+    max_age: Option<std::time::Duration>,
+    now_unix_ms: i64,
+) -> Result<Vec<PathBuf>, SnapshotError> {
+    let mut deleted = Vec::new();
+    let ours = list(dir)?.into_iter().filter_map(|(p, m)| {
+        m.ok()
+            .filter(|m| m.store == store && m.node_id.as_deref() == node_id)
+            .map(|m| (p, m))
+    });
+    for (i, (path, m)) in ours.enumerate() {
+        let age_ms = now_unix_ms.saturating_sub(m.created_unix_ms);
+        let young = max_age.is_some_and(|a| (age_ms as u128) < a.as_millis());
+        if i < keep || young {
+            continue;
+        }
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        deleted.push(path);
+    }
+    Ok(deleted)
+}
+
+/// Deletes temp files a crash mid-write left in `dir` (they never verify).
+pub fn remove_partial(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".outpost-")
+            && name.ends_with(".tmp")
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// The newest snapshot of an agent that verifies in full, if any, and why
+/// each newer one was passed over.
+pub type Newest = (Option<(PathBuf, Manifest)>, Vec<String>);
+
+/// The newest snapshot in `dir` of this agent that verifies in full.
+pub fn newest_valid(dir: &Path, node_id: &str) -> Result<Newest, SnapshotError> {
+    let mut skipped = Vec::new();
+    if !dir.exists() {
+        return Ok((None, skipped));
+    }
+    for (path, m) in list(dir)? {
+        match m {
+            Ok(m) if m.store == "agent" && m.node_id.as_deref() == Some(node_id) => {
+                match verify(&path) {
+                    Ok((m, _)) => return Ok((Some((path, m)), skipped)),
+                    Err(e) => skipped.push(e.to_string()),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => skipped.push(format!("{}: {e}", path.display())),
+        }
+    }
+    Ok((None, skipped))
+}
+
 /// Restores `path` into `data_dir`. Refuses a store that is open in another
 /// process, or one whose last seq is newer than the snapshot's, unless
 /// `force`. An existing store is moved aside, never deleted; returns where.
@@ -446,6 +519,7 @@ mod tests {
                 hash: Hash(vec![h as u8; 32]),
                 parent_hash: Hash(vec![h.wrapping_sub(1) as u8; 32]),
                 timestamp: h as i64,
+                raw: None,
             };
             let commit = Commit {
                 events: vec![Kind::Header(header.to_proto())],

@@ -14,7 +14,7 @@ use crate::harness::{hex, AgentOptions, Anvil, Solo};
 use crate::spine::wait_at_head;
 
 /// The aggregator's whole event log for a node.
-async fn event_log(q: &mut QueryClient<Channel>, node: &str) -> Vec<Event> {
+pub async fn event_log(q: &mut QueryClient<Channel>, node: &str) -> Vec<Event> {
     let mut out: Vec<Event> = Vec::new();
     let mut from = 0;
     loop {
@@ -41,7 +41,7 @@ async fn event_log(q: &mut QueryClient<Channel>, node: &str) -> Vec<Event> {
 /// gap and no repeat, and for every height from the first header to anvil's
 /// head, a header with anvil's hash (the newest header event per height wins,
 /// as after a reorg).
-async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &Anvil) -> usize {
+pub async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &Anvil) -> usize {
     let log = event_log(q, node).await;
     assert!(!log.is_empty());
     for (i, e) in log.iter().enumerate() {

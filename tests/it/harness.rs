@@ -114,6 +114,11 @@ impl World {
             .prefix("outpost-it-")
             .tempdir()
             .expect("temp dir");
+        let mut dir = dir;
+        // OUTPOST_IT_KEEP=1 keeps each test's dir (logs, stores) for a look afterwards.
+        if std::env::var_os("OUTPOST_IT_KEEP").is_some() {
+            dir.disable_cleanup(true);
+        }
         tls::init_pki(&dir.path().join("pki"), &[], 2).expect("CA");
         World { dir }
     }
@@ -362,6 +367,10 @@ pub struct AgentOptions {
     pub block_time: &'static str,
     pub stall_multiple: f64,
     pub extra_source: &'static str,
+    /// More `[validate]` keys, one per line.
+    pub extra_validate: &'static str,
+    /// More tables at the end of the config.
+    pub extra_tables: &'static str,
 }
 
 impl Default for AgentOptions {
@@ -371,6 +380,8 @@ impl Default for AgentOptions {
             block_time: "1s",
             stall_multiple: 3.0,
             extra_source: "",
+            extra_validate: "",
+            extra_tables: "",
         }
     }
 }
@@ -416,6 +427,7 @@ backoff_max = "1s"
 [validate]
 expected_block_time = "{bt}"
 stall_multiple = {sm}
+{extra_validate}
 [report]
 aggregator = "https://127.0.0.1:{port}"
 server_name = "localhost"
@@ -425,12 +437,15 @@ key = "{key}"
 heartbeat_interval = "1s"
 reconnect_min = "100ms"
 reconnect_max = "1s"
+{extra_tables}
 "#,
                 data = data_dir.display(),
                 poll = opts.poll_interval,
                 extra = opts.extra_source,
                 bt = opts.block_time,
                 sm = opts.stall_multiple,
+                extra_validate = opts.extra_validate,
+                extra_tables = opts.extra_tables,
                 port = agg.port,
                 ca = pki.ca_cert().display(),
                 cert = pki.cert(&format!("agent-{node_id}")).display(),
@@ -530,4 +545,62 @@ impl Solo {
             q,
         }
     }
+}
+
+/// A JSON-RPC proxy on loopback in front of `upstream`: every reply passes
+/// through `edit(request, reply)` before it goes back. Returns the proxy's URL.
+pub async fn rpc_proxy<F>(upstream: String, edit: F) -> String
+where
+    F: Fn(&Value, &mut Value) + Send + Sync + 'static,
+{
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+    use std::sync::Arc;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let edit = Arc::new(edit);
+    let client = reqwest::Client::new();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (edit, client, upstream) = (edit.clone(), client.clone(), upstream.clone());
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (edit, client, upstream) = (edit.clone(), client.clone(), upstream.clone());
+                async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let reply = match client
+                        .post(&upstream)
+                        .body(body.to_vec())
+                        .header("content-type", "application/json")
+                        .send()
+                        .await
+                    {
+                        Ok(r) => r.bytes().await.unwrap_or_default(),
+                        Err(_) => Bytes::new(),
+                    };
+                    let mut reply_json: Value =
+                        serde_json::from_slice(&reply).unwrap_or(Value::Null);
+                    edit(&request, &mut reply_json);
+                    let out = serde_json::to_vec(&reply_json).unwrap();
+                    Ok::<_, hyper::Error>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(out)))
+                            .unwrap(),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    url
 }

@@ -5,5 +5,7 @@ mod delivery;
 mod fleet;
 mod harness;
 mod journal;
+mod levels;
 mod mtls;
+mod snapshots;
 mod spine;

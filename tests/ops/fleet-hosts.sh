@@ -190,6 +190,15 @@ podman exec outpost-n1 journalctl -u outpost-agent --no-pager -o cat \
 [ "$(main_pid outpost-n1)" = "$pid" ] || fail "reload restarted the agent"
 pass "systemctl reload: expected_block_time 1s -> 2s applied in the same process"
 
+# --- a snapshot of the running agent, inside the unit's sandbox -----------------------
+out=$(podman exec outpost-n1 outpost snapshot create --config /etc/outpost/agent.toml 2>&1) \
+    || fail "snapshot of the running agent: $out"
+snap=$(printf '%s\n' "$out" | sed -n 's/^wrote \([^ ]*\) .*/\1/p')
+case "$snap" in /var/lib/outpost/agent-snapshots/*.snap) ;; *) fail "snapshot went to an unexpected place: $out" ;; esac
+podman exec outpost-n1 outpost snapshot verify "$snap" >/dev/null || fail "the agent's snapshot does not verify"
+[ "$(podman exec outpost-n1 stat -c %U "$snap")" = outpost ] || fail "the snapshot is not owned by outpost"
+pass "snapshot create asked the running agent; it wrote $snap under its StateDirectory"
+
 # --- an unhealthy host stops the rollout ------------------------------------------------
 podman exec outpost-n2 pkill -x anvil
 if play run4.log -e "outpost_package_path=$DEB3" -e outpost_serial=1 \
