@@ -30,7 +30,45 @@ pub struct AgentConfig {
     #[serde(default)]
     pub snapshot: SnapshotConfig,
     #[serde(default)]
+    pub host: HostConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// The host probe: what it samples and when a resource counts as too busy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// Time between samples; "0s" turns the probe off.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    /// Of the filesystems holding the node's data dir and Outpost's.
+    pub disk_percent: f64,
+    /// How long a resource must stay above its threshold before a finding opens.
+    #[serde(with = "humantime_serde")]
+    pub sustain: Duration,
+    /// The node's data dir, for its disk use.
+    pub node_data_dir: Option<PathBuf>,
+    /// The node's process: by pid file, else by exact process name.
+    pub node_pid_file: Option<PathBuf>,
+    pub node_process: Option<String>,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            interval: Duration::from_secs(15),
+            cpu_percent: 80.0,
+            memory_percent: 85.0,
+            disk_percent: 90.0,
+            sustain: Duration::from_secs(300),
+            node_data_dir: None,
+            node_pid_file: None,
+            node_process: None,
+        }
+    }
 }
 
 /// Scheduled snapshots of the agent's store, and their retention.

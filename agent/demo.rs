@@ -29,6 +29,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
         network: "simnet".into(),
         data_dir: dir.join(node),
         snapshot: Default::default(),
+        host: Default::default(),
         source: SourceConfig {
             kind: SourceKind::Ethereum,
             url: url.into(),

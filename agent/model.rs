@@ -120,6 +120,9 @@ impl proto::FindingKind {
             proto::FindingKind::NetworkStall => "network-stall",
             proto::FindingKind::InvalidHeader => "invalid-header",
             proto::FindingKind::StoreRecovered => "store-recovered",
+            proto::FindingKind::HostCpu => "host-cpu",
+            proto::FindingKind::HostMemory => "host-memory",
+            proto::FindingKind::HostDisk => "host-disk",
         }
     }
 
@@ -128,7 +131,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 13] = [
+pub const ALL_KINDS: [proto::FindingKind; 16] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -142,6 +145,9 @@ pub const ALL_KINDS: [proto::FindingKind; 13] = [
     proto::FindingKind::NetworkStall,
     proto::FindingKind::InvalidHeader,
     proto::FindingKind::StoreRecovered,
+    proto::FindingKind::HostCpu,
+    proto::FindingKind::HostMemory,
+    proto::FindingKind::HostDisk,
 ];
 
 impl proto::Verdict {

@@ -264,6 +264,16 @@ pub fn status_json(s: &NodeStatus) -> Value {
         "sync_highest_block": s.sync_highest_block,
         "rpc_latency": s.rpc_latency.as_ref().map(latency_json),
         "dropped_events": s.dropped_events,
+        "host": s.host.as_ref().map(|h| json!({
+            "cpu_percent": h.cpu_percent,
+            "memory_percent": h.memory_percent,
+            "disk_percent": h.disk_percent,
+            "disk_path": h.disk_path,
+            "node_cpu_percent": h.node_cpu_percent,
+            "node_rss_bytes": h.node_rss_bytes,
+            "outpost_cpu_percent": h.outpost_cpu_percent,
+            "outpost_rss_bytes": h.outpost_rss_bytes,
+        })),
     })
 }
 
@@ -478,6 +488,25 @@ fn node_text(v: &Value) -> String {
         v["dropped_events"],
         v["duplicates_ignored"],
     );
+    let host = &st["host"];
+    if !host.is_null() {
+        let pct = |v: &Value| v.as_f64().map_or("-".into(), |p| format!("{p:.1} %"));
+        let mib = |v: &Value| {
+            v.as_u64()
+                .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+        };
+        out.push_str(&format!(
+            "host      cpu {}  memory {}  disk {} ({})\nprocesses node cpu {} rss {}   outpost cpu {} rss {}\n",
+            pct(&host["cpu_percent"]),
+            pct(&host["memory_percent"]),
+            pct(&host["disk_percent"]),
+            host["disk_path"].as_str().unwrap_or(""),
+            pct(&host["node_cpu_percent"]),
+            mib(&host["node_rss_bytes"]),
+            pct(&host["outpost_cpu_percent"]),
+            mib(&host["outpost_rss_bytes"]),
+        ));
+    }
     let snap = &v["last_snapshot"];
     if snap.is_null() {
         out.push_str(

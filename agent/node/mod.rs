@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod host;
 pub mod ingest;
 pub mod report;
 pub mod snapshot;
@@ -26,6 +27,7 @@ use crate::reload;
 use crate::service::{self, Signal, Signals};
 use crate::store::local::LocalStore;
 use crate::tls::Identity;
+use host::HostProbe;
 use ingest::{Ingest, Walk};
 use report::Report;
 use snapshot::Snapshots;
@@ -56,6 +58,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "source.max_headers_per_poll",
     "validate",
     "store.retain_headers",
+    "host",
     "snapshot.interval",
     "snapshot.keep",
     "snapshot.max_age",
@@ -77,6 +80,7 @@ struct Actors {
     validate: Addr<Validate>,
     report: Addr<Report>,
     snapshots: Addr<Snapshots>,
+    host: Addr<HostProbe>,
 }
 
 impl Actors {
@@ -87,6 +91,7 @@ impl Actors {
             && ok(tokio::time::timeout(timeout, self.validate.send(Ping)).await)
             && ok(tokio::time::timeout(timeout, self.report.send(Ping)).await)
             && ok(tokio::time::timeout(timeout, self.snapshots.send(Ping)).await)
+            && ok(tokio::time::timeout(timeout, self.host.send(Ping)).await)
     }
 }
 
@@ -142,16 +147,26 @@ impl Agent {
             "agent starting"
         );
 
-        let (vstore, checks, vcfg, retain, vspan) = (
+        let (vstore, checks, vcfg, retain, vspan, hcfg) = (
             store.clone(),
             source.clone(),
             cfg.validate.clone(),
             cfg.store.retain_headers,
             span("validate"),
+            cfg.host.clone(),
         );
         let validate = Supervisor::start(move |_| {
-            Validate::new(vstore, checks, vcfg, retain, latency, vspan).recovered(recovered)
+            Validate::new(vstore, checks, vcfg, retain, latency, vspan)
+                .host(hcfg)
+                .recovered(recovered)
         });
+        let (hcfg, hdir, v, hspan) = (
+            cfg.host.clone(),
+            cfg.data_dir.clone(),
+            validate.clone(),
+            span("host"),
+        );
+        let host = Supervisor::start(move |_| HostProbe::new(hcfg, hdir, v, hspan));
         let (v, snapcfg, snapdir, id, sspan) = (
             validate.clone(),
             cfg.snapshot.clone(),
@@ -189,6 +204,7 @@ impl Agent {
                 validate,
                 report,
                 snapshots,
+                host,
             },
             fatal,
         })
@@ -214,7 +230,13 @@ impl Agent {
             .send(validate::Reconfigure {
                 cfg: cfg.validate.clone(),
                 retain_headers: cfg.store.retain_headers,
+                host: cfg.host.clone(),
             })
+            .await;
+        let _ = self
+            .actors
+            .host
+            .send(host::Reconfigure(cfg.host.clone()))
             .await;
         let _ = self
             .actors

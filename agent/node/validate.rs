@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::ingest::ChainStep;
 use super::Ping;
 use crate::chain::{ChainSource, Verification};
-use crate::config::{ValidateConfig, ValidationLevel};
+use crate::config::{HostConfig, ValidateConfig, ValidationLevel};
 use crate::latency::Latency;
 use crate::model::{hex, now_unix_ms, Header, NodeStatus};
 use crate::proto::{self, event::Kind, FindingKind, FindingState, Severity};
@@ -88,6 +88,8 @@ pub enum Observation {
     },
     /// The circuit breaker opened: the node stopped answering.
     Unreachable { error: String },
+    /// A host probe sample.
+    Host(proto::HostSample),
 }
 
 pub struct Validate {
@@ -106,6 +108,10 @@ pub struct Validate {
     recovered: Option<String>,
     /// When the store's witness file was last written.
     witness_at: Option<Instant>,
+    host_cfg: HostConfig,
+    host: Option<proto::HostSample>,
+    /// Since when each host resource has been above its threshold.
+    host_over: HashMap<i32, Instant>,
     last_advance: Instant,
     reachable: bool,
     status: NodeStatus,
@@ -131,6 +137,9 @@ impl Validate {
             head: None,
             recovered: None,
             witness_at: None,
+            host_cfg: HostConfig::default(),
+            host: None,
+            host_over: HashMap::new(),
             last_advance: Instant::now(),
             reachable: true,
             status: NodeStatus::default(),
@@ -405,6 +414,7 @@ impl Validate {
             sync_highest_block: self.status.sync_highest_block,
             rpc_latency: Some(self.latency.take_summary()),
             dropped_events: self.store.dropped_events(),
+            host: self.host.clone(),
         }
     }
 
@@ -485,6 +495,70 @@ impl Validate {
 }
 
 impl Validate {
+    /// The host thresholds to judge samples by.
+    pub fn host(mut self, cfg: HostConfig) -> Validate {
+        self.host_cfg = cfg;
+        self
+    }
+
+    /// Opens a host finding once a resource has stayed above its threshold
+    /// for `host.sustain`, and resolves it when the resource is back below.
+    fn judge_host(&mut self, sample: proto::HostSample, commit: &mut Commit, now_ms: i64) {
+        let cfg = &self.host_cfg;
+        let checks = [
+            (
+                FindingKind::HostCpu,
+                "CPU",
+                sample.cpu_percent,
+                cfg.cpu_percent,
+                String::new(),
+            ),
+            (
+                FindingKind::HostMemory,
+                "memory",
+                sample.memory_percent,
+                cfg.memory_percent,
+                String::new(),
+            ),
+            (
+                FindingKind::HostDisk,
+                "disk",
+                sample.disk_percent,
+                cfg.disk_percent,
+                format!(" ({})", sample.disk_path),
+            ),
+        ];
+        let sustain = cfg.sustain;
+        let mut findings = Vec::new();
+        for (kind, what, value, limit, place) in checks {
+            if f64::from(value) > limit {
+                let since = *self
+                    .host_over
+                    .entry(kind as i32)
+                    .or_insert_with(Instant::now);
+                if since.elapsed() >= sustain {
+                    findings.extend(self.open_finding(
+                        kind,
+                        Severity::Warning,
+                        format!(
+                            "{what} use {value:.1} %{place} above {limit} % for at least {}",
+                            humantime::format_duration(sustain)
+                        ),
+                        now_ms,
+                    ));
+                }
+            } else {
+                self.host_over.remove(&(kind as i32));
+                findings.extend(self.resolve_finding(kind, now_ms));
+            }
+        }
+        self.host = Some(sample);
+        commit
+            .events
+            .extend(findings.iter().cloned().map(Kind::Finding));
+        commit.findings.extend(findings);
+    }
+
     /// Raises `store-recovered` once the actor runs.
     pub fn recovered(mut self, summary: Option<String>) -> Validate {
         self.recovered = summary;
@@ -529,12 +603,14 @@ impl Supervised for Validate {
     }
 }
 
-/// A reloaded `[validate]` table and `store.retain_headers`, all live.
+/// A reloaded `[validate]` table, `store.retain_headers` and the `[host]`
+/// thresholds, all live.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reconfigure {
     pub cfg: ValidateConfig,
     pub retain_headers: u64,
+    pub host: HostConfig,
 }
 
 impl Handler<Reconfigure> for Validate {
@@ -542,6 +618,7 @@ impl Handler<Reconfigure> for Validate {
     fn handle(&mut self, msg: Reconfigure, _: &mut Context<Self>) {
         self.cfg = msg.cfg;
         self.retain_headers = msg.retain_headers;
+        self.host_cfg = msg.host;
         self.announce_level();
     }
 }
@@ -648,6 +725,7 @@ impl Handler<Observation> for Validate {
                     None => {}
                 }
             }
+            Observation::Host(sample) => self.judge_host(sample, &mut commit, now_ms),
             Observation::Unreachable { error } => {
                 self.reachable = false;
                 if let Some(f) = self.open_finding(

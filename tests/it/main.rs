@@ -4,6 +4,7 @@ mod bad_input;
 mod delivery;
 mod fleet;
 mod harness;
+mod host;
 mod journal;
 mod levels;
 mod mtls;
