@@ -98,18 +98,25 @@ impl Default for SnapshotConfig {
     }
 }
 
-impl AgentConfig {
-    /// The snapshot directory, with its default applied.
-    pub fn snapshot_dir(&self) -> PathBuf {
-        self.snapshot.dir.clone().unwrap_or_else(|| {
-            let mut name = self
-                .data_dir
+impl SnapshotConfig {
+    /// The snapshot directory for a store at `data_dir`: `dir`, or else
+    /// `<data_dir>-snapshots`.
+    pub fn dir_for(&self, data_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| {
+            let mut name = data_dir
                 .file_name()
                 .map(|n| n.to_os_string())
                 .unwrap_or_else(|| "store".into());
             name.push("-snapshots");
-            self.data_dir.with_file_name(name)
+            data_dir.with_file_name(name)
         })
+    }
+}
+
+impl AgentConfig {
+    /// The snapshot directory, with its default applied.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.snapshot.dir_for(&self.data_dir)
     }
 }
 
@@ -165,6 +172,13 @@ pub struct ValidateConfig {
     /// ahead of this host's clock.
     #[serde(with = "humantime_serde")]
     pub future_tolerance: Duration,
+    /// Share of failed RPC calls over `rpc_error_window` that opens `rpc-errors`.
+    pub rpc_error_rate: f64,
+    #[serde(with = "humantime_serde")]
+    pub rpc_error_window: Duration,
+    /// RPC p99 over a status interval that opens `slow-rpc`.
+    #[serde(with = "humantime_serde")]
+    pub slow_rpc_p99: Duration,
 }
 
 /// How much the agent checks. Each level does what the one before does, and more.
@@ -262,6 +276,9 @@ pub struct AggregatorConfig {
     /// Alert sinks; none by default.
     #[serde(default, rename = "alert")]
     pub alerts: Vec<AlertSinkConfig>,
+    /// Scheduled snapshots of the aggregator's store.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -407,6 +424,9 @@ impl Default for ValidateConfig {
             max_reorg_depth: 128,
             level: ValidationLevel::Standard,
             future_tolerance: Duration::from_secs(15),
+            rpc_error_rate: 0.05,
+            rpc_error_window: Duration::from_secs(300),
+            slow_rpc_p99: Duration::from_secs(2),
         }
     }
 }
@@ -610,6 +630,13 @@ impl AgentConfig {
             "must be at least 1.0",
         );
         p.positive("validate.future_tolerance", self.validate.future_tolerance);
+        p.positive("validate.rpc_error_window", self.validate.rpc_error_window);
+        p.positive("validate.slow_rpc_p99", self.validate.slow_rpc_p99);
+        p.check(
+            self.validate.rpc_error_rate > 0.0 && self.validate.rpc_error_rate <= 1.0,
+            "validate.rpc_error_rate",
+            "must be above 0 and at most 1",
+        );
         p.check(
             self.validate.max_reorg_depth >= 1,
             "validate.max_reorg_depth",
@@ -698,6 +725,18 @@ impl AggregatorConfig {
             "store.event_log_keep",
             "must be at least 1",
         );
+        p.check(
+            self.snapshot.keep >= 1,
+            "snapshot.keep",
+            "must be at least 1",
+        );
+        if self.snapshot.dir.as_ref() == Some(&self.data_dir) {
+            p.check(
+                false,
+                "snapshot.dir",
+                "must not be data_dir: a restore moves data_dir aside",
+            );
+        }
         p.positive("fleet.silent_after", self.fleet.silent_after);
         p.positive("fleet.lag_after", self.fleet.lag_after);
         p.check(

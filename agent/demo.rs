@@ -98,6 +98,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
             cache_bytes: 16 << 20,
             ..Default::default()
         },
+        snapshot: Default::default(),
         fleet: FleetConfig {
             silent_after: Duration::from_secs(10),
             // With node-3 behind, two nodes compare at the top: a reference

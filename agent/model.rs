@@ -123,6 +123,8 @@ impl proto::FindingKind {
             proto::FindingKind::HostCpu => "host-cpu",
             proto::FindingKind::HostMemory => "host-memory",
             proto::FindingKind::HostDisk => "host-disk",
+            proto::FindingKind::SlowRpc => "slow-rpc",
+            proto::FindingKind::RpcErrors => "rpc-errors",
         }
     }
 
@@ -131,7 +133,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 16] = [
+pub const ALL_KINDS: [proto::FindingKind; 18] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -148,6 +150,8 @@ pub const ALL_KINDS: [proto::FindingKind; 16] = [
     proto::FindingKind::HostCpu,
     proto::FindingKind::HostMemory,
     proto::FindingKind::HostDisk,
+    proto::FindingKind::SlowRpc,
+    proto::FindingKind::RpcErrors,
 ];
 
 impl proto::Verdict {

@@ -263,6 +263,14 @@ pub fn status_json(s: &NodeStatus) -> Value {
         "syncing": s.syncing,
         "sync_highest_block": s.sync_highest_block,
         "rpc_latency": s.rpc_latency.as_ref().map(latency_json),
+        "rpc_errors": s.rpc_errors,
+        "rpc_methods": s.rpc_methods.iter().map(|m| json!({
+            "method": m.method,
+            "latency": m.latency.as_ref().map(latency_json),
+            "errors": m.errors,
+        })).collect::<Vec<_>>(),
+        "validate_latency": s.validate_latency.as_ref().map(latency_json),
+        "round_trip": s.round_trip.as_ref().map(latency_json),
         "dropped_events": s.dropped_events,
         "host": s.host.as_ref().map(|h| json!({
             "cpu_percent": h.cpu_percent,
@@ -488,6 +496,45 @@ fn node_text(v: &Value) -> String {
         v["dropped_events"],
         v["duplicates_ignored"],
     );
+    let line = |name: &str, l: &Value, extra: String| {
+        let n = |k: &str| l[k].as_u64().unwrap_or(0);
+        format!(
+            "  {name:<22} p50 {:>7}  p90 {:>7}  p99 {:>7}  max {:>7} µs  n {}{extra}\n",
+            n("p50_us"),
+            n("p90_us"),
+            n("p99_us"),
+            n("max_us"),
+            n("count")
+        )
+    };
+    out.push_str("timings (last interval):\n");
+    for m in st["rpc_methods"].as_array().cloned().unwrap_or_default() {
+        let errors = m["errors"].as_u64().unwrap_or(0);
+        let extra = if errors > 0 {
+            format!("  errors {errors}")
+        } else {
+            String::new()
+        };
+        out.push_str(&line(
+            m["method"].as_str().unwrap_or(""),
+            &m["latency"],
+            extra,
+        ));
+    }
+    if !st["validate_latency"].is_null() {
+        out.push_str(&line(
+            "validate per header",
+            &st["validate_latency"],
+            String::new(),
+        ));
+    }
+    if !st["round_trip"].is_null() {
+        out.push_str(&line(
+            "stream send to ack",
+            &st["round_trip"],
+            String::new(),
+        ));
+    }
     let host = &st["host"];
     if !host.is_null() {
         let pct = |v: &Value| v.as_f64().map_or("-".into(), |p| format!("{p:.1} %"));

@@ -1,7 +1,10 @@
 //! `outpost snapshot`: create, list, verify and restore store snapshots
 //! from the command line.
 
+use std::io::IsTerminal;
 use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::SnapshotCommand;
 use crate::config::{self, AnyConfig};
@@ -36,7 +39,9 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             }
         }
         SnapshotCommand::Verify { file } => {
-            let (m, sha) = snapshot::verify(&file)?;
+            let bar = reading_bar(&file, "verifying");
+            let (m, sha) = snapshot::verify_with(&file, &|n| bar.inc(n))?;
+            bar.finish_and_clear();
             let entries: u64 = m.sections.iter().map(|s| s.entries).sum();
             println!(
                 "{}: valid {} snapshot, {entries} entries in {} sections, sha256 {sha}",
@@ -50,7 +55,9 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             data_dir,
             force,
         } => {
-            let (m, aside) = snapshot::restore(&file, &data_dir, force)?;
+            let bar = reading_bar(&file, "restoring");
+            let (m, aside) = snapshot::restore_with(&file, &data_dir, force, &|n| bar.inc(n))?;
+            bar.finish_and_clear();
             if let Some(aside) = aside {
                 println!("moved the previous store to {}", aside.display());
             }
@@ -63,6 +70,33 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A bar over the two reads of `file`, drawn on stderr only when it is a
+/// terminal: a pipe, a log or a script sees nothing.
+fn reading_bar(file: &Path, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let bar = ProgressBar::new(2 * len).with_message(what.to_string());
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// A spinner counting entries written, on a terminal only.
+fn entries_spinner() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner().with_message("entries written");
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {pos} {msg}") {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn create(config_path: &Path, out: Option<&Path>) -> anyhow::Result<snapshot::Written> {
@@ -96,7 +130,10 @@ fn create(config_path: &Path, out: Option<&Path>) -> anyhow::Result<snapshot::Wr
                 last_seq: Some(store.last_seq()),
                 head_height: store.head()?.map(|h| h.height),
             };
-            snapshot::create(store.db(), meta, out)?
+            let bar = entries_spinner();
+            let w = snapshot::create_with(store.db(), meta, out, &|n| bar.inc(n))?;
+            bar.finish_and_clear();
+            w
         }
         AnyConfig::Aggregator(cfg) => {
             let out =
@@ -108,7 +145,10 @@ fn create(config_path: &Path, out: Option<&Path>) -> anyhow::Result<snapshot::Wr
                 last_seq: None,
                 head_height: None,
             };
-            snapshot::create(&db, meta, out)?
+            let bar = entries_spinner();
+            let w = snapshot::create_with(&db, meta, out, &|n| bar.inc(n))?;
+            bar.finish_and_clear();
+            w
         }
     };
     Ok(written)

@@ -236,6 +236,7 @@ fn main() {
             fleet: Default::default(),
             metrics: MetricsConfig { enabled: false, ..Default::default() },
             alerts: Vec::new(),
+            snapshot: Default::default(),
             log: LogConfig::default(),
         })
         .await
@@ -256,7 +257,14 @@ fn main() {
         let me = report::Identity { node_id: "bench".into(), network: "bench".into(), chain: "ethereum".into() };
         let (stop_tx, stop_rx) = watch::channel(false);
         let t = Instant::now();
-        let reporter = tokio::spawn(report::run(cfg, me, store.clone(), stop_rx, Arc::new(AtomicBool::new(false))));
+        let reporter = tokio::spawn(report::run(
+            cfg,
+            me,
+            store.clone(),
+            stop_rx,
+            Arc::new(AtomicBool::new(false)),
+            outpost::latency::Latency::new(),
+        ));
         while store.outbox_bytes() > 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

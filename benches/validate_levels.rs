@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use outpost::chain::ethereum::{parse_block, EthereumSource};
 use outpost::chain::rpc::JsonRpcClient;
 use outpost::config::ValidationLevel;
-use outpost::latency::Latency;
+use outpost::latency::RpcTimings;
 use outpost::node::validate::header_problems;
 
 const BLOCK: &str = include_str!("../agent/chain/testdata/anvil-prague-block.json");
@@ -54,7 +54,7 @@ fn main() {
         "http://127.0.0.1:1",
         Duration::from_secs(1),
         1 << 20,
-        Latency::new(),
+        RpcTimings::new(),
     ));
     const LEVELS: [ValidationLevel; 4] = [
         ValidationLevel::Minimal,

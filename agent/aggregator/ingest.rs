@@ -203,6 +203,7 @@ async fn serve_stream(
                 Some(agent_message::Body::Batch(batch)) => {
                     let persisted = {
                         let _g = lock.lock().await;
+                        let _s = store.persisting().await;
                         store
                             .persist(node, batch.events, now_unix_ms())
                             .map_err(internal)?

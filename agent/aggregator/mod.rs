@@ -10,7 +10,7 @@ pub mod query;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,6 +94,7 @@ impl Aggregator {
         mut reloads: tokio::sync::watch::Receiver<AggregatorConfig>,
     ) -> anyhow::Result<()> {
         let tls = self.cfg.tls.server_config()?;
+        let snapshot_cfg = reloads.clone();
         let live = Arc::new(Live::default());
         let metrics = Arc::new(Metrics::default());
         let alerts = Alerts::start(&self.cfg.alerts);
@@ -122,6 +123,11 @@ impl Aggregator {
         tokio::spawn(prune_event_log(
             self.store.clone(),
             self.cfg.store.event_log_keep,
+        ));
+        tokio::spawn(scheduled_snapshots(
+            self.store.clone(),
+            self.cfg.snapshot.dir_for(&self.cfg.data_dir),
+            snapshot_cfg,
         ));
         Server::builder()
             .tls_config(tls)
@@ -165,8 +171,84 @@ async fn prune_event_log(store: CentralStore, keep: u64) {
     }
 }
 
+/// Writes a snapshot of the store every `snapshot.interval`, then applies
+/// retention; the interval and retention follow reloads.
+async fn scheduled_snapshots(
+    store: CentralStore,
+    dir: PathBuf,
+    mut reloads: tokio::sync::watch::Receiver<AggregatorConfig>,
+) {
+    use crate::store::snapshot;
+    for p in snapshot::remove_partial(&dir) {
+        tracing::warn!(file = %p.display(), "removed a partial snapshot left by a crash");
+    }
+    loop {
+        let cfg = reloads.borrow_and_update().snapshot.clone();
+        if cfg.interval.is_zero() {
+            if reloads.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.interval) => {}
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let (s, d) = (store.clone(), dir.clone());
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || s.snapshot(&d)).await {
+            Ok(Ok(w)) => tracing::info!(
+                file = %w.path.display(),
+                bytes = w.bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "snapshot written"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!("snapshot failed: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("snapshot failed: {e}");
+                continue;
+            }
+        }
+        let (d, keep, max_age) = (dir.clone(), cfg.keep, cfg.max_age);
+        let pruned = tokio::task::spawn_blocking(move || {
+            snapshot::prune(
+                &d,
+                "aggregator",
+                None,
+                keep,
+                max_age,
+                crate::model::now_unix_ms(),
+            )
+        })
+        .await;
+        match pruned {
+            Ok(Ok(deleted)) => {
+                for d in deleted {
+                    tracing::info!(file = %d.display(), "snapshot deleted by retention");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("snapshot retention failed: {e}"),
+            Err(e) => tracing::warn!("snapshot retention failed: {e}"),
+        }
+    }
+}
+
 /// Config keys a reload applies without a restart.
-pub const LIVE_KEYS: &[&str] = &["fleet", "alert"];
+pub const LIVE_KEYS: &[&str] = &[
+    "fleet",
+    "alert",
+    "snapshot.interval",
+    "snapshot.keep",
+    "snapshot.max_age",
+];
 
 /// `outpost aggregator`: serves until SIGTERM or SIGINT; SIGHUP reloads the
 /// config at `path`.

@@ -359,7 +359,7 @@ mod tests {
             "http://127.0.0.1:1",
             std::time::Duration::from_secs(1),
             1 << 20,
-            crate::latency::Latency::new(),
+            crate::latency::RpcTimings::new(),
         ))
     }
 

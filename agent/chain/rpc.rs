@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::SourceError;
-use crate::latency::Latency;
+use crate::latency::RpcTimings;
 
 pub struct JsonRpcClient {
     http: reqwest::Client,
@@ -16,11 +16,11 @@ pub struct JsonRpcClient {
     timeout: Duration,
     max_reply_bytes: usize,
     next_id: AtomicU64,
-    latency: Latency,
+    timings: RpcTimings,
 }
 
 impl JsonRpcClient {
-    pub fn new(url: &str, timeout: Duration, max_reply_bytes: usize, latency: Latency) -> Self {
+    pub fn new(url: &str, timeout: Duration, max_reply_bytes: usize, timings: RpcTimings) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
             .pool_max_idle_per_host(2)
@@ -32,19 +32,23 @@ impl JsonRpcClient {
             timeout,
             max_reply_bytes,
             next_id: AtomicU64::new(1),
-            latency,
+            timings,
         }
     }
 
-    /// Calls `method` and returns its `result`.
+    /// Calls `method` and returns its `result`. Every call is timed; a
+    /// failed one counts as an error, except a node saying it lacks the
+    /// method (sources ask for optional ones).
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, SourceError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.call_inner(method, params)).await;
-        self.latency.record(started.elapsed());
-        match result {
+        let result = match tokio::time::timeout(self.timeout, self.call_inner(method, params)).await
+        {
             Ok(r) => r,
             Err(_) => Err(SourceError::Timeout(self.timeout)),
-        }
+        };
+        let failed = result.as_ref().is_err_and(|e| !e.is_method_not_found());
+        self.timings.record(method, started.elapsed(), failed);
+        result
     }
 
     async fn call_inner(&self, method: &str, params: Value) -> Result<Value, SourceError> {

@@ -191,7 +191,11 @@ impl Handler<Tick> for Ingest {
             };
             // Validate answers once the observation is committed and durable.
             if validate
-                .send(Observation::Polled { chain, status })
+                .send(Observation::Polled {
+                    chain,
+                    status,
+                    status_due: want_status,
+                })
                 .await
                 .is_err()
             {

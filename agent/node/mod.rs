@@ -22,7 +22,7 @@ use crate::chain::ethereum::EthereumSource;
 use crate::chain::rpc::JsonRpcClient;
 use crate::chain::ChainSource;
 use crate::config::{AgentConfig, SourceKind};
-use crate::latency::Latency;
+use crate::latency::{RpcTimings, Timings};
 use crate::reload;
 use crate::service::{self, Signal, Signals};
 use crate::store::local::LocalStore;
@@ -95,13 +95,13 @@ impl Actors {
     }
 }
 
-fn source_for(cfg: &AgentConfig, latency: Latency) -> Arc<dyn ChainSource> {
+fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
     match cfg.source.kind {
         SourceKind::Ethereum => Arc::new(EthereumSource::new(JsonRpcClient::new(
             &cfg.source.url,
             cfg.source.timeout,
             cfg.source.max_reply_bytes,
-            latency,
+            timings,
         ))),
     }
 }
@@ -131,8 +131,9 @@ impl Agent {
             }
         })?;
         let (store, recovered) = open_or_recover(cfg)?;
-        let latency = Latency::new();
-        let source = source_for(cfg, latency.clone());
+        let timings = Timings::default();
+        let source = source_for(cfg, timings.rpc.clone());
+        let round_trip = timings.round_trip.clone();
         let chain = source.chain();
         let span = |actor: &'static str| {
             // Error level keeps the span (and NODE_ID, CHAIN, ACTOR) on every line at any log filter.
@@ -156,7 +157,7 @@ impl Agent {
             cfg.host.clone(),
         );
         let validate = Supervisor::start(move |_| {
-            Validate::new(vstore, checks, vcfg, retain, latency, vspan)
+            Validate::new(vstore, checks, vcfg, retain, timings, vspan)
                 .host(hcfg)
                 .recovered(recovered)
         });
@@ -194,7 +195,7 @@ impl Agent {
             chain: chain.to_string(),
         };
         let (rstore, rcfg, rspan) = (store.clone(), cfg.report.clone(), span("report"));
-        let report = Supervisor::start(move |_| Report::new(rcfg, me, rstore, rspan));
+        let report = Supervisor::start(move |_| Report::new(rcfg, me, rstore, round_trip, rspan));
 
         Ok(Agent {
             node_id: cfg.node_id.clone(),

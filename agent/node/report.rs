@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::Ping;
 use crate::config::ReportConfig;
+use crate::latency::Latency;
 use crate::model::now_unix_ms;
 use crate::proto::{
     agent_message, aggregator_message, ingest_client::IngestClient, AgentMessage, Batch, Heartbeat,
@@ -64,14 +65,22 @@ pub struct Report {
     span: tracing::Span,
     shutdown: watch::Sender<bool>,
     connected: Arc<AtomicBool>,
+    round_trip: Latency,
 }
 
 impl Report {
-    pub fn new(cfg: ReportConfig, me: Identity, store: LocalStore, span: tracing::Span) -> Report {
+    pub fn new(
+        cfg: ReportConfig,
+        me: Identity,
+        store: LocalStore,
+        round_trip: Latency,
+        span: tracing::Span,
+    ) -> Report {
         Report {
             cfg,
             me,
             store,
+            round_trip,
             span,
             shutdown: watch::channel(false).0,
             connected: Arc::new(AtomicBool::new(false)),
@@ -89,6 +98,7 @@ impl Actor for Report {
             self.store.clone(),
             self.shutdown.subscribe(),
             self.connected.clone(),
+            self.round_trip.clone(),
         )
         .instrument(self.span.clone());
         ctx.spawn(run.into_actor(self).map(|_, act, ctx| {
@@ -131,13 +141,15 @@ impl Handler<Shutdown> for Report {
 }
 
 /// Delivers the outbox until `shutdown` turns true, reconnecting as needed.
-/// `connected` is true while a stream is up.
+/// `connected` is true while a stream is up; `round_trip` times each batch
+/// from sending to its acknowledgement.
 pub async fn run(
     cfg: ReportConfig,
     me: Identity,
     store: LocalStore,
     mut shutdown: watch::Receiver<bool>,
     connected: Arc<AtomicBool>,
+    round_trip: Latency,
 ) {
     let backoff = || {
         ExponentialBuilder::default()
@@ -153,7 +165,7 @@ pub async fn run(
             return;
         }
         let started = Instant::now();
-        let result = session(&cfg, &me, &store, &mut shutdown, &connected).await;
+        let result = session(&cfg, &me, &store, &mut shutdown, &connected, &round_trip).await;
         connected.store(false, Ordering::SeqCst);
         match result {
             Ok(()) => return,
@@ -218,6 +230,7 @@ async fn session(
     store: &LocalStore,
     shutdown: &mut watch::Receiver<bool>,
     connected: &AtomicBool,
+    round_trip: &Latency,
 ) -> Result<(), ReportError> {
     let channel = connect(cfg).await?;
     let mut client = IngestClient::new(channel)
@@ -264,8 +277,15 @@ async fn session(
 
     let mut durable = store.durable();
     let mut sent_upto = resume;
-    // Last seq of each batch sent and not yet acknowledged, oldest first.
-    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    // Last seq and send time of each batch sent and not yet acknowledged,
+    // oldest first.
+    let mut in_flight: VecDeque<(u64, Instant)> = VecDeque::new();
+    let acked = |in_flight: &mut VecDeque<(u64, Instant)>, upto: u64| {
+        while let Some((_, sent)) = in_flight.front().filter(|(l, _)| *l <= upto) {
+            round_trip.record(sent.elapsed());
+            in_flight.pop_front();
+        }
+    };
     let mut last_send = Instant::now();
     let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -286,7 +306,7 @@ async fn session(
             };
             sent_upto = last;
             send(&tx, agent_message::Body::Batch(Batch { events })).await?;
-            in_flight.push_back(last);
+            in_flight.push_back((last, Instant::now()));
             last_send = Instant::now();
         }
         tokio::select! {
@@ -299,9 +319,7 @@ async fn session(
                             )));
                         }
                         store.ack(ack.upto_seq)?;
-                        while in_flight.front().is_some_and(|&l| l <= ack.upto_seq) {
-                            in_flight.pop_front();
-                        }
+                        acked(&mut in_flight, ack.upto_seq);
                     }
                     _ => return Err(ReportError::Protocol("unexpected message after Welcome".into())),
                 },
@@ -329,9 +347,7 @@ async fn session(
                         msg = inbound.message() => match msg {
                             Ok(Some(m)) => if let Some(aggregator_message::Body::Ack(ack)) = m.body {
                                 store.ack(ack.upto_seq)?;
-                                while in_flight.front().is_some_and(|&l| l <= ack.upto_seq) {
-                                    in_flight.pop_front();
-                                }
+                                acked(&mut in_flight, ack.upto_seq);
                             },
                             _ => break,
                         },

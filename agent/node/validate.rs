@@ -16,10 +16,13 @@ use super::ingest::ChainStep;
 use super::Ping;
 use crate::chain::{ChainSource, Verification};
 use crate::config::{HostConfig, ValidateConfig, ValidationLevel};
-use crate::latency::Latency;
+use crate::latency::Timings;
 use crate::model::{hex, now_unix_ms, Header, NodeStatus};
 use crate::proto::{self, event::Kind, FindingKind, FindingState, Severity};
 use crate::store::local::{Commit, LocalStore};
+
+/// Fewest RPC calls in the error window for a failure rate to count.
+const RPC_ERROR_MIN_CALLS: u64 = 20;
 
 /// How often the store's witness file is rewritten while events flow.
 const WITNESS_EVERY: Duration = Duration::from_secs(5);
@@ -85,6 +88,9 @@ pub enum Observation {
     Polled {
         chain: Option<ChainStep>,
         status: Option<NodeStatus>,
+        /// A status interval ended with this poll: its report goes out even
+        /// when the status read failed (with the last status the node gave).
+        status_due: bool,
     },
     /// The circuit breaker opened: the node stopped answering.
     Unreachable { error: String },
@@ -98,7 +104,10 @@ pub struct Validate {
     checks: Arc<dyn ChainSource>,
     cfg: ValidateConfig,
     retain_headers: u64,
-    latency: Latency,
+    timings: Timings,
+    /// Calls and failed calls per status interval, newest last, over
+    /// `rpc_error_window`.
+    rpc_window: std::collections::VecDeque<(Instant, u64, u64)>,
     span: tracing::Span,
     /// Open findings by kind, as the store has them.
     open: HashMap<i32, proto::Finding>,
@@ -123,7 +132,7 @@ impl Validate {
         checks: Arc<dyn ChainSource>,
         cfg: ValidateConfig,
         retain_headers: u64,
-        latency: Latency,
+        timings: Timings,
         span: tracing::Span,
     ) -> Validate {
         let mut v = Validate {
@@ -131,7 +140,8 @@ impl Validate {
             checks,
             cfg,
             retain_headers,
-            latency,
+            timings,
+            rpc_window: std::collections::VecDeque::new(),
             span,
             open: HashMap::new(),
             head: None,
@@ -240,6 +250,23 @@ impl Validate {
 
     /// Judges new headers; fills `commit` with what to write.
     fn judge_chain(
+        &mut self,
+        step: ChainStep,
+        commit: &mut Commit,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let count = step.headers.len() as u64;
+        let result = self.judge_headers(step, commit, now_ms);
+        if count > 0 {
+            self.timings
+                .validate
+                .record_n(started.elapsed() / count as u32, count);
+        }
+        result
+    }
+
+    fn judge_headers(
         &mut self,
         step: ChainStep,
         commit: &mut Commit,
@@ -395,11 +422,86 @@ impl Validate {
             .events
             .extend(findings.iter().cloned().map(Kind::Finding));
         commit.findings.extend(findings);
-        let s = self.status_proto();
+        self.push_status(commit, now_ms);
+    }
+
+    /// Ends a reporting interval: summarises the timings, judges the RPC's
+    /// speed and failures, and adds the status (and any finding) to `commit`.
+    fn push_status(&mut self, commit: &mut Commit, now_ms: i64) {
+        let rpc = self.timings.rpc.take();
+        let mut findings = Vec::new();
+        let slow = Duration::from_micros(rpc.all.p99_us);
+        if rpc.all.count > 0 && slow > self.cfg.slow_rpc_p99 {
+            let worst = rpc
+                .methods
+                .iter()
+                .max_by_key(|m| m.latency.map_or(0, |l| l.p99_us))
+                .map(|m| m.method.clone())
+                .unwrap_or_default();
+            findings.extend(self.open_finding(
+                FindingKind::SlowRpc,
+                Severity::Warning,
+                format!(
+                    "RPC p99 {} ms over {} calls (threshold {} ms); slowest method {worst}",
+                    slow.as_millis(),
+                    rpc.all.count,
+                    self.cfg.slow_rpc_p99.as_millis()
+                ),
+                now_ms,
+            ));
+        } else if rpc.all.count > 0 {
+            findings.extend(self.resolve_finding(FindingKind::SlowRpc, now_ms));
+        }
+        let now = Instant::now();
+        self.rpc_window.push_back((now, rpc.all.count, rpc.errors));
+        while self
+            .rpc_window
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > self.cfg.rpc_error_window)
+        {
+            self.rpc_window.pop_front();
+        }
+        let (calls, errors) = self
+            .rpc_window
+            .iter()
+            .fold((0, 0), |(c, e), (_, dc, de)| (c + dc, e + de));
+        // An unreachable node has its own finding; this one is for a node
+        // that answers, but not always.
+        if self.reachable && calls >= RPC_ERROR_MIN_CALLS {
+            let rate = errors as f64 / calls as f64;
+            if rate > self.cfg.rpc_error_rate {
+                findings.extend(self.open_finding(
+                    FindingKind::RpcErrors,
+                    Severity::Warning,
+                    format!(
+                        "{errors} of {calls} RPC calls failed in the last {} ({:.1} %, threshold {:.1} %)",
+                        humantime::format_duration(self.cfg.rpc_error_window),
+                        rate * 100.0,
+                        self.cfg.rpc_error_rate * 100.0
+                    ),
+                    now_ms,
+                ));
+            } else {
+                findings.extend(self.resolve_finding(FindingKind::RpcErrors, now_ms));
+            }
+        }
+        commit
+            .events
+            .extend(findings.iter().cloned().map(Kind::Finding));
+        commit.findings.extend(findings);
+        let s = proto::NodeStatus {
+            rpc_latency: Some(rpc.all),
+            rpc_errors: rpc.errors,
+            rpc_methods: rpc.methods,
+            validate_latency: Some(self.timings.validate.take_summary()),
+            round_trip: Some(self.timings.round_trip.take_summary()),
+            ..self.status_proto()
+        };
         commit.events.push(Kind::Status(s.clone()));
         commit.status = Some(s);
     }
 
+    /// What the node's status is, without the interval's timings.
     fn status_proto(&self) -> proto::NodeStatus {
         proto::NodeStatus {
             head_height: self.head.as_ref().map_or(0, |h| h.height),
@@ -412,9 +514,9 @@ impl Validate {
             peers: self.status.peers,
             syncing: self.status.syncing,
             sync_highest_block: self.status.sync_highest_block,
-            rpc_latency: Some(self.latency.take_summary()),
             dropped_events: self.store.dropped_events(),
             host: self.host.clone(),
+            ..Default::default()
         }
     }
 
@@ -697,7 +799,11 @@ impl Handler<Observation> for Validate {
         let now_ms = now_unix_ms();
         let mut commit = Commit::default();
         match obs {
-            Observation::Polled { chain, status } => {
+            Observation::Polled {
+                chain,
+                status,
+                status_due,
+            } => {
                 if !self.reachable {
                     self.reachable = true;
                     if let Some(f) = self.resolve_finding(FindingKind::Unreachable, now_ms) {
@@ -717,10 +823,8 @@ impl Handler<Observation> for Validate {
                 match status {
                     Some(status) => self.judge_status(status, &mut commit, now_ms),
                     // The aggregator learns of a shorter chain from the status head.
-                    None if commit.truncate_above.is_some() => {
-                        let s = self.status_proto();
-                        commit.events.push(Kind::Status(s.clone()));
-                        commit.status = Some(s);
+                    None if status_due || commit.truncate_above.is_some() => {
+                        self.push_status(&mut commit, now_ms)
                     }
                     None => {}
                 }
@@ -737,9 +841,7 @@ impl Handler<Observation> for Validate {
                     commit.events.push(Kind::Finding(f.clone()));
                     commit.findings.push(f);
                 }
-                let s = self.status_proto();
-                commit.events.push(Kind::Status(s.clone()));
-                commit.status = Some(s);
+                self.push_status(&mut commit, now_ms);
             }
         }
         self.write(commit, ctx)
@@ -757,7 +859,7 @@ mod tests {
             "http://127.0.0.1:1",
             Duration::from_secs(1),
             1 << 20,
-            Latency::new(),
+            crate::latency::RpcTimings::new(),
         ));
         let block = serde_json::from_str(include_str!("../chain/testdata/anvil-prague-block.json"))
             .unwrap();

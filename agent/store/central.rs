@@ -21,8 +21,13 @@ const CHUNK: u64 = 64;
 
 #[derive(Clone)]
 pub struct CentralStore {
+    db: sled::Db,
     tree: sled::Tree,
     commit: Arc<GroupCommit>,
+    /// Event batches are persisted under a shared hold of it; a snapshot
+    /// holds it alone, so no batch is half in a snapshot (sled's iterators
+    /// are not a point-in-time view).
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Many streams share one flush: each caller waits for the first flush that
@@ -77,11 +82,37 @@ impl CentralStore {
         });
         tokio::spawn(run_group_commit(
             commit.clone(),
-            db,
+            db.clone(),
             dir.to_path_buf(),
             durability,
         ));
-        Ok(CentralStore { tree, commit })
+        Ok(CentralStore {
+            db,
+            tree,
+            commit,
+            gate: Arc::default(),
+        })
+    }
+
+    /// Hold this while persisting a batch of events.
+    pub async fn persisting(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
+    /// Writes a snapshot of the store into `dir`; batches wait until it is
+    /// done. Blocks: call it from `spawn_blocking`.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+    ) -> Result<super::snapshot::Written, super::snapshot::SnapshotError> {
+        let _only = self.gate.blocking_write();
+        let meta = super::snapshot::Meta {
+            store: "aggregator".into(),
+            node_id: None,
+            last_seq: None,
+            head_height: None,
+        };
+        super::snapshot::create(&self.db, meta, dir)
     }
 
     /// Waits until everything written before this call is durable.

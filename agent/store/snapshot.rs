@@ -112,8 +112,22 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// Work done, reported as it goes: bytes read (verify, restore) or entries
+/// written (create). Drives the command line's progress bar.
+pub type Progress<'a> = &'a dyn Fn(u64);
+
 /// Writes a snapshot of every tree in `db` into `dir` and returns it.
 pub fn create(db: &sled::Db, meta: Meta, dir: &Path) -> Result<Written, SnapshotError> {
+    create_with(db, meta, dir, &|_| {})
+}
+
+/// `create`, reporting each entry written to `progress`.
+pub fn create_with(
+    db: &sled::Db,
+    meta: Meta,
+    dir: &Path,
+    progress: Progress,
+) -> Result<Written, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let created_unix_ms = crate::model::now_unix_ms();
     let name = format!(
@@ -123,8 +137,8 @@ pub fn create(db: &sled::Db, meta: Meta, dir: &Path) -> Result<Written, Snapshot
     );
     let path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    let result =
-        write_file(db, meta, created_unix_ms, &tmp).and_then(|(bytes, sha256, manifest)| {
+    let result = write_file(db, meta, created_unix_ms, &tmp, progress).and_then(
+        |(bytes, sha256, manifest)| {
             std::fs::rename(&tmp, &path).map_err(io(&path))?;
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -135,7 +149,8 @@ pub fn create(db: &sled::Db, meta: Meta, dir: &Path) -> Result<Written, Snapshot
                 sha256,
                 manifest,
             })
-        });
+        },
+    );
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -147,6 +162,7 @@ fn write_file(
     meta: Meta,
     created_unix_ms: i64,
     tmp: &Path,
+    progress: Progress,
 ) -> Result<(u64, String, Manifest), SnapshotError> {
     let file = File::create(tmp).map_err(io(tmp))?;
     let mut out = Hashing {
@@ -175,6 +191,7 @@ fn write_file(
                 raw_bytes += 4 + part.len() as u64;
             }
             entries += 1;
+            progress(1);
         }
         z.finish().map_err(io(tmp))?;
         sections.push(Section {
@@ -210,7 +227,10 @@ fn write_file(
 }
 
 /// Reads the manifest after checking the whole-file checksum.
-fn read_checked(path: &Path) -> Result<(File, Manifest, String), SnapshotError> {
+fn read_checked(
+    path: &Path,
+    progress: Progress,
+) -> Result<(File, Manifest, String), SnapshotError> {
     let mut f = File::open(path).map_err(io(path))?;
     let len = f.metadata().map_err(io(path))?.len();
     if len < (MAGIC.len() + 4 + 32) as u64 {
@@ -230,6 +250,7 @@ fn read_checked(path: &Path) -> Result<(File, Manifest, String), SnapshotError> 
         f.read_exact(&mut buf[..n]).map_err(io(path))?;
         hash.update(&buf[..n]);
         left -= n as u64;
+        progress(n as u64);
     }
     let mut want = [0u8; 32];
     f.read_exact(&mut want).map_err(io(path))?;
@@ -275,6 +296,7 @@ fn read_sections(
     path: &Path,
     f: File,
     manifest: &Manifest,
+    progress: Progress,
     mut each: impl FnMut(&str, Vec<u8>, Vec<u8>) -> Result<(), SnapshotError>,
 ) -> Result<(), SnapshotError> {
     let mut f = f;
@@ -313,14 +335,21 @@ fn read_sections(
         if hex(hash.finish().as_ref()) != s.sha256 {
             return Err(bad("checksum mismatch"));
         }
+        progress(s.compressed_bytes);
     }
     Ok(())
 }
 
 /// Re-reads the whole file and checks every checksum.
 pub fn verify(path: &Path) -> Result<(Manifest, String), SnapshotError> {
-    let (f, manifest, sha) = read_checked(path)?;
-    read_sections(path, f, &manifest, |_, _, _| Ok(()))?;
+    verify_with(path, &|_| {})
+}
+
+/// `verify`, reporting bytes read to `progress`: the file is read twice,
+/// once for the whole-file checksum and once section by section.
+pub fn verify_with(path: &Path, progress: Progress) -> Result<(Manifest, String), SnapshotError> {
+    let (f, manifest, sha) = read_checked(path, progress)?;
+    read_sections(path, f, &manifest, progress, |_, _, _| Ok(()))?;
     Ok((manifest, sha))
 }
 
@@ -336,7 +365,7 @@ pub fn list(dir: &Path) -> Result<Vec<Listed>, SnapshotError> {
         if path.extension().and_then(|e| e.to_str()) != Some(EXTENSION) {
             continue;
         }
-        let m = read_checked(&path)
+        let m = read_checked(&path, &|_| {})
             .map(|(_, m, _)| m)
             .map_err(|e| e.to_string());
         out.push((path, m));
@@ -431,9 +460,19 @@ pub fn restore(
     data_dir: &Path,
     force: bool,
 ) -> Result<(Manifest, Option<PathBuf>), SnapshotError> {
+    restore_with(path, data_dir, force, &|_| {})
+}
+
+/// `restore`, reporting bytes read to `progress` (the file is read twice).
+pub fn restore_with(
+    path: &Path,
+    data_dir: &Path,
+    force: bool,
+    progress: Progress,
+) -> Result<(Manifest, Option<PathBuf>), SnapshotError> {
     // The whole-file checksum first; sections are checked as they are imported
     // into a staging store, which is discarded if one fails.
-    let (file, manifest, _) = read_checked(path)?;
+    let (file, manifest, _) = read_checked(path, progress)?;
     let existing = data_dir.exists()
         && std::fs::read_dir(data_dir)
             .map_err(io(data_dir))?
@@ -472,7 +511,7 @@ pub fn restore(
         .map_err(io(parent))?;
     {
         let db = super::open_db(staging.path(), 16 << 20)?;
-        read_sections(path, file, &manifest, |tree, k, v| {
+        read_sections(path, file, &manifest, progress, |tree, k, v| {
             db.open_tree(tree)?.insert(k, v)?;
             Ok(())
         })?;

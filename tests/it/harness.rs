@@ -547,15 +547,34 @@ impl Solo {
     }
 }
 
+/// Faults a proxy adds, changeable while it runs.
+#[derive(Default)]
+pub struct Faults {
+    /// Added to every reply.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Every n-th request gets HTTP 500 instead of a reply (0: none).
+    pub fail_every: std::sync::atomic::AtomicU64,
+    seen: std::sync::atomic::AtomicU64,
+}
+
 /// A JSON-RPC proxy on loopback in front of `upstream`: every reply passes
 /// through `edit(request, reply)` before it goes back. Returns the proxy's URL.
 pub async fn rpc_proxy<F>(upstream: String, edit: F) -> String
 where
     F: Fn(&Value, &mut Value) + Send + Sync + 'static,
 {
+    faulty_proxy(upstream, edit, Default::default()).await
+}
+
+/// `rpc_proxy` that also delays or fails replies as `faults` says.
+pub async fn faulty_proxy<F>(upstream: String, edit: F, faults: std::sync::Arc<Faults>) -> String
+where
+    F: Fn(&Value, &mut Value) + Send + Sync + 'static,
+{
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Bytes, Incoming};
     use hyper::{Request, Response};
+    use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -567,11 +586,33 @@ where
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let (edit, client, upstream) = (edit.clone(), client.clone(), upstream.clone());
+            let (edit, client, upstream, faults) = (
+                edit.clone(),
+                client.clone(),
+                upstream.clone(),
+                faults.clone(),
+            );
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (edit, client, upstream) = (edit.clone(), client.clone(), upstream.clone());
+                let (edit, client, upstream, faults) = (
+                    edit.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                    faults.clone(),
+                );
                 async move {
                     let body = req.into_body().collect().await?.to_bytes();
+                    let delay = faults.delay_ms.load(SeqCst);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    let n = faults.seen.fetch_add(1, SeqCst) + 1;
+                    let every = faults.fail_every.load(SeqCst);
+                    if every > 0 && n % every == 0 {
+                        return Ok(Response::builder()
+                            .status(500)
+                            .body(Full::new(Bytes::from_static(b"upstream failed")))
+                            .unwrap());
+                    }
                     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     let reply = match client
                         .post(&upstream)

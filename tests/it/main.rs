@@ -8,5 +8,6 @@ mod host;
 mod journal;
 mod levels;
 mod mtls;
+mod rpc_health;
 mod snapshots;
 mod spine;
