@@ -124,6 +124,7 @@ impl AgentConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
     Ethereum,
+    Bitcoin,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -155,6 +156,30 @@ pub struct SourceConfig {
     /// The agent refuses to monitor a node on another network.
     #[serde(default)]
     pub network_id: Option<String>,
+    /// Bitcoin: the node's RPC cookie file (`<datadir>/.cookie`), read at
+    /// every call so the new cookie of a restarted node is picked up.
+    #[serde(default)]
+    pub cookie_file: Option<PathBuf>,
+    /// Bitcoin: `rpcuser`, with its password in `password_file`.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl SourceConfig {
+    /// The RPC credentials the config names (files, never inline secrets).
+    pub fn auth(&self) -> crate::chain::rpc::Auth {
+        use crate::chain::rpc::Auth;
+        match (&self.cookie_file, &self.user, &self.password_file) {
+            (Some(cookie), _, _) => Auth::Cookie(cookie.clone()),
+            (None, Some(user), Some(file)) => Auth::User {
+                user: user.clone(),
+                password_file: file.clone(),
+            },
+            _ => Auth::None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -601,6 +626,20 @@ impl AgentConfig {
         p.check(!self.network.is_empty(), "network", "must not be empty");
         if let Err(e) = http_url(&self.source.url, &["http", "https"]) {
             p.check(false, "source.url", e);
+        }
+        let s = &self.source;
+        p.check(
+            !(s.cookie_file.is_some() && s.user.is_some()),
+            "source.cookie_file",
+            "set either cookie_file or user and password_file, not both",
+        );
+        p.check(
+            s.user.is_some() == s.password_file.is_some(),
+            "source.user",
+            "user and password_file go together",
+        );
+        if let Some(file) = &s.password_file {
+            p.readable("source.password_file", file);
         }
         p.positive("source.poll_interval", self.source.poll_interval);
         p.positive("source.timeout", self.source.timeout);

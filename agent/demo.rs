@@ -41,6 +41,9 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             backoff_max: Duration::from_secs(5),
             max_headers_per_poll: 256,
             network_id: Some("31337".into()),
+            cookie_file: None,
+            user: None,
+            password_file: None,
         },
         validate: ValidateConfig {
             expected_block_time: BLOCK_TIME,

@@ -93,6 +93,8 @@ pub struct NodeStatus {
     pub peers: Option<u64>,
     pub syncing: Option<bool>,
     pub sync_highest_block: Option<u64>,
+    /// Transactions waiting in the node's mempool.
+    pub mempool: Option<u64>,
 }
 
 pub fn now_unix_ms() -> i64 {

@@ -262,6 +262,7 @@ pub fn status_json(s: &NodeStatus) -> Value {
         "peers": s.peers,
         "syncing": s.syncing,
         "sync_highest_block": s.sync_highest_block,
+        "mempool_size": s.mempool_size,
         "rpc_latency": s.rpc_latency.as_ref().map(latency_json),
         "rpc_errors": s.rpc_errors,
         "rpc_methods": s.rpc_methods.iter().map(|m| json!({
@@ -479,7 +480,7 @@ fn node_text(v: &Value) -> String {
     let st = &v["status"];
     let lat = &st["rpc_latency"];
     let mut out = format!(
-        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}\n",
+        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nmempool   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}\n",
         s["node_id"].as_str().unwrap_or(""),
         s["network"].as_str().unwrap_or(""),
         s["chain"].as_str().unwrap_or(""),
@@ -488,6 +489,7 @@ fn node_text(v: &Value) -> String {
         s["head"]["hash"].as_str().unwrap_or(""),
         if st["peers"].is_null() { "unknown".to_string() } else { st["peers"].to_string() },
         if st["syncing"].is_null() { "unknown".to_string() } else { st["syncing"].to_string() },
+        if st["mempool_size"].is_null() { "unknown".to_string() } else { format!("{} transactions", st["mempool_size"]) },
         lat["p50_us"],
         lat["p99_us"],
         lat["count"],

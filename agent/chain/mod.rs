@@ -1,6 +1,7 @@
 //! Chain sources. Each file here speaks one node API and turns it into
 //! heads, headers and status; nothing else in the agent knows the chain.
 
+pub mod bitcoin;
 pub mod ethereum;
 pub mod rpc;
 pub mod sim;
@@ -48,6 +49,9 @@ pub enum Verification {
     },
     /// The reply lacks what the recomputation needs; says what.
     Unreadable(String),
+    /// The hash matches, but the contents break a rule of the chain (say,
+    /// proof of work above its target); says which.
+    Invalid(String),
 }
 
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;

@@ -10,7 +10,52 @@ use serde_json::{json, Value};
 use super::SourceError;
 use crate::latency::RpcTimings;
 
+/// How the node wants callers to prove who they are. Secrets stay in files
+/// and are read at each call; errors name the file, never its contents.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Auth {
+    #[default]
+    None,
+    /// A `user:password` cookie file (Bitcoin Core's `.cookie`).
+    Cookie(std::path::PathBuf),
+    User {
+        user: String,
+        password_file: std::path::PathBuf,
+    },
+}
+
+impl Auth {
+    fn credentials(&self) -> Result<Option<(String, String)>, SourceError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|e| {
+                SourceError::Unreachable(format!("cannot read {}: {e}", path.display()))
+            })
+        };
+        match self {
+            Auth::None => Ok(None),
+            Auth::Cookie(path) => {
+                let text = read(path)?;
+                let (user, pass) = text.trim().split_once(':').ok_or_else(|| {
+                    SourceError::Unreachable(format!(
+                        "{}: not a user:password cookie",
+                        path.display()
+                    ))
+                })?;
+                Ok(Some((user.to_string(), pass.to_string())))
+            }
+            Auth::User {
+                user,
+                password_file,
+            } => Ok(Some((
+                user.clone(),
+                read(password_file)?.trim().to_string(),
+            ))),
+        }
+    }
+}
+
 pub struct JsonRpcClient {
+    auth: Auth,
     http: reqwest::Client,
     url: String,
     timeout: Duration,
@@ -27,6 +72,7 @@ impl JsonRpcClient {
             .build()
             .unwrap_or_default();
         JsonRpcClient {
+            auth: Auth::None,
             http,
             url: url.to_string(),
             timeout,
@@ -34,6 +80,12 @@ impl JsonRpcClient {
             next_id: AtomicU64::new(1),
             timings,
         }
+    }
+
+    /// Sends these credentials with every call.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Calls `method` and returns its `result`. Every call is timed; a
@@ -54,10 +106,11 @@ impl JsonRpcClient {
     async fn call_inner(&self, method: &str, params: Value) -> Result<Value, SourceError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let mut resp = self
-            .http
-            .post(&self.url)
-            .json(&body)
+        let mut req = self.http.post(&self.url).json(&body);
+        if let Some((user, pass)) = self.auth.credentials()? {
+            req = req.basic_auth(user, Some(pass));
+        }
+        let mut resp = req
             .send()
             .await
             .map_err(|e| SourceError::Unreachable(crate::error_chain(&e)))?;

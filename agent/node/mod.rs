@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::chain::bitcoin::BitcoinSource;
 use crate::chain::ethereum::EthereumSource;
 use crate::chain::rpc::JsonRpcClient;
 use crate::chain::ChainSource;
@@ -96,13 +97,16 @@ impl Actors {
 }
 
 fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
+    let rpc = JsonRpcClient::new(
+        &cfg.source.url,
+        cfg.source.timeout,
+        cfg.source.max_reply_bytes,
+        timings,
+    )
+    .with_auth(cfg.source.auth());
     match cfg.source.kind {
-        SourceKind::Ethereum => Arc::new(EthereumSource::new(JsonRpcClient::new(
-            &cfg.source.url,
-            cfg.source.timeout,
-            cfg.source.max_reply_bytes,
-            timings,
-        ))),
+        SourceKind::Ethereum => Arc::new(EthereumSource::new(rpc)),
+        SourceKind::Bitcoin => Arc::new(BitcoinSource::new(rpc)),
     }
 }
 

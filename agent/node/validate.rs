@@ -75,6 +75,10 @@ pub fn header_problems(
                 critical: true,
             }),
             Verification::Unreadable(e) => out.push(warn(format!("hash not recomputable: {e}"))),
+            Verification::Invalid(e) => out.push(Problem {
+                text: e,
+                critical: true,
+            }),
             Verification::Match | Verification::NotSupported => {}
         }
     }
@@ -514,6 +518,7 @@ impl Validate {
             peers: self.status.peers,
             syncing: self.status.syncing,
             sync_highest_block: self.status.sync_highest_block,
+            mempool_size: self.status.mempool,
             dropped_events: self.store.dropped_events(),
             host: self.host.clone(),
             ..Default::default()

@@ -371,6 +371,8 @@ pub struct AgentOptions {
     pub extra_validate: &'static str,
     /// More tables at the end of the config.
     pub extra_tables: &'static str,
+    /// `source.kind`.
+    pub kind: &'static str,
 }
 
 impl Default for AgentOptions {
@@ -382,6 +384,7 @@ impl Default for AgentOptions {
             extra_source: "",
             extra_validate: "",
             extra_tables: "",
+            kind: "ethereum",
         }
     }
 }
@@ -416,7 +419,7 @@ impl Agent {
 network = "devnet"
 data_dir = "{data}"
 [source]
-kind = "ethereum"
+kind = "{kind}"
 url = "{rpc_url}"
 poll_interval = "{poll}"
 timeout = "2s"
@@ -446,6 +449,7 @@ reconnect_max = "1s"
                 sm = opts.stall_multiple,
                 extra_validate = opts.extra_validate,
                 extra_tables = opts.extra_tables,
+                kind = opts.kind,
                 port = agg.port,
                 ca = pki.ca_cert().display(),
                 cert = pki.cert(&format!("agent-{node_id}")).display(),

@@ -1,6 +1,7 @@
 //! Outpost's integration tests: one binary, real processes.
 
 mod bad_input;
+mod bitcoin;
 mod delivery;
 mod fleet;
 mod harness;
