@@ -125,6 +125,7 @@ impl AgentConfig {
 pub enum SourceKind {
     Ethereum,
     Bitcoin,
+    Cometbft,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

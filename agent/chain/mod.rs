@@ -2,6 +2,7 @@
 //! heads, headers and status; nothing else in the agent knows the chain.
 
 pub mod bitcoin;
+pub mod cometbft;
 pub mod ethereum;
 pub mod rpc;
 pub mod sim;
@@ -69,6 +70,11 @@ pub trait ChainSource: Send + Sync {
     /// (`Header::raw`) and compares it with the served one.
     fn verify(&self, _header: &Header) -> Verification {
         Verification::NotSupported
+    }
+    /// True for chains whose blocks are final once committed (CometBFT): a
+    /// replaced block is then a critical finding whatever its depth.
+    fn final_on_commit(&self) -> bool {
+        false
     }
     /// True when `verify` does more than answer `NotSupported`.
     fn can_verify(&self) -> bool {

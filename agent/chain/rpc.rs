@@ -143,15 +143,19 @@ impl JsonRpcClient {
             Err(_) => return Err(SourceError::Http(status.as_u16())),
         };
         if let Some(err) = reply.get("error").filter(|e| !e.is_null()) {
+            // Some nodes (CometBFT) say what went wrong in `data`.
+            let message = match (
+                err.get("message").and_then(Value::as_str),
+                err.get("data").and_then(Value::as_str),
+            ) {
+                (Some(m), Some(d)) => format!("{m}: {d}"),
+                (Some(m), None) => m.to_string(),
+                (None, Some(d)) => d.to_string(),
+                (None, None) => String::new(),
+            };
             return Err(SourceError::Rpc {
                 code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
-                message: err
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .chars()
-                    .take(200)
-                    .collect(),
+                message: message.chars().take(200).collect(),
             });
         }
         if !status.is_success() {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::chain::bitcoin::BitcoinSource;
+use crate::chain::cometbft::CometBftSource;
 use crate::chain::ethereum::EthereumSource;
 use crate::chain::rpc::JsonRpcClient;
 use crate::chain::ChainSource;
@@ -107,6 +108,7 @@ fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
     match cfg.source.kind {
         SourceKind::Ethereum => Arc::new(EthereumSource::new(rpc)),
         SourceKind::Bitcoin => Arc::new(BitcoinSource::new(rpc)),
+        SourceKind::Cometbft => Arc::new(CometBftSource::new(rpc)),
     }
 }
 

@@ -317,10 +317,15 @@ impl Validate {
                         fork_point.map_or("none (genesis differs)".to_string(), |f| f.to_string());
                     let mut f = self.occurred(
                         FindingKind::Reorg,
-                        if depth >= 6 || fork_point.is_none() { Severity::Critical } else { Severity::Warning },
+                        if depth >= 6 || fork_point.is_none() || self.checks.final_on_commit() {
+                            Severity::Critical
+                        } else {
+                            Severity::Warning
+                        },
                         old.height,
                         format!(
-                            "reorg of depth {depth}: blocks {}..={} replaced, fork point {fork}, old head {} new head {}",
+                            "{}reorg of depth {depth}: blocks {}..={} replaced, fork point {fork}, old head {} new head {}",
+                            if self.checks.final_on_commit() { "committed blocks changed, which this chain's finality forbids: " } else { "" },
                             first.height,
                             old.height,
                             old.hash,

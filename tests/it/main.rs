@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod bitcoin;
+mod cometbft;
 mod delivery;
 mod fleet;
 mod harness;
