@@ -19,19 +19,19 @@ use serde_json::{json, Value};
 use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
 use crate::spine::{findings, node, wait_finding};
 
-const COOKIE: &str = "__cookie__:5f2d1c0e8a";
+pub const COOKIE: &str = "__cookie__:5f2d1c0e8a";
 
 /// A Bitcoin Core node made of recorded headers.
-struct FixtureNode {
+pub struct FixtureNode {
     headers: Vec<RawHeader>,
-    tip: AtomicU64,
+    pub tip: AtomicU64,
     /// A height whose header is served with one bit flipped.
     flipped: AtomicU64,
-    garbage: AtomicBool,
+    pub garbage: AtomicBool,
 }
 
 impl FixtureNode {
-    fn load() -> FixtureNode {
+    pub fn load() -> FixtureNode {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/bitcoin/headers-0-2016.hex"
@@ -52,7 +52,7 @@ impl FixtureNode {
         }
     }
 
-    fn hash_hex(&self, h: u64) -> String {
+    pub fn hash_hex(&self, h: u64) -> String {
         hex(&self.headers[h as usize].hash().0)[2..].to_string()
     }
 
@@ -100,7 +100,7 @@ impl FixtureNode {
     }
 }
 
-async fn serve(node: Arc<FixtureNode>) -> String {
+pub async fn serve(node: Arc<FixtureNode>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let auth = format!(
@@ -158,7 +158,7 @@ async fn serve(node: Arc<FixtureNode>) -> String {
 }
 
 /// `[source]` lines for a cookie file holding `cookie`, expecting `network`.
-fn cookie_source(world: &World, cookie: &str, network: &str) -> &'static str {
+pub fn cookie_source(world: &World, cookie: &str, network: &str) -> &'static str {
     let path = world.path().join(format!("{network}.cookie"));
     std::fs::write(&path, cookie).unwrap();
     let lines = format!(

@@ -16,16 +16,16 @@ use serde_json::{json, Value};
 use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
 use crate::spine::{node, wait_finding};
 
-struct FixtureChain {
-    tip: AtomicU64,
+pub struct FixtureChain {
+    pub tip: AtomicU64,
     /// Heights from here on are served with other hashes (a rewritten
     /// committed chain).
-    rewritten_from: AtomicU64,
-    garbage: AtomicBool,
+    pub rewritten_from: AtomicU64,
+    pub garbage: AtomicBool,
 }
 
 impl FixtureChain {
-    fn hash(&self, h: u64) -> String {
+    pub fn hash(&self, h: u64) -> String {
         let fork = u8::from(h >= self.rewritten_from.load(SeqCst));
         let d = ring::digest::digest(
             &ring::digest::SHA256,
@@ -93,7 +93,7 @@ impl FixtureChain {
     }
 }
 
-async fn serve(chain: Arc<FixtureChain>) -> String {
+pub async fn serve(chain: Arc<FixtureChain>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {

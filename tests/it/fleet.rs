@@ -611,3 +611,91 @@ async fn aggregator_reload_applies_fleet_thresholds_and_sinks_live() {
     .await;
     assert_eq!(body["verdict"], "monitoring-path", "{body}");
 }
+
+#[tokio::test]
+async fn one_aggregator_keeps_three_chains_as_three_networks() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+
+    use crate::bitcoin::{cookie_source, FixtureNode, COOKIE};
+    use crate::cometbft::FixtureChain;
+
+    let world = World::new();
+    let agg = Aggregator::start(&world).await;
+    let anvil = Anvil::start(&world, "anvil").await;
+    anvil.mine(7).await;
+    let btc = Arc::new(FixtureNode::load());
+    btc.tip.store(120, SeqCst);
+    let btc_url = crate::bitcoin::serve(btc.clone()).await;
+    let cosmos = Arc::new(FixtureChain {
+        tip: AtomicU64::new(40),
+        rewritten_from: AtomicU64::new(u64::MAX),
+        garbage: AtomicBool::new(false),
+    });
+    let cosmos_url = crate::cometbft::serve(cosmos.clone()).await;
+    let agents = [
+        Agent::start(&world, "eth-1", &anvil.url(), &agg, AgentOptions::default()),
+        Agent::start(
+            &world,
+            "btc-1",
+            &btc_url,
+            &agg,
+            AgentOptions {
+                kind: "bitcoin",
+                network: "bitcoin-main",
+                extra_source: cookie_source(&world, COOKIE, "main"),
+                ..Default::default()
+            },
+        ),
+        Agent::start(
+            &world,
+            "cosmos-1",
+            &cosmos_url,
+            &agg,
+            AgentOptions {
+                kind: "cometbft",
+                network: "cosmoshub-4",
+                ..Default::default()
+            },
+        ),
+    ];
+    let q = world.query(&agg).await;
+    let logs: Vec<&std::path::Path> = agents
+        .iter()
+        .map(|a| a.log.as_path())
+        .chain([agg.log.as_path()])
+        .collect();
+    let want = [
+        ("bitcoin-main", "bitcoin", "btc-1", 120),
+        ("cosmoshub-4", "cometbft", "cosmos-1", 40),
+        ("devnet", "ethereum", "eth-1", 7),
+    ];
+    let networks = wait_for("three networks at their heads", WAIT, &logs, || {
+        let mut c = q.clone();
+        async move {
+            let mut nets = c
+                .fleet(outpost::proto::FleetRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .networks;
+            nets.sort_by(|a, b| a.network.cmp(&b.network));
+            let ok = nets.len() == 3
+                && nets.iter().zip(want).all(|(n, (net, chain, node, head))| {
+                    n.network == net
+                        && n.chain == chain
+                        && n.fleet_head == head
+                        && n.nodes.len() == 1
+                        && n.nodes[0].node_id == node
+                        && n.nodes[0].agrees
+                });
+            ok.then_some(nets)
+        }
+    })
+    .await;
+    // Each network's consensus is its own: the Bitcoin node's hash is
+    // mainnet's block 120, in display order.
+    assert_eq!(
+        hex(&networks[0].nodes[0].hash),
+        format!("0x{}", btc.hash_hex(120))
+    );
+}

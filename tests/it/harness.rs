@@ -373,6 +373,8 @@ pub struct AgentOptions {
     pub extra_tables: &'static str,
     /// `source.kind`.
     pub kind: &'static str,
+    /// The fleet network the agent reports under.
+    pub network: &'static str,
 }
 
 impl Default for AgentOptions {
@@ -385,6 +387,7 @@ impl Default for AgentOptions {
             extra_validate: "",
             extra_tables: "",
             kind: "ethereum",
+            network: "devnet",
         }
     }
 }
@@ -416,7 +419,7 @@ impl Agent {
             &config,
             format!(
                 r#"node_id = "{node_id}"
-network = "devnet"
+network = "{network}"
 data_dir = "{data}"
 [source]
 kind = "{kind}"
@@ -450,6 +453,7 @@ reconnect_max = "1s"
                 extra_validate = opts.extra_validate,
                 extra_tables = opts.extra_tables,
                 kind = opts.kind,
+                network = opts.network,
                 port = agg.port,
                 ca = pki.ca_cert().display(),
                 cert = pki.cert(&format!("agent-{node_id}")).display(),
