@@ -126,6 +126,7 @@ pub enum SourceKind {
     Ethereum,
     Bitcoin,
     Cometbft,
+    Ton,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -166,12 +167,21 @@ pub struct SourceConfig {
     pub user: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// TON: a file holding the HTTP API's key (sent as `X-API-Key`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl SourceConfig {
     /// The RPC credentials the config names (files, never inline secrets).
     pub fn auth(&self) -> crate::chain::rpc::Auth {
         use crate::chain::rpc::Auth;
+        if let Some(file) = &self.token_file {
+            return Auth::Header {
+                name: "X-API-Key",
+                value_file: file.clone(),
+            };
+        }
         match (&self.cookie_file, &self.user, &self.password_file) {
             (Some(cookie), _, _) => Auth::Cookie(cookie.clone()),
             (None, Some(user), Some(file)) => Auth::User {
@@ -641,6 +651,9 @@ impl AgentConfig {
         );
         if let Some(file) = &s.password_file {
             p.readable("source.password_file", file);
+        }
+        if let Some(file) = &s.token_file {
+            p.readable("source.token_file", file);
         }
         p.positive("source.poll_interval", self.source.poll_interval);
         p.positive("source.timeout", self.source.timeout);

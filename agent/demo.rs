@@ -44,6 +44,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             cookie_file: None,
             user: None,
             password_file: None,
+            token_file: None,
         },
         validate: ValidateConfig {
             expected_block_time: BLOCK_TIME,

@@ -6,6 +6,7 @@ pub mod cometbft;
 pub mod ethereum;
 pub mod rpc;
 pub mod sim;
+pub mod ton;
 
 use std::future::Future;
 use std::pin::Pin;

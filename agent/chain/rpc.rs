@@ -22,10 +22,20 @@ pub enum Auth {
         user: String,
         password_file: std::path::PathBuf,
     },
+    /// A token sent in a header (`X-API-Key`, `X-Algo-API-Token`).
+    Header {
+        name: &'static str,
+        value_file: std::path::PathBuf,
+    },
+}
+
+enum Credentials {
+    Basic(String, String),
+    Header(&'static str, String),
 }
 
 impl Auth {
-    fn credentials(&self) -> Result<Option<(String, String)>, SourceError> {
+    fn credentials(&self) -> Result<Option<Credentials>, SourceError> {
         let read = |path: &std::path::Path| {
             std::fs::read_to_string(path).map_err(|e| {
                 SourceError::Unreachable(format!("cannot read {}: {e}", path.display()))
@@ -41,14 +51,18 @@ impl Auth {
                         path.display()
                     ))
                 })?;
-                Ok(Some((user.to_string(), pass.to_string())))
+                Ok(Some(Credentials::Basic(user.to_string(), pass.to_string())))
             }
             Auth::User {
                 user,
                 password_file,
-            } => Ok(Some((
+            } => Ok(Some(Credentials::Basic(
                 user.clone(),
                 read(password_file)?.trim().to_string(),
+            ))),
+            Auth::Header { name, value_file } => Ok(Some(Credentials::Header(
+                name,
+                read(value_file)?.trim().to_string(),
             ))),
         }
     }
@@ -103,12 +117,48 @@ impl JsonRpcClient {
         result
     }
 
-    async fn call_inner(&self, method: &str, params: Value) -> Result<Value, SourceError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let mut req = self.http.post(&self.url).json(&body);
-        if let Some((user, pass)) = self.auth.credentials()? {
-            req = req.basic_auth(user, Some(pass));
+    /// GETs `path` (with its query string) below the base URL and returns
+    /// the JSON reply, for REST APIs (TON's HTTP API, Algorand's algod).
+    /// Timed per path, without the query.
+    pub async fn get(&self, path: &str) -> Result<Value, SourceError> {
+        let started = Instant::now();
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let result = match tokio::time::timeout(self.timeout, async {
+            let (status, buf) = self.send(self.http.get(&url)).await?;
+            let name = path.split('?').next().unwrap_or(path);
+            match serde_json::from_slice::<Value>(&buf) {
+                Ok(v) if status.is_success() => Ok(v),
+                // An error reply with a body says why.
+                Ok(v) => Err(SourceError::Rpc {
+                    code: i64::from(status.as_u16()),
+                    message: v.to_string().chars().take(200).collect(),
+                }),
+                Err(e) if status.is_success() => {
+                    Err(SourceError::Malformed(format!("{name}: {e}")))
+                }
+                Err(_) => Err(SourceError::Http(status.as_u16())),
+            }
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(SourceError::Timeout(self.timeout)),
+        };
+        let name = path.split('?').next().unwrap_or(path);
+        self.timings
+            .record(name, started.elapsed(), result.is_err());
+        result
+    }
+
+    /// Sends with the credentials and reads the body up to the size cap.
+    async fn send(
+        &self,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<(reqwest::StatusCode, Vec<u8>), SourceError> {
+        match self.auth.credentials()? {
+            Some(Credentials::Basic(user, pass)) => req = req.basic_auth(user, Some(pass)),
+            Some(Credentials::Header(name, value)) => req = req.header(name, value),
+            None => {}
         }
         let mut resp = req
             .send()
@@ -135,6 +185,13 @@ impl JsonRpcClient {
             }
             buf.extend_from_slice(&chunk);
         }
+        Ok((status, buf))
+    }
+
+    async fn call_inner(&self, method: &str, params: Value) -> Result<Value, SourceError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let (status, buf) = self.send(self.http.post(&self.url).json(&body)).await?;
         let reply: Value = match serde_json::from_slice(&buf) {
             Ok(v) => v,
             Err(e) if status.is_success() => {

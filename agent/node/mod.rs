@@ -22,6 +22,7 @@ use crate::chain::bitcoin::BitcoinSource;
 use crate::chain::cometbft::CometBftSource;
 use crate::chain::ethereum::EthereumSource;
 use crate::chain::rpc::JsonRpcClient;
+use crate::chain::ton::TonSource;
 use crate::chain::ChainSource;
 use crate::config::{AgentConfig, SourceKind};
 use crate::latency::{RpcTimings, Timings};
@@ -109,6 +110,7 @@ fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
         SourceKind::Ethereum => Arc::new(EthereumSource::new(rpc)),
         SourceKind::Bitcoin => Arc::new(BitcoinSource::new(rpc)),
         SourceKind::Cometbft => Arc::new(CometBftSource::new(rpc)),
+        SourceKind::Ton => Arc::new(TonSource::new(rpc)),
     }
 }
 

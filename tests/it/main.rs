@@ -13,3 +13,4 @@ mod mtls;
 mod rpc_health;
 mod snapshots;
 mod spine;
+mod ton;

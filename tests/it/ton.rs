@@ -1,0 +1,187 @@
+//! The TON source against a fixture HTTP API in the shapes of toncenter's
+//! v2 API reference (getMasterchainInfo, getBlockHeader; `{"ok", "result"}`
+//! replies, base64 root hashes, the `X-API-Key` header).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use outpost::proto::{FindingKind, FindingState};
+use serde_json::{json, Value};
+
+use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::spine::{node, wait_finding};
+
+const KEY: &str = "8c1f0e6b2a";
+
+struct FixtureApi {
+    tip: AtomicU64,
+    garbage: AtomicBool,
+}
+
+fn root_hash(seqno: u64) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, format!("ton/{seqno}").as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(d.as_ref())
+}
+
+fn block_id(seqno: u64) -> Value {
+    json!({"@type": "ton.blockIdExt", "workchain": -1, "shard": "-9223372036854775808",
+           "seqno": seqno, "root_hash": root_hash(seqno), "file_hash": root_hash(seqno + 1_000_000)})
+}
+
+impl FixtureApi {
+    fn answer(&self, path: &str, query: &str) -> (u16, Value) {
+        let tip = self.tip.load(SeqCst);
+        match path {
+            "/getMasterchainInfo" => (
+                200,
+                json!({"ok": true, "result": {
+                "@type": "blocks.masterchainInfo", "last": block_id(tip),
+                "state_root_hash": root_hash(tip + 2_000_000), "init": block_id(0)}}),
+            ),
+            "/getBlockHeader" => {
+                let seqno = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("seqno="))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if seqno == 0 || seqno > tip {
+                    return (
+                        500,
+                        json!({"ok": false, "error": "LITE_SERVER_UNKNOWN: block is not applied", "code": 500}),
+                    );
+                }
+                (
+                    200,
+                    json!({"ok": true, "result": {
+                    "@type": "blocks.header", "id": block_id(seqno), "global_id": -239, "version": 0,
+                    "after_merge": false, "after_split": false, "before_split": false,
+                    "want_merge": true, "want_split": false, "validator_list_hash_short": 1,
+                    "catchain_seqno": 7, "min_ref_mc_seqno": seqno - 1, "is_key_block": false,
+                    "prev_key_block_seqno": 1, "start_lt": "1000", "end_lt": "1004",
+                    "gen_utime": 1_700_000_000 + 5 * seqno, "prev_blocks": [block_id(seqno - 1)]}}),
+                )
+            }
+            _ => (404, json!({"ok": false, "error": "Not Found", "code": 404})),
+        }
+    }
+}
+
+async fn serve(api: Arc<FixtureApi>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/v2", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let api = api.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let api = api.clone();
+                async move {
+                    let keyed = req.headers().get("x-api-key").is_some_and(|v| v == KEY);
+                    let path = req.uri().path().trim_start_matches("/api/v2").to_string();
+                    let query = req.uri().query().unwrap_or("").to_string();
+                    let (status, body) = if !keyed {
+                        (
+                            401,
+                            b"{\"ok\": false, \"error\": \"API key required\", \"code\": 401}"
+                                .to_vec(),
+                        )
+                    } else if api.garbage.load(SeqCst) {
+                        (200, b"<!doctype html><title>maintenance</title>".to_vec())
+                    } else {
+                        let (status, v) = api.answer(&path, &query);
+                        (status, serde_json::to_vec(&v).unwrap())
+                    };
+                    Ok::<_, hyper::Error>(
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap(),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn ton_masterchain_grows_links_stalls_and_breaks() {
+    let world = World::new();
+    let agg = Aggregator::start(&world).await;
+    let api = Arc::new(FixtureApi {
+        tip: AtomicU64::new(100),
+        garbage: AtomicBool::new(false),
+    });
+    let url = serve(api.clone()).await;
+    let key_file = world.path().join("toncenter.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let source: &'static str = Box::leak(
+        format!(
+            "token_file = \"{}\"\nnetwork_id = \"-239\"",
+            key_file.display()
+        )
+        .into_boxed_str(),
+    );
+    let agent = Agent::start(
+        &world,
+        "ton-1",
+        &url,
+        &agg,
+        AgentOptions {
+            kind: "ton",
+            network: "ton-mainnet",
+            extra_source: source,
+            block_time: "1s",
+            ..Default::default()
+        },
+    );
+    let q = world.query(&agg).await;
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+    for tip in 101..=120 {
+        api.tip.store(tip, SeqCst);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let want = hex(&base64::engine::general_purpose::STANDARD
+        .decode(root_hash(120))
+        .unwrap());
+    wait_for("ton-1 at 120", Duration::from_secs(30), &logs, || {
+        let mut c = q.clone();
+        let want = want.clone();
+        async move {
+            let h = node(&mut c, "ton-1").await?.head?;
+            (h.height == 120 && hex(&h.hash) == want).then_some(())
+        }
+    })
+    .await;
+    let stall = wait_finding(&q, "ton-1", FindingKind::Stall, FindingState::Open, &logs).await;
+    api.tip.store(121, SeqCst);
+    let resumed = wait_finding(
+        &q,
+        "ton-1",
+        FindingKind::Stall,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    assert_eq!(resumed.id, stall.id);
+    api.garbage.store(true, SeqCst);
+    let down = wait_finding(
+        &q,
+        "ton-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(down.summary.contains("malformed reply"), "{}", down.summary);
+}
