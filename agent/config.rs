@@ -127,6 +127,7 @@ pub enum SourceKind {
     Bitcoin,
     Cometbft,
     Ton,
+    Algorand,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -167,7 +168,8 @@ pub struct SourceConfig {
     pub user: Option<String>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// TON: a file holding the HTTP API's key (sent as `X-API-Key`).
+    /// TON: a file holding the HTTP API's key (sent as `X-API-Key`);
+    /// Algorand: algod's API token (sent as `X-Algo-API-Token`).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
 }
@@ -178,7 +180,11 @@ impl SourceConfig {
         use crate::chain::rpc::Auth;
         if let Some(file) = &self.token_file {
             return Auth::Header {
-                name: "X-API-Key",
+                name: if self.kind == SourceKind::Algorand {
+                    "X-Algo-API-Token"
+                } else {
+                    "X-API-Key"
+                },
                 value_file: file.clone(),
             };
         }

@@ -1,6 +1,7 @@
 //! Chain sources. Each file here speaks one node API and turns it into
 //! heads, headers and status; nothing else in the agent knows the chain.
 
+pub mod algorand;
 pub mod bitcoin;
 pub mod cometbft;
 pub mod ethereum;

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::chain::algorand::AlgorandSource;
 use crate::chain::bitcoin::BitcoinSource;
 use crate::chain::cometbft::CometBftSource;
 use crate::chain::ethereum::EthereumSource;
@@ -111,6 +112,7 @@ fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
         SourceKind::Bitcoin => Arc::new(BitcoinSource::new(rpc)),
         SourceKind::Cometbft => Arc::new(CometBftSource::new(rpc)),
         SourceKind::Ton => Arc::new(TonSource::new(rpc)),
+        SourceKind::Algorand => Arc::new(AlgorandSource::new(rpc)),
     }
 }
 

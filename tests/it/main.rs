@@ -1,5 +1,6 @@
 //! Outpost's integration tests: one binary, real processes.
 
+mod algorand;
 mod bad_input;
 mod bitcoin;
 mod cometbft;

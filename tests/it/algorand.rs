@@ -1,0 +1,214 @@
+//! The Algorand source against a fixture algod in the shapes of algod's v2
+//! REST reference (`/v2/status`, `/v2/blocks/{round}`,
+//! `/v2/blocks/{round}/hash`, `/v2/transactions/pending`; kebab-case
+//! fields, base32 block hashes, `prev` as `blk-...`, the
+//! `X-Algo-API-Token` header).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use data_encoding::BASE32_NOPAD;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use outpost::proto::{FindingKind, FindingState, GetNodeRequest};
+use serde_json::{json, Value};
+
+use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::spine::{node, wait_finding};
+
+const TOKEN: &str = "aaaa1111bbbb2222cccc3333dddd4444eeee5555ffff6666aaaa1111bbbb2222";
+
+struct FixtureAlgod {
+    tip: AtomicU64,
+    catching_up: AtomicBool,
+    garbage: AtomicBool,
+}
+
+fn block_hash(round: u64) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, format!("algo/{round}").as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+impl FixtureAlgod {
+    fn answer(&self, path: &str) -> (u16, Value) {
+        let tip = self.tip.load(SeqCst);
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["v2", "status"] => (
+                200,
+                json!({
+                "last-round": tip, "last-version": "https://github.com/algorandfoundation/specs/tree/v38",
+                "next-version": "https://github.com/algorandfoundation/specs/tree/v38",
+                "next-version-round": tip + 1, "next-version-supported": true,
+                "time-since-last-round": 1_200_000_000u64,
+                "catchup-time": if self.catching_up.load(SeqCst) { 5_000_000_000u64 } else { 0 },
+                "stopped-at-unsupported-round": false}),
+            ),
+            ["v2", "transactions", "pending"] => (
+                200,
+                json!({"top-transactions": [], "total-transactions": 42}),
+            ),
+            ["v2", "blocks", r, rest @ ..] => {
+                let Some(round) = r.parse::<u64>().ok().filter(|r| *r <= tip) else {
+                    return (
+                        404,
+                        json!({"message": "failed to retrieve information from the ledger"}),
+                    );
+                };
+                match rest {
+                    ["hash"] => (
+                        200,
+                        json!({"blockHash": BASE32_NOPAD.encode(&block_hash(round))}),
+                    ),
+                    [] => {
+                        let mut b = json!({"rnd": round, "ts": 1_700_000_000 + 3 * round,
+                            "gen": "mainnet-v1.0", "gh": "wGHE2Pwdvd7S12BL5FaOP20EGYesN73ktiC1qzkkit8=",
+                            "proto": "https://github.com/algorandfoundation/specs/tree/v38",
+                            "seed": "AAAA", "txn256": "AAAA"});
+                        if round > 0 {
+                            b["prev"] = json!(format!(
+                                "blk-{}",
+                                BASE32_NOPAD.encode(&block_hash(round - 1))
+                            ));
+                        }
+                        (200, json!({"block": b}))
+                    }
+                    _ => (404, json!({"message": "Not Found"})),
+                }
+            }
+            _ => (404, json!({"message": "Not Found"})),
+        }
+    }
+}
+
+async fn serve(algod: Arc<FixtureAlgod>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let algod = algod.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let algod = algod.clone();
+                async move {
+                    let authorized = req
+                        .headers()
+                        .get("x-algo-api-token")
+                        .is_some_and(|v| v == TOKEN);
+                    let (status, body) = if !authorized {
+                        (401, b"{\"message\":\"Invalid API Token\"}".to_vec())
+                    } else if algod.garbage.load(SeqCst) {
+                        (200, b"\x1f\x8b not json".to_vec())
+                    } else {
+                        let (status, v) = algod.answer(req.uri().path());
+                        (status, serde_json::to_vec(&v).unwrap())
+                    };
+                    Ok::<_, hyper::Error>(
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap(),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn algorand_rounds_grow_link_catch_up_and_break() {
+    let world = World::new();
+    let agg = Aggregator::start(&world).await;
+    let algod = Arc::new(FixtureAlgod {
+        tip: AtomicU64::new(1000),
+        catching_up: AtomicBool::new(false),
+        garbage: AtomicBool::new(false),
+    });
+    let url = serve(algod.clone()).await;
+    let token_file = world.path().join("algod.token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let source: &'static str = Box::leak(
+        format!(
+            "token_file = \"{}\"\nnetwork_id = \"mainnet-v1.0\"",
+            token_file.display()
+        )
+        .into_boxed_str(),
+    );
+    let agent = Agent::start(
+        &world,
+        "algo-1",
+        &url,
+        &agg,
+        AgentOptions {
+            kind: "algorand",
+            network: "algorand-mainnet",
+            extra_source: source,
+            block_time: "1s",
+            ..Default::default()
+        },
+    );
+    let q = world.query(&agg).await;
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+    for tip in 1001..=1020 {
+        algod.tip.store(tip, SeqCst);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let want = hex(&block_hash(1020));
+    wait_for("algo-1 at 1020", Duration::from_secs(30), &logs, || {
+        let mut c = q.clone();
+        let want = want.clone();
+        async move {
+            let h = node(&mut c, "algo-1").await?.head?;
+            (h.height == 1020 && hex(&h.hash) == want).then_some(())
+        }
+    })
+    .await;
+    algod.catching_up.store(true, SeqCst);
+    wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Syncing,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    let mut c = q.clone();
+    let status = c
+        .get_node(GetNodeRequest {
+            node_id: "algo-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.mempool_size, Some(42));
+    algod.catching_up.store(false, SeqCst);
+    wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Syncing,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    algod.garbage.store(true, SeqCst);
+    let down = wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(down.summary.contains("malformed reply"), "{}", down.summary);
+}
