@@ -9,13 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use data_encoding::BASE32_NOPAD;
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
 use outpost::proto::{FindingKind, FindingState, GetNodeRequest};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
 use crate::spine::{node, wait_finding};
 
 const TOKEN: &str = "aaaa1111bbbb2222cccc3333dddd4444eeee5555ffff6666aaaa1111bbbb2222";
@@ -85,43 +82,22 @@ impl FixtureAlgod {
 }
 
 async fn serve(algod: Arc<FixtureAlgod>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let algod = algod.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let algod = algod.clone();
-                async move {
-                    let authorized = req
-                        .headers()
-                        .get("x-algo-api-token")
-                        .is_some_and(|v| v == TOKEN);
-                    let (status, body) = if !authorized {
-                        (401, b"{\"message\":\"Invalid API Token\"}".to_vec())
-                    } else if algod.garbage.load(SeqCst) {
-                        (200, b"\x1f\x8b not json".to_vec())
-                    } else {
-                        let (status, v) = algod.answer(req.uri().path());
-                        (status, serde_json::to_vec(&v).unwrap())
-                    };
-                    Ok::<_, hyper::Error>(
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap(),
-                    )
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    url
+    http_fixture(move |req| {
+        let authorized = req
+            .headers
+            .get("x-algo-api-token")
+            .is_some_and(|v| v == TOKEN);
+        let reply = if !authorized {
+            (401, b"{\"message\":\"Invalid API Token\"}".to_vec())
+        } else if algod.garbage.load(SeqCst) {
+            (200, b"\x1f\x8b not json".to_vec())
+        } else {
+            let (status, v) = algod.answer(&req.path);
+            (status, serde_json::to_vec(&v).unwrap())
+        };
+        async move { reply }
+    })
+    .await
 }
 
 #[tokio::test]

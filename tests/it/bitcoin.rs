@@ -9,14 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
 use outpost::chain::bitcoin::RawHeader;
 use outpost::proto::{FindingKind, FindingState, Severity};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
 use crate::spine::{findings, node, wait_finding};
 
 pub const COOKIE: &str = "__cookie__:5f2d1c0e8a";
@@ -101,60 +98,33 @@ impl FixtureNode {
 }
 
 pub async fn serve(node: Arc<FixtureNode>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let auth = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(COOKIE)
     );
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (node, auth) = (node.clone(), auth.clone());
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (node, auth) = (node.clone(), auth.clone());
-                async move {
-                    let authorized = req
-                        .headers()
-                        .get("authorization")
-                        .is_some_and(|v| v.as_bytes() == auth.as_bytes());
-                    let body = req.into_body().collect().await?.to_bytes();
-                    let reply = |status: u16, body: Vec<u8>| {
-                        Ok::<_, hyper::Error>(
-                            Response::builder()
-                                .status(status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body)))
-                                .unwrap(),
-                        )
-                    };
-                    if !authorized {
-                        return reply(401, Vec::new());
-                    }
-                    if node.garbage.load(SeqCst) {
-                        return reply(200, b"<html>502 Bad Gateway</html>".to_vec());
-                    }
-                    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    let (status, out) = match node.answer(&request) {
-                        Ok(result) => (
-                            200,
-                            json!({"result": result, "error": null, "id": request["id"]}),
-                        ),
-                        Err((code, message)) => (
-                            if code == -32601 { 404 } else { 500 },
-                            json!({"result": null, "error": {"code": code, "message": message}, "id": request["id"]}),
-                        ),
-                    };
-                    reply(status, serde_json::to_vec(&out).unwrap())
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    url
+    http_fixture(move |req| {
+        let authorized = req
+            .headers
+            .get("authorization")
+            .is_some_and(|v| v.as_bytes() == auth.as_bytes());
+        let reply = if !authorized {
+            (401, Vec::new())
+        } else if node.garbage.load(SeqCst) {
+            (200, b"<html>502 Bad Gateway</html>".to_vec())
+        } else {
+            let request: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let (status, out) = match node.answer(&request) {
+                Ok(result) => (200, json!({"result": result, "error": null, "id": request["id"]})),
+                Err((code, message)) => (
+                    if code == -32601 { 404 } else { 500 },
+                    json!({"result": null, "error": {"code": code, "message": message}, "id": request["id"]}),
+                ),
+            };
+            (status, serde_json::to_vec(&out).unwrap())
+        };
+        async move { reply }
+    })
+    .await
 }
 
 /// `[source]` lines for a cookie file holding `cookie`, expecting `network`.

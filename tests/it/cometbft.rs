@@ -7,13 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
 use outpost::proto::{FindingKind, FindingState, GetNodeRequest, Severity};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
 use crate::spine::{node, wait_finding};
 
 pub struct FixtureChain {
@@ -94,41 +91,20 @@ impl FixtureChain {
 }
 
 pub async fn serve(chain: Arc<FixtureChain>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let chain = chain.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let chain = chain.clone();
-                async move {
-                    let body = req.into_body().collect().await?.to_bytes();
-                    let out = if chain.garbage.load(SeqCst) {
-                        b"{\"jsonrpc\": \"2.0\", \"result\": {\"sync_info\": 17".to_vec()
-                    } else {
-                        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        let reply = match chain.answer(&request) {
-                            Ok(r) => json!({"jsonrpc": "2.0", "id": request["id"], "result": r}),
-                            Err(e) => json!({"jsonrpc": "2.0", "id": request["id"], "error": e}),
-                        };
-                        serde_json::to_vec(&reply).unwrap()
-                    };
-                    Ok::<_, hyper::Error>(
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(out)))
-                            .unwrap(),
-                    )
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    url
+    http_fixture(move |req| {
+        let out = if chain.garbage.load(SeqCst) {
+            b"{\"jsonrpc\": \"2.0\", \"result\": {\"sync_info\": 17".to_vec()
+        } else {
+            let request: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let reply = match chain.answer(&request) {
+                Ok(r) => json!({"jsonrpc": "2.0", "id": request["id"], "result": r}),
+                Err(e) => json!({"jsonrpc": "2.0", "id": request["id"], "error": e}),
+            };
+            serde_json::to_vec(&reply).unwrap()
+        };
+        async move { (200, out) }
+    })
+    .await
 }
 
 #[tokio::test]

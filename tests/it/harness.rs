@@ -574,70 +574,49 @@ where
     faulty_proxy(upstream, edit, Default::default()).await
 }
 
-/// `rpc_proxy` that also delays or fails replies as `faults` says.
-pub async fn faulty_proxy<F>(upstream: String, edit: F, faults: std::sync::Arc<Faults>) -> String
+/// One request to a fixture server.
+pub struct FixtureRequest {
+    pub path: String,
+    pub query: String,
+    pub headers: hyper::HeaderMap,
+    pub body: hyper::body::Bytes,
+}
+
+/// An HTTP server on loopback that answers every request with what
+/// `handle` returns (status and a JSON body). Returns `http://127.0.0.1:port`.
+pub async fn http_fixture<F, Fut>(handle: F) -> String
 where
-    F: Fn(&Value, &mut Value) + Send + Sync + 'static,
+    F: Fn(FixtureRequest) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (u16, Vec<u8>)> + Send + 'static,
 {
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Bytes, Incoming};
     use hyper::{Request, Response};
-    use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let edit = Arc::new(edit);
-    let client = reqwest::Client::new();
+    let handle = Arc::new(handle);
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let (edit, client, upstream, faults) = (
-                edit.clone(),
-                client.clone(),
-                upstream.clone(),
-                faults.clone(),
-            );
+        while let Ok((stream, _)) = listener.accept().await {
+            let handle = handle.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (edit, client, upstream, faults) = (
-                    edit.clone(),
-                    client.clone(),
-                    upstream.clone(),
-                    faults.clone(),
-                );
+                let handle = handle.clone();
                 async move {
+                    let path = req.uri().path().to_string();
+                    let query = req.uri().query().unwrap_or("").to_string();
+                    let headers = req.headers().clone();
                     let body = req.into_body().collect().await?.to_bytes();
-                    let delay = faults.delay_ms.load(SeqCst);
-                    if delay > 0 {
-                        tokio::time::sleep(Duration::from_millis(delay)).await;
-                    }
-                    let n = faults.seen.fetch_add(1, SeqCst) + 1;
-                    let every = faults.fail_every.load(SeqCst);
-                    if every > 0 && n % every == 0 {
-                        return Ok(Response::builder()
-                            .status(500)
-                            .body(Full::new(Bytes::from_static(b"upstream failed")))
-                            .unwrap());
-                    }
-                    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    let reply = match client
-                        .post(&upstream)
-                        .body(body.to_vec())
-                        .header("content-type", "application/json")
-                        .send()
-                        .await
-                    {
-                        Ok(r) => r.bytes().await.unwrap_or_default(),
-                        Err(_) => Bytes::new(),
-                    };
-                    let mut reply_json: Value =
-                        serde_json::from_slice(&reply).unwrap_or(Value::Null);
-                    edit(&request, &mut reply_json);
-                    let out = serde_json::to_vec(&reply_json).unwrap();
+                    let (status, out) = handle(FixtureRequest {
+                        path,
+                        query,
+                        headers,
+                        body,
+                    })
+                    .await;
                     Ok::<_, hyper::Error>(
                         Response::builder()
+                            .status(status)
                             .header("content-type", "application/json")
                             .body(Full::new(Bytes::from(out)))
                             .unwrap(),
@@ -652,4 +631,50 @@ where
         }
     });
     url
+}
+
+/// `rpc_proxy` that also delays or fails replies as `faults` says.
+pub async fn faulty_proxy<F>(upstream: String, edit: F, faults: std::sync::Arc<Faults>) -> String
+where
+    F: Fn(&Value, &mut Value) + Send + Sync + 'static,
+{
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+
+    let edit = Arc::new(edit);
+    let client = reqwest::Client::new();
+    http_fixture(move |req| {
+        let (edit, client, upstream, faults) = (
+            edit.clone(),
+            client.clone(),
+            upstream.clone(),
+            faults.clone(),
+        );
+        async move {
+            let delay = faults.delay_ms.load(SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let n = faults.seen.fetch_add(1, SeqCst) + 1;
+            let every = faults.fail_every.load(SeqCst);
+            if every > 0 && n % every == 0 {
+                return (500, b"upstream failed".to_vec());
+            }
+            let request: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let reply = match client
+                .post(&upstream)
+                .body(req.body.to_vec())
+                .header("content-type", "application/json")
+                .send()
+                .await
+            {
+                Ok(r) => r.bytes().await.unwrap_or_default().to_vec(),
+                Err(_) => Vec::new(),
+            };
+            let mut reply_json: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+            edit(&request, &mut reply_json);
+            (200, serde_json::to_vec(&reply_json).unwrap())
+        }
+    })
+    .await
 }

@@ -7,13 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
 use outpost::proto::{FindingKind, FindingState};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
 use crate::spine::{node, wait_finding};
 
 const KEY: &str = "8c1f0e6b2a";
@@ -72,46 +69,23 @@ impl FixtureApi {
 }
 
 async fn serve(api: Arc<FixtureApi>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/api/v2", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let api = api.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let api = api.clone();
-                async move {
-                    let keyed = req.headers().get("x-api-key").is_some_and(|v| v == KEY);
-                    let path = req.uri().path().trim_start_matches("/api/v2").to_string();
-                    let query = req.uri().query().unwrap_or("").to_string();
-                    let (status, body) = if !keyed {
-                        (
-                            401,
-                            b"{\"ok\": false, \"error\": \"API key required\", \"code\": 401}"
-                                .to_vec(),
-                        )
-                    } else if api.garbage.load(SeqCst) {
-                        (200, b"<!doctype html><title>maintenance</title>".to_vec())
-                    } else {
-                        let (status, v) = api.answer(&path, &query);
-                        (status, serde_json::to_vec(&v).unwrap())
-                    };
-                    Ok::<_, hyper::Error>(
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap(),
-                    )
-                }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    url
+    let url = http_fixture(move |req| {
+        let keyed = req.headers.get("x-api-key").is_some_and(|v| v == KEY);
+        let reply = if !keyed {
+            (
+                401,
+                b"{\"ok\": false, \"error\": \"API key required\", \"code\": 401}".to_vec(),
+            )
+        } else if api.garbage.load(SeqCst) {
+            (200, b"<!doctype html><title>maintenance</title>".to_vec())
+        } else {
+            let (status, v) = api.answer(req.path.trim_start_matches("/api/v2"), &req.query);
+            (status, serde_json::to_vec(&v).unwrap())
+        };
+        async move { reply }
+    })
+    .await;
+    format!("{url}/api/v2")
 }
 
 #[tokio::test]
