@@ -596,6 +596,16 @@ impl Problems<'_> {
         }
     }
 
+    /// The `[snapshot]` table, agent's or aggregator's.
+    fn snapshot(&mut self, s: &SnapshotConfig, data_dir: &Path) {
+        self.check(s.keep >= 1, "snapshot.keep", "must be at least 1");
+        self.check(
+            s.dir.as_deref() != Some(data_dir),
+            "snapshot.dir",
+            "must not be data_dir: a restore moves data_dir aside",
+        );
+    }
+
     fn readable(&mut self, field: &str, file: &Path) {
         if let Err(e) = std::fs::File::open(file) {
             self.list.push(format!(
@@ -701,18 +711,7 @@ impl AgentConfig {
             "validate.max_reorg_depth",
             "must be at least 1",
         );
-        p.check(
-            self.snapshot.keep >= 1,
-            "snapshot.keep",
-            "must be at least 1",
-        );
-        if self.snapshot.dir.as_ref() == Some(&self.data_dir) {
-            p.check(
-                false,
-                "snapshot.dir",
-                "must not be data_dir: a restore moves data_dir aside",
-            );
-        }
+        p.snapshot(&self.snapshot, &self.data_dir);
         p.check(
             self.store.outbox_quota_bytes >= 64 * 1024,
             "store.outbox_quota_bytes",
@@ -784,18 +783,7 @@ impl AggregatorConfig {
             "store.event_log_keep",
             "must be at least 1",
         );
-        p.check(
-            self.snapshot.keep >= 1,
-            "snapshot.keep",
-            "must be at least 1",
-        );
-        if self.snapshot.dir.as_ref() == Some(&self.data_dir) {
-            p.check(
-                false,
-                "snapshot.dir",
-                "must not be data_dir: a restore moves data_dir aside",
-            );
-        }
+        p.snapshot(&self.snapshot, &self.data_dir);
         p.positive("fleet.silent_after", self.fleet.silent_after);
         p.positive("fleet.lag_after", self.fleet.lag_after);
         p.check(

@@ -179,9 +179,7 @@ async fn scheduled_snapshots(
     mut reloads: tokio::sync::watch::Receiver<AggregatorConfig>,
 ) {
     use crate::store::snapshot;
-    for p in snapshot::remove_partial(&dir) {
-        tracing::warn!(file = %p.display(), "removed a partial snapshot left by a crash");
-    }
+    snapshot::remove_partial(&dir);
     loop {
         let cfg = reloads.borrow_and_update().snapshot.clone();
         if cfg.interval.is_zero() {
@@ -201,43 +199,23 @@ async fn scheduled_snapshots(
         }
         let (s, d) = (store.clone(), dir.clone());
         let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || s.snapshot(&d)).await {
-            Ok(Ok(w)) => tracing::info!(
+        let written = tokio::task::spawn_blocking(move || s.snapshot(&d))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match written {
+            Ok(w) => tracing::info!(
                 file = %w.path.display(),
                 bytes = w.bytes,
                 ms = started.elapsed().as_millis() as u64,
                 "snapshot written"
             ),
-            Ok(Err(e)) => {
-                tracing::error!("snapshot failed: {e}");
-                continue;
-            }
             Err(e) => {
                 tracing::error!("snapshot failed: {e}");
                 continue;
             }
         }
-        let (d, keep, max_age) = (dir.clone(), cfg.keep, cfg.max_age);
-        let pruned = tokio::task::spawn_blocking(move || {
-            snapshot::prune(
-                &d,
-                "aggregator",
-                None,
-                keep,
-                max_age,
-                crate::model::now_unix_ms(),
-            )
-        })
-        .await;
-        match pruned {
-            Ok(Ok(deleted)) => {
-                for d in deleted {
-                    tracing::info!(file = %d.display(), "snapshot deleted by retention");
-                }
-            }
-            Ok(Err(e)) => tracing::warn!("snapshot retention failed: {e}"),
-            Err(e) => tracing::warn!("snapshot retention failed: {e}"),
-        }
+        snapshot::prune_logged(dir.clone(), "aggregator", None, cfg.keep, cfg.max_age).await;
     }
 }
 

@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 
 use super::rpc::JsonRpcClient;
-use super::{ChainSource, SourceError, SourceFuture};
+use super::{at_height, ChainSource, SourceError, SourceFuture};
 use crate::model::{Hash, Header, HeaderRef, NodeStatus};
 
 pub struct CometBftSource {
@@ -109,14 +109,7 @@ impl ChainSource for CometBftSource {
                 }) if message.contains("height") => return Err(SourceError::NotFound(height)),
                 other => other?,
             };
-            let h = parse_block(&v)?;
-            if h.height != height {
-                return Err(SourceError::Malformed(format!(
-                    "asked for block {height}, got block {}",
-                    h.height
-                )));
-            }
-            Ok(h)
+            at_height(parse_block(&v)?, height)
         })
     }
 

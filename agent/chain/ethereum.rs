@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sha3::{Digest, Keccak256};
 
 use super::rpc::{parse_quantity, JsonRpcClient};
-use super::{ChainSource, SourceError, SourceFuture, Verification};
+use super::{at_height, ChainSource, SourceError, SourceFuture, Verification};
 use crate::model::{Hash, Header, HeaderRef, NodeStatus};
 
 pub struct EthereumSource {
@@ -30,14 +30,7 @@ impl EthereumSource {
         if v.is_null() {
             return Err(SourceError::NotFound(height));
         }
-        let header = parse_block(&v)?;
-        if header.height != height {
-            return Err(SourceError::Malformed(format!(
-                "asked for block {height}, got block {}",
-                header.height
-            )));
-        }
-        Ok(header)
+        at_height(parse_block(&v)?, height)
     }
 }
 

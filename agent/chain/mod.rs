@@ -57,6 +57,18 @@ pub enum Verification {
     Invalid(String),
 }
 
+/// `header` as the source's answer for `height`, or an error if the node
+/// answered for another block.
+pub fn at_height(header: Header, height: u64) -> Result<Header, SourceError> {
+    if header.height != height {
+        return Err(SourceError::Malformed(format!(
+            "asked for block {height}, got block {}",
+            header.height
+        )));
+    }
+    Ok(header)
+}
+
 pub type SourceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SourceError>> + Send + 'a>>;
 
 /// What every chain source gives.

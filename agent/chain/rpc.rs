@@ -123,9 +123,9 @@ impl JsonRpcClient {
     pub async fn get(&self, path: &str) -> Result<Value, SourceError> {
         let started = Instant::now();
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let name = path.split('?').next().unwrap_or(path);
         let result = match tokio::time::timeout(self.timeout, async {
             let (status, buf) = self.send(self.http.get(&url)).await?;
-            let name = path.split('?').next().unwrap_or(path);
             match serde_json::from_slice::<Value>(&buf) {
                 Ok(v) if status.is_success() => Ok(v),
                 // An error reply with a body says why.
@@ -144,7 +144,6 @@ impl JsonRpcClient {
             Ok(r) => r,
             Err(_) => Err(SourceError::Timeout(self.timeout)),
         };
-        let name = path.split('?').next().unwrap_or(path);
         self.timings
             .record(name, started.elapsed(), result.is_err());
         result

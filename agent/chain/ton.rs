@@ -9,7 +9,7 @@ use base64::Engine;
 use serde_json::Value;
 
 use super::rpc::JsonRpcClient;
-use super::{ChainSource, SourceError, SourceFuture};
+use super::{at_height, ChainSource, SourceError, SourceFuture};
 use crate::model::{Hash, Header, HeaderRef, NodeStatus};
 
 /// The masterchain: workchain -1, the full shard.
@@ -106,17 +106,7 @@ impl ChainSource for TonSource {
     }
 
     fn header(&self, height: u64) -> SourceFuture<'_, Header> {
-        Box::pin(async move {
-            let v = self.block_header(height).await?;
-            let h = parse_header(&v)?;
-            if h.height != height {
-                return Err(SourceError::Malformed(format!(
-                    "asked for block {height}, got block {}",
-                    h.height
-                )));
-            }
-            Ok(h)
-        })
+        Box::pin(async move { at_height(parse_header(&self.block_header(height).await?)?, height) })
     }
 
     fn network_id(&self) -> SourceFuture<'_, String> {

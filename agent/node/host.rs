@@ -61,35 +61,22 @@ impl HostProbe {
         }
     }
 
-    /// The node's pid: from its pid file, else the first process with its name.
-    fn node_pid(&self, sys: &System) -> Option<Pid> {
-        if let Some(file) = &self.cfg.node_pid_file {
-            let text = std::fs::read_to_string(file).ok()?;
-            return text.trim().parse::<usize>().ok().map(Pid::from);
-        }
-        let name = self.cfg.node_process.as_deref()?;
-        sys.processes_by_exact_name(name.as_ref())
-            .next()
-            .map(|p| p.pid())
-    }
-
     pub fn sample(&mut self) -> Option<HostSample> {
         let _g = self.span.enter();
-        let mut sys = self.sys.take()?;
+        let sys = self.sys.as_mut()?;
         sys.refresh_cpu_usage();
         sys.refresh_memory();
         let procs = ProcessRefreshKind::nothing().with_cpu().with_memory();
         if self.cfg.node_process.is_some() && self.cfg.node_pid_file.is_none() {
             sys.refresh_processes_specifics(ProcessesToUpdate::All, true, procs);
         }
-        let node = self.node_pid(&sys);
+        let node = node_pid(&self.cfg, sys);
         let pids: Vec<Pid> = self.me.into_iter().chain(node).collect();
         sys.refresh_processes_specifics(ProcessesToUpdate::Some(&pids), true, procs);
-        let total = sys.total_memory().max(1);
         let mut sample = HostSample {
             cpu_percent: sys.global_cpu_usage(),
-            memory_percent: (total - sys.available_memory().min(total)) as f32 * 100.0
-                / total as f32,
+            memory_percent: used_percent(sys.total_memory().max(1), sys.available_memory())
+                .unwrap_or_default(),
             ..Default::default()
         };
         if let Some(p) = self.me.and_then(|pid| sys.process(pid)) {
@@ -100,7 +87,6 @@ impl HostProbe {
             sample.node_cpu_percent = Some(p.cpu_usage());
             sample.node_rss_bytes = Some(p.memory());
         }
-        self.sys = Some(sys);
         match Disks::new_with_refreshed_list() {
             Ok(disks) => {
                 let dirs = std::iter::once(self.data_dir.as_path())
@@ -120,6 +106,23 @@ impl HostProbe {
     }
 }
 
+/// The node's pid: from its pid file, else the first process with its name.
+fn node_pid(cfg: &HostConfig, sys: &System) -> Option<Pid> {
+    if let Some(file) = &cfg.node_pid_file {
+        let text = std::fs::read_to_string(file).ok()?;
+        return text.trim().parse::<usize>().ok().map(Pid::from);
+    }
+    let name = cfg.node_process.as_deref()?;
+    sys.processes_by_exact_name(name.as_ref())
+        .next()
+        .map(|p| p.pid())
+}
+
+/// Percent of `total` not `available`; None when `total` is 0.
+fn used_percent(total: u64, available: u64) -> Option<f32> {
+    (total > 0).then(|| (total - available.min(total)) as f32 * 100.0 / total as f32)
+}
+
 /// Percent used of the filesystem holding `dir` (the mount point that is
 /// its longest prefix).
 fn disk_use(disks: &Disks, dir: &Path) -> Option<f32> {
@@ -128,8 +131,7 @@ fn disk_use(disks: &Disks, dir: &Path) -> Option<f32> {
         .iter()
         .filter(|d| dir.starts_with(d.mount_point()))
         .max_by_key(|d| d.mount_point().as_os_str().len())?;
-    let total = disk.total_space();
-    (total > 0).then(|| (total - disk.available_space().min(total)) as f32 * 100.0 / total as f32)
+    used_percent(disk.total_space(), disk.available_space())
 }
 
 impl Actor for HostProbe {

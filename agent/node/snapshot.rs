@@ -12,7 +12,6 @@ use tracing::Instrument;
 use super::validate::{TakeSnapshot, Validate};
 use super::Ping;
 use crate::config::SnapshotConfig;
-use crate::model::now_unix_ms;
 use crate::store::snapshot::{self, Written};
 
 pub struct Snapshots {
@@ -81,19 +80,7 @@ impl Snapshots {
                         last_seq = w.manifest.last_seq.unwrap_or(0),
                         "snapshot written"
                     );
-                    let pruned = tokio::task::spawn_blocking(move || {
-                        snapshot::prune(&dir, "agent", Some(&node_id), keep, max_age, now_unix_ms())
-                    })
-                    .await;
-                    match pruned {
-                        Ok(Ok(deleted)) => {
-                            for d in deleted {
-                                tracing::info!(file = %d.display(), "snapshot deleted by retention");
-                            }
-                        }
-                        Ok(Err(e)) => tracing::warn!("snapshot retention failed: {e}"),
-                        Err(e) => tracing::warn!("snapshot retention failed: {e}"),
-                    }
+                    snapshot::prune_logged(dir, "agent", Some(node_id), keep, max_age).await;
                 }
                 Err(e) => tracing::error!("snapshot failed: {e}"),
             }
@@ -109,9 +96,7 @@ impl Actor for Snapshots {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let span = self.span.clone();
         let _g = span.enter();
-        for p in snapshot::remove_partial(&self.dir) {
-            tracing::warn!(file = %p.display(), "removed a partial snapshot left by a crash");
-        }
+        snapshot::remove_partial(&self.dir);
         self.reschedule(ctx);
     }
 }

@@ -409,11 +409,42 @@ pub fn prune(
     Ok(deleted)
 }
 
-/// Deletes temp files a crash mid-write left in `dir` (they never verify).
-pub fn remove_partial(dir: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
+/// `prune` off the async threads, logging each deletion and any failure.
+pub async fn prune_logged(
+    dir: PathBuf,
+    store: &'static str,
+    node_id: Option<String>,
+    keep: usize,
+    max_age: Option<std::time::Duration>,
+) {
+    let pruned = tokio::task::spawn_blocking(move || {
+        prune(
+            &dir,
+            store,
+            node_id.as_deref(),
+            keep,
+            max_age,
+            crate::model::now_unix_ms(),
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    match pruned {
+        Ok(deleted) => {
+            for d in deleted {
+                tracing::info!(file = %d.display(), "snapshot deleted by retention");
+            }
+        }
+        Err(e) => tracing::warn!("snapshot retention failed: {e}"),
+    }
+}
+
+/// Deletes, and logs, temp files a crash mid-write left in `dir` (they
+/// never verify).
+pub fn remove_partial(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return removed;
+        return;
     };
     for path in entries.flatten().map(|e| e.path()) {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -421,10 +452,9 @@ pub fn remove_partial(dir: &Path) -> Vec<PathBuf> {
             && name.ends_with(".tmp")
             && std::fs::remove_file(&path).is_ok()
         {
-            removed.push(path);
+            tracing::warn!(file = %path.display(), "removed a partial snapshot left by a crash");
         }
     }
-    removed
 }
 
 /// The newest snapshot of an agent that verifies in full, if any, and why

@@ -2,7 +2,6 @@
 //! aggregator down.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use outpost::proto::{event::Kind, query_client::QueryClient, Event, EventsReques
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::harness::{hex, AgentOptions, Anvil, Solo};
+use crate::harness::{hex, AgentOptions, Anvil, Miner, Solo};
 use crate::spine::wait_at_head;
 
 /// The aggregator's whole event log for a node.
@@ -91,16 +90,7 @@ async fn kill_9_of_the_agent_loses_and_duplicates_nothing() {
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
 
     // Mine a block every 60 ms for the whole test.
-    let mining = Arc::new(AtomicBool::new(true));
-    let miner = {
-        let (anvil, mining) = (anvil.clone(), mining.clone());
-        tokio::spawn(async move {
-            while mining.load(Ordering::SeqCst) {
-                anvil.mine(1).await;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        })
-    };
+    let miner = Miner::start(anvil.clone(), Duration::from_millis(60));
     let mut rng = rand::rng();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
@@ -108,8 +98,7 @@ async fn kill_9_of_the_agent_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         agent.restart();
     }
-    mining.store(false, Ordering::SeqCst);
-    miner.await.unwrap();
+    miner.stop().await;
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
     assert!(agent.running(), "the agent survived 20 kills and restarts");
     // A clean stop delivers what is left and emits nothing more, so the

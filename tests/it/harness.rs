@@ -263,6 +263,34 @@ impl Anvil {
     }
 }
 
+/// Mines a block every `every` on a background task until stopped.
+pub struct Miner {
+    mining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Miner {
+    pub fn start(anvil: std::sync::Arc<Anvil>, every: Duration) -> Miner {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let mining = std::sync::Arc::new(AtomicBool::new(true));
+        let on = mining.clone();
+        let task = tokio::spawn(async move {
+            while on.load(SeqCst) {
+                anvil.mine(1).await;
+                tokio::time::sleep(every).await;
+            }
+        });
+        Miner { mining, task }
+    }
+
+    /// Stops after the block being mined, if any.
+    pub async fn stop(self) {
+        self.mining
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.unwrap();
+    }
+}
+
 impl Drop for Anvil {
     fn drop(&mut self) {
         self.kill();

@@ -4,7 +4,6 @@
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use outpost::store::local::LocalStore;
 use outpost::store::Durability;
 
 use crate::delivery::assert_complete;
-use crate::harness::{hex, outpost_bin, wait_for, AgentOptions, Solo};
+use crate::harness::{hex, outpost_bin, wait_for, AgentOptions, Miner, Solo};
 use crate::spine::{wait_at_head, wait_finding};
 
 fn outpost(args: &[&str]) -> (bool, String) {
@@ -68,23 +67,13 @@ async fn snapshots_of_a_running_agent_restore_and_rescue_a_damaged_store() {
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
 
     // Snapshots while blocks arrive every 50 ms.
-    let mining = Arc::new(AtomicBool::new(true));
-    let miner = {
-        let (anvil, mining) = (anvil.clone(), mining.clone());
-        tokio::spawn(async move {
-            while mining.load(Ordering::SeqCst) {
-                anvil.mine(1).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let miner = Miner::start(anvil.clone(), Duration::from_millis(50));
     let mut taken = Vec::new();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         taken.push(snapshot_now(&agent.config));
     }
-    mining.store(false, Ordering::SeqCst);
-    miner.await.unwrap();
+    miner.stop().await;
 
     // Retention keeps the newest two.
     assert_eq!(snap_files(&snap_dir), taken[1..].to_vec());
