@@ -128,6 +128,7 @@ pub enum SourceKind {
     Cometbft,
     Ton,
     Algorand,
+    Prometheus,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -172,6 +173,10 @@ pub struct SourceConfig {
     /// Algorand: algod's API token (sent as `X-Algo-API-Token`).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Prometheus: which series hold the height, peers, mempool, sync
+    /// state and network.
+    #[serde(default)]
+    pub metrics: Option<crate::chain::prometheus::MetricMap>,
 }
 
 impl SourceConfig {
@@ -671,6 +676,29 @@ impl AgentConfig {
         if let Some(file) = &s.token_file {
             p.readable("source.token_file", file);
         }
+        match (&s.metrics, s.kind) {
+            (None, SourceKind::Prometheus) => p.check(
+                false,
+                "source.metrics",
+                "kind prometheus needs a [source.metrics] table that names at least the height metric",
+            ),
+            (Some(_), kind) if kind != SourceKind::Prometheus => p.check(
+                false,
+                "source.metrics",
+                "only kind prometheus reads metrics",
+            ),
+            (Some(m), _) => {
+                for (key, why) in m.problems() {
+                    p.check(false, key, why);
+                }
+                p.check(
+                    s.network_id.is_none() || m.network.is_some(),
+                    "source.network_id",
+                    "kind prometheus checks the network through source.metrics.network; set it or drop network_id",
+                );
+            }
+            (None, _) => {}
+        }
         p.positive("source.poll_interval", self.source.poll_interval);
         p.positive("source.timeout", self.source.timeout);
         p.positive("source.status_interval", self.source.status_interval);
@@ -885,6 +913,37 @@ key = "/nonexistent/k.pem"
         let p = write(dir.path(), "b.toml", "node_id = \"n\"\nbogus = 1\n");
         let e = load_agent(&p).unwrap_err().0;
         assert!(e[0].contains("bogus"), "{e:?}");
+    }
+
+    #[test]
+    fn metric_maps_belong_to_kind_prometheus_and_must_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |kind: &str, tail: &str| {
+            let p = write(
+                dir.path(),
+                "m.toml",
+                &format!(
+                    "node_id = \"n\"\n[report]\naggregator = \"https://a:7443\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n\
+                     [source]\nkind = \"{kind}\"\nurl = \"http://n:9100/metrics\"\n{tail}"
+                ),
+            );
+            load_agent(&p)
+                .err()
+                .map(|e| e.0.join("\n"))
+                .unwrap_or_default()
+        };
+        let e = config("prometheus", "");
+        assert!(e.contains("source.metrics: kind prometheus needs"), "{e}");
+        let e = config("ethereum", "[source.metrics]\nheight = \"h\"\n");
+        assert!(e.contains("source.metrics: only kind prometheus"), "{e}");
+        let e = config(
+            "prometheus",
+            "network_id = \"x\"\n[source.metrics]\nheight = \"h{a=1}\"\n",
+        );
+        assert!(e.contains("source.metrics.height"), "{e}");
+        assert!(e.contains("source.network_id: kind prometheus"), "{e}");
+        let e = config("prometheus", "[source.metrics]\nheight = \"h\"\n");
+        assert!(!e.contains("source."), "a good map is accepted: {e}");
     }
 
     #[test]

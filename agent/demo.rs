@@ -45,6 +45,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             user: None,
             password_file: None,
             token_file: None,
+            metrics: None,
         },
         validate: ValidateConfig {
             expected_block_time: BLOCK_TIME,

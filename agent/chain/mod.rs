@@ -5,6 +5,7 @@ pub mod algorand;
 pub mod bitcoin;
 pub mod cometbft;
 pub mod ethereum;
+pub mod prometheus;
 pub mod rpc;
 pub mod sim;
 pub mod ton;
@@ -84,6 +85,12 @@ pub trait ChainSource: Send + Sync {
     /// (`Header::raw`) and compares it with the served one.
     fn verify(&self, _header: &Header) -> Verification {
         Verification::NotSupported
+    }
+    /// False for sources that see heights but no block hashes (Prometheus
+    /// scrapes): the agent then reads only the head, and hash linkage and
+    /// fork checks have nothing to compare.
+    fn has_hashes(&self) -> bool {
+        true
     }
     /// True for chains whose blocks are final once committed (CometBFT): a
     /// replaced block is then a critical finding whatever its depth.

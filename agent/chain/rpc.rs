@@ -121,11 +121,8 @@ impl JsonRpcClient {
     /// the JSON reply, for REST APIs (TON's HTTP API, Algorand's algod).
     /// Timed per path, without the query.
     pub async fn get(&self, path: &str) -> Result<Value, SourceError> {
-        let started = Instant::now();
-        let url = format!("{}{path}", self.url.trim_end_matches('/'));
         let name = path.split('?').next().unwrap_or(path);
-        let result = match tokio::time::timeout(self.timeout, async {
-            let (status, buf) = self.send(self.http.get(&url)).await?;
+        self.timed_get(path, name, |status, buf| {
             match serde_json::from_slice::<Value>(&buf) {
                 Ok(v) if status.is_success() => Ok(v),
                 // An error reply with a body says why.
@@ -138,6 +135,34 @@ impl JsonRpcClient {
                 }
                 Err(_) => Err(SourceError::Http(status.as_u16())),
             }
+        })
+        .await
+    }
+
+    /// GETs the base URL itself and returns the reply as text (a Prometheus
+    /// scrape). Timed as `name`.
+    pub async fn get_text(&self, name: &str) -> Result<String, SourceError> {
+        self.timed_get("", name, |status, buf| {
+            if !status.is_success() {
+                return Err(SourceError::Http(status.as_u16()));
+            }
+            String::from_utf8(buf)
+                .map_err(|e| SourceError::Malformed(format!("{name}: not UTF-8 text: {e}")))
+        })
+        .await
+    }
+
+    async fn timed_get<T>(
+        &self,
+        path: &str,
+        name: &str,
+        decode: impl FnOnce(reqwest::StatusCode, Vec<u8>) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        let started = Instant::now();
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let result = match tokio::time::timeout(self.timeout, async {
+            let (status, buf) = self.send(self.http.get(&url)).await?;
+            decode(status, buf)
         })
         .await
         {

@@ -169,7 +169,8 @@ impl Handler<Tick> for Ingest {
                     return Ok(Polled::WrongNetwork { actual, expected });
                 }
             }
-            let chain = if walk.head_only {
+            // Without hashes there is no chain to walk, only the head.
+            let chain = if walk.head_only || !source.has_hashes() {
                 poll_head(source.as_ref(), &store).await?
             } else {
                 poll_chain(source.as_ref(), &store, max_per_poll, walk.max_reorg_depth).await?

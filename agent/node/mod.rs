@@ -22,6 +22,7 @@ use crate::chain::algorand::AlgorandSource;
 use crate::chain::bitcoin::BitcoinSource;
 use crate::chain::cometbft::CometBftSource;
 use crate::chain::ethereum::EthereumSource;
+use crate::chain::prometheus::PrometheusSource;
 use crate::chain::rpc::JsonRpcClient;
 use crate::chain::ton::TonSource;
 use crate::chain::ChainSource;
@@ -50,6 +51,8 @@ pub enum AgentError {
     Identity(String),
     #[error("{0}")]
     Unrecoverable(String),
+    #[error("{0}")]
+    Source(String),
 }
 
 /// Config keys a reload applies without a restart (tables cover every key
@@ -99,7 +102,7 @@ impl Actors {
     }
 }
 
-fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
+fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Result<Arc<dyn ChainSource>, String> {
     let rpc = JsonRpcClient::new(
         &cfg.source.url,
         cfg.source.timeout,
@@ -107,13 +110,19 @@ fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Arc<dyn ChainSource> {
         timings,
     )
     .with_auth(cfg.source.auth());
-    match cfg.source.kind {
+    Ok(match cfg.source.kind {
         SourceKind::Ethereum => Arc::new(EthereumSource::new(rpc)),
         SourceKind::Bitcoin => Arc::new(BitcoinSource::new(rpc)),
         SourceKind::Cometbft => Arc::new(CometBftSource::new(rpc)),
         SourceKind::Ton => Arc::new(TonSource::new(rpc)),
         SourceKind::Algorand => Arc::new(AlgorandSource::new(rpc)),
-    }
+        SourceKind::Prometheus => {
+            let map = cfg.source.metrics.as_ref().ok_or_else(|| {
+                "source.metrics: kind prometheus needs a [source.metrics] table".to_string()
+            })?;
+            Arc::new(PrometheusSource::new(rpc, map).map_err(|e| format!("source.metrics: {e}"))?)
+        }
+    })
 }
 
 impl Agent {
@@ -142,7 +151,7 @@ impl Agent {
         })?;
         let (store, recovered) = open_or_recover(cfg)?;
         let timings = Timings::default();
-        let source = source_for(cfg, timings.rpc.clone());
+        let source = source_for(cfg, timings.rpc.clone()).map_err(AgentError::Source)?;
         let round_trip = timings.round_trip.clone();
         let chain = source.chain();
         let span = |actor: &'static str| {

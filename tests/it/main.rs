@@ -11,6 +11,7 @@ mod host;
 mod journal;
 mod levels;
 mod mtls;
+mod prometheus;
 mod rpc_health;
 mod snapshots;
 mod spine;
