@@ -95,6 +95,21 @@ pub struct NodeStatus {
     pub sync_highest_block: Option<u64>,
     /// Transactions waiting in the node's mempool.
     pub mempool: Option<u64>,
+    /// Branches the node knows of that compete with its active chain near
+    /// the head (Bitcoin's `getchaintips`); empty where the chain has none
+    /// or the source cannot tell.
+    pub competing_tips: Vec<CompetingTip>,
+}
+
+/// The tip of a branch beside the node's active chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompetingTip {
+    pub height: u64,
+    pub hash: Hash,
+    /// Blocks from the tip back to the active chain.
+    pub branch_len: u64,
+    /// The node's word for the branch (`valid-fork`, `valid-headers`, ...).
+    pub status: String,
 }
 
 pub fn now_unix_ms() -> i64 {
@@ -127,6 +142,7 @@ impl proto::FindingKind {
             proto::FindingKind::HostDisk => "host-disk",
             proto::FindingKind::SlowRpc => "slow-rpc",
             proto::FindingKind::RpcErrors => "rpc-errors",
+            proto::FindingKind::CompetingTip => "competing-tip",
         }
     }
 
@@ -135,7 +151,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 18] = [
+pub const ALL_KINDS: [proto::FindingKind; 19] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -154,6 +170,7 @@ pub const ALL_KINDS: [proto::FindingKind; 18] = [
     proto::FindingKind::HostDisk,
     proto::FindingKind::SlowRpc,
     proto::FindingKind::RpcErrors,
+    proto::FindingKind::CompetingTip,
 ];
 
 impl proto::Verdict {

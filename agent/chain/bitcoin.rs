@@ -1,6 +1,7 @@
 //! Bitcoin Core JSON-RPC (and forks that keep its RPC): heads from
 //! `getblockchaininfo`, headers as the raw 80 bytes from `getblockheader`,
-//! peers from `getconnectioncount`, the mempool from `getmempoolinfo`.
+//! peers from `getconnectioncount`, the mempool from `getmempoolinfo`,
+//! branches competing with the active chain from `getchaintips`.
 //! Level `full` recomputes each header's double SHA-256 and checks its proof
 //! of work against its `bits`.
 
@@ -9,7 +10,60 @@ use serde_json::{json, Value};
 
 use super::rpc::JsonRpcClient;
 use super::{ChainSource, SourceError, SourceFuture, Verification};
-use crate::model::{Hash, Header, HeaderRef, NodeStatus};
+use crate::model::{CompetingTip, Hash, Header, HeaderRef, NodeStatus};
+
+/// A branch whose tip is at most this many blocks below the active tip
+/// still competes with it; older stale tips stay in `getchaintips` for
+/// good and are history, not news.
+pub const COMPETING_WINDOW: u64 = 2;
+
+/// The branches in a `getchaintips` reply that compete with the active
+/// chain: valid (or not yet fully checked) tips within `COMPETING_WINDOW`
+/// of the active tip, highest first. Invalid branches are not candidates.
+pub fn competing_tips(v: &Value) -> Result<Vec<CompetingTip>, SourceError> {
+    let tips = v.as_array().ok_or_else(|| {
+        SourceError::Malformed(format!("getchaintips: expected an array, got {v}"))
+    })?;
+    let field = |t: &Value, name: &str| {
+        t[name]
+            .as_u64()
+            .ok_or_else(|| SourceError::Malformed(format!("getchaintips: a tip lacks {name}")))
+    };
+    let mut active = None;
+    let mut out = Vec::new();
+    for t in tips {
+        let status = t["status"]
+            .as_str()
+            .ok_or_else(|| SourceError::Malformed("getchaintips: a tip lacks status".into()))?;
+        let height = field(t, "height")?;
+        if status == "active" {
+            active = Some(height);
+            continue;
+        }
+        if !matches!(status, "valid-fork" | "valid-headers" | "headers-only") {
+            continue;
+        }
+        out.push(CompetingTip {
+            height,
+            hash: t["hash"]
+                .as_str()
+                .and_then(Hash::from_hex)
+                .filter(|h| h.0.len() == 32)
+                .ok_or_else(|| {
+                    SourceError::Malformed(
+                        "getchaintips: a tip's hash is not 32 bytes of hex".into(),
+                    )
+                })?,
+            branch_len: field(t, "branchlen")?,
+            status: status.to_string(),
+        });
+    }
+    let active =
+        active.ok_or_else(|| SourceError::Malformed("getchaintips: no tip is active".into()))?;
+    out.retain(|t| t.height + COMPETING_WINDOW >= active);
+    out.sort_by(|a, b| b.height.cmp(&a.height));
+    Ok(out)
+}
 
 pub struct BitcoinSource {
     rpc: JsonRpcClient,
@@ -191,6 +245,11 @@ impl ChainSource for BitcoinSource {
                 Err(e) if e.is_method_not_found() => {}
                 Err(e) => return Err(e),
             }
+            match self.rpc.call("getchaintips", json!([])).await {
+                Ok(v) => status.competing_tips = competing_tips(&v)?,
+                Err(e) if e.is_method_not_found() => {}
+                Err(e) => return Err(e),
+            }
             Ok(status)
         })
     }
@@ -229,6 +288,38 @@ impl ChainSource for BitcoinSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_tips_near_the_head_compete_and_old_or_invalid_ones_do_not() {
+        let h = |c: char| c.to_string().repeat(64);
+        // The shape of Bitcoin Core's getchaintips reply.
+        let v = json!([
+            {"height": 840_002, "hash": h('a'), "branchlen": 0, "status": "active"},
+            {"height": 840_002, "hash": h('b'), "branchlen": 1, "status": "valid-headers"},
+            {"height": 840_000, "hash": h('c'), "branchlen": 2, "status": "valid-fork"},
+            {"height": 839_999, "hash": h('d'), "branchlen": 1, "status": "valid-fork"},
+            {"height": 840_003, "hash": h('e'), "branchlen": 2, "status": "invalid"},
+        ]);
+        let tips = competing_tips(&v).unwrap();
+        let heights: Vec<_> = tips.iter().map(|t| (t.height, t.status.as_str())).collect();
+        assert_eq!(
+            heights,
+            [(840_002, "valid-headers"), (840_000, "valid-fork")]
+        );
+        assert_eq!(tips[0].hash, Hash::from_hex(&h('b')).unwrap());
+        assert_eq!(tips[1].branch_len, 2);
+        let only_active =
+            json!([{"height": 5, "hash": h('a'), "branchlen": 0, "status": "active"}]);
+        assert_eq!(competing_tips(&only_active).unwrap(), []);
+        for bad in [
+            json!({}),
+            json!([{"height": 5, "hash": h('a'), "branchlen": 0, "status": "valid-fork"}]),
+            json!([{"height": 5, "branchlen": 0, "status": "active"},
+                   {"height": 5, "hash": "zz", "branchlen": 1, "status": "valid-fork"}]),
+        ] {
+            assert!(competing_tips(&bad).is_err(), "{bad}");
+        }
+    }
 
     const GENESIS: &str = "0100000000000000000000000000000000000000000000000000000000000000000000003ba3edfd7a7b12b27ac72c3e67768f617fc81bc3888a51323a9fb8aa4b1e5e4a29ab5f49ffff001d1dac2b7c";
 

@@ -265,7 +265,7 @@ impl ChainSource for PrometheusSource {
                     Some(s) => s.value(&scrape)?.map(|v| v != 0.0),
                     None => None,
                 },
-                sync_highest_block: None,
+                ..Default::default()
             })
         })
     }

@@ -426,6 +426,28 @@ impl Validate {
             Some(false) => findings.extend(self.resolve_finding(FindingKind::Syncing, now_ms)),
             None => {}
         }
+        if self.cfg.level >= ValidationLevel::Standard {
+            match status.competing_tips.first() {
+                Some(t) => findings.extend(self.open_finding(
+                    FindingKind::CompetingTip,
+                    Severity::Warning,
+                    format!(
+                        "competing tip {} at height {} ({} on a branch of {} block{} beside the active chain){}",
+                        t.hash,
+                        t.height,
+                        t.status,
+                        t.branch_len,
+                        if t.branch_len == 1 { "" } else { "s" },
+                        match status.competing_tips.len() {
+                            1 => String::new(),
+                            n => format!(", and {} more", n - 1),
+                        }
+                    ),
+                    now_ms,
+                )),
+                None => findings.extend(self.resolve_finding(FindingKind::CompetingTip, now_ms)),
+            }
+        }
         self.status = status;
         commit
             .events

@@ -2,10 +2,14 @@
 //! loopback that answers Bitcoin Core's calls, in Bitcoin Core's reply
 //! shapes, from the real mainnet headers of blocks 0 to 2016
 //! (tests/fixtures/bitcoin/). The test moves its tip, flips a bit in one
-//! header, stops it, and makes it answer garbage.
+//! header, stops it, and makes it answer garbage. For a reorg it grows a
+//! branch beside the real chain: those headers are made here (mainnet has
+//! no stale blocks in this range), link to each other and to the real
+//! fork point, and lack valid proof of work, which level `standard` does
+//! not check.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -14,7 +18,7 @@ use outpost::proto::{FindingKind, FindingState, Severity};
 use serde_json::{json, Value};
 
 use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
-use crate::spine::{findings, node, wait_finding};
+use crate::spine::{findings, node, wait_finding, WAIT};
 
 pub const COOKIE: &str = "__cookie__:5f2d1c0e8a";
 
@@ -25,6 +29,17 @@ pub struct FixtureNode {
     /// A height whose header is served with one bit flipped.
     flipped: AtomicU64,
     pub garbage: AtomicBool,
+    branch: Mutex<Branch>,
+}
+
+/// Headers beside the real chain from `fork + 1` on, of which the node
+/// knows the first `known`; `active` when the node has switched to them.
+#[derive(Default)]
+struct Branch {
+    fork: u64,
+    headers: Vec<RawHeader>,
+    known: usize,
+    active: bool,
 }
 
 impl FixtureNode {
@@ -46,15 +61,78 @@ impl FixtureNode {
             tip: AtomicU64::new(0),
             flipped: AtomicU64::new(u64::MAX),
             garbage: AtomicBool::new(false),
+            branch: Mutex::default(),
         }
     }
 
     pub fn hash_hex(&self, h: u64) -> String {
-        hex(&self.headers[h as usize].hash().0)[2..].to_string()
+        display(&self.headers[h as usize])
+    }
+
+    /// Makes `len` headers that branch off the real chain after `fork`.
+    fn grow_branch(&self, fork: u64, len: usize) {
+        let mut b = self.branch.lock().unwrap();
+        b.fork = fork;
+        b.headers.clear();
+        for i in 0..len {
+            let mut h = self.headers[fork as usize + 1 + i].clone();
+            let prev = b.headers.last().unwrap_or(&self.headers[fork as usize]);
+            let mut prev_internal = prev.hash().0;
+            prev_internal.reverse();
+            h.bytes[4..36].copy_from_slice(&prev_internal);
+            h.bytes[76] ^= 0x5a; // another nonce: another block
+            b.headers.push(h);
+        }
+    }
+
+    /// The node knows the first `known` branch headers, and follows them
+    /// when `active`.
+    fn show_branch(&self, known: usize, active: bool) {
+        let mut b = self.branch.lock().unwrap();
+        b.known = known;
+        b.active = active;
+    }
+
+    fn branch_hash(&self, i: usize) -> String {
+        display(&self.branch.lock().unwrap().headers[i])
+    }
+
+    /// The active chain, and the tip of the other branch the node knows
+    /// with its status.
+    fn chains(&self) -> (Vec<RawHeader>, Option<(u64, RawHeader, u64, &'static str)>) {
+        let tip = self.tip.load(SeqCst) as usize;
+        let real = &self.headers[..=tip];
+        let b = self.branch.lock().unwrap();
+        let branch = &b.headers[..b.known];
+        let fork = b.fork as usize;
+        if branch.is_empty() {
+            return (real.to_vec(), None);
+        }
+        let branch_tip = (fork + branch.len()) as u64;
+        if b.active {
+            let mut chain = self.headers[..=fork].to_vec();
+            chain.extend_from_slice(branch);
+            let other = (
+                tip as u64,
+                real[tip].clone(),
+                (tip - fork) as u64,
+                "valid-fork",
+            );
+            (chain, Some(other))
+        } else {
+            let other = (
+                branch_tip,
+                branch[branch.len() - 1].clone(),
+                branch.len() as u64,
+                "valid-headers",
+            );
+            (real.to_vec(), Some(other))
+        }
     }
 
     fn answer(&self, req: &Value) -> Result<Value, (i64, &'static str)> {
-        let tip = self.tip.load(SeqCst);
+        let (chain, other) = self.chains();
+        let tip = chain.len() as u64 - 1;
         let p = &req["params"];
         match req["method"].as_str().unwrap_or("") {
             // Shapes as Bitcoin Core's RPC reference documents them.
@@ -62,10 +140,10 @@ impl FixtureNode {
                 "chain": "main",
                 "blocks": tip,
                 "headers": tip,
-                "bestblockhash": self.hash_hex(tip),
+                "bestblockhash": display(&chain[tip as usize]),
                 "difficulty": 1,
-                "time": self.headers[tip as usize].time(),
-                "mediantime": self.headers[tip as usize].time(),
+                "time": chain[tip as usize].time(),
+                "mediantime": chain[tip as usize].time(),
                 "verificationprogress": 1.0,
                 "initialblockdownload": false,
                 "chainwork": "0",
@@ -74,19 +152,32 @@ impl FixtureNode {
                 "warnings": []
             })),
             "getblockhash" => match p[0].as_u64() {
-                Some(h) if h <= tip => Ok(json!(self.hash_hex(h))),
+                Some(h) if h <= tip => Ok(json!(display(&chain[h as usize]))),
                 _ => Err((-8, "Block height out of range")),
             },
             "getblockheader" => {
+                // Any header the node knows, on the active chain or not.
                 let want = p[0].as_str().unwrap_or("");
-                let Some(h) = (0..=tip).find(|h| self.hash_hex(*h) == want) else {
+                let known = chain.iter().chain(other.as_ref().map(|o| &o.1));
+                let real = self.headers.iter().take(self.tip.load(SeqCst) as usize + 1);
+                let Some(found) = known.chain(real).find(|h| display(h) == want) else {
                     return Err((-5, "Block not found"));
                 };
-                let mut bytes = self.headers[h as usize].bytes;
-                if h == self.flipped.load(SeqCst) {
+                let mut bytes = found.bytes;
+                let flipped = self.flipped.load(SeqCst);
+                if flipped < self.headers.len() as u64 && *found == self.headers[flipped as usize] {
                     bytes[79] ^= 0x01; // the nonce's top bit
                 }
                 Ok(json!(hex(&bytes)[2..]))
+            }
+            "getchaintips" => {
+                let mut tips = vec![json!({"height": tip, "hash": display(&chain[tip as usize]),
+                    "branchlen": 0, "status": "active"})];
+                if let Some((height, h, branchlen, status)) = &other {
+                    tips.push(json!({"height": height, "hash": display(h),
+                        "branchlen": branchlen, "status": status}));
+                }
+                Ok(json!(tips))
             }
             "getconnectioncount" => Ok(json!(8)),
             "getmempoolinfo" => {
@@ -95,6 +186,11 @@ impl FixtureNode {
             _ => Err((-32601, "Method not found")),
         }
     }
+}
+
+/// A header's hash as Bitcoin Core shows it.
+fn display(h: &RawHeader) -> String {
+    hex(&h.hash().0)[2..].to_string()
 }
 
 pub async fn serve(node: Arc<FixtureNode>) -> String {
@@ -248,6 +344,105 @@ async fn bitcoin_headers_grow_verify_and_a_flipped_bit_a_stall_and_garbage_are_f
         FindingKind::Unreachable,
         FindingState::Resolved,
         &logs,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_competing_tip_is_seen_then_takes_over_as_a_reorg() {
+    let world = World::new();
+    let agg = Aggregator::start(&world).await;
+    let node_data = Arc::new(FixtureNode::load());
+    node_data.tip.store(100, SeqCst);
+    node_data.grow_branch(99, 5);
+    let url = serve(node_data.clone()).await;
+    let agent = Agent::start(
+        &world,
+        "btc-fork",
+        &url,
+        &agg,
+        AgentOptions {
+            kind: "bitcoin",
+            extra_source: cookie_source(&world, COOKIE, "main"),
+            // The branch keeps the height moving; no stall in this test.
+            block_time: "30s",
+            ..Default::default()
+        },
+    );
+    let q = world.query(&agg).await;
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+    let at = |height: u64, hash: String| {
+        let q = q.clone();
+        move || {
+            let mut c = q.clone();
+            let want = format!("0x{hash}");
+            async move {
+                let h = node(&mut c, "btc-fork").await?.head?;
+                (h.height == height && hex(&h.hash) == want).then_some(())
+            }
+        }
+    };
+    wait_for(
+        "btc-fork at 100",
+        WAIT,
+        &logs,
+        at(100, node_data.hash_hex(100)),
+    )
+    .await;
+
+    // A block at the same height arrives on another branch: it competes.
+    node_data.show_branch(1, false);
+    let tip = wait_finding(
+        &q,
+        "btc-fork",
+        FindingKind::CompetingTip,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        tip.summary.contains(&node_data.branch_hash(0))
+            && tip.summary.contains("height 100 (valid-headers"),
+        "{}",
+        tip.summary
+    );
+
+    // The branch grows past the real chain and the node switches: block 100
+    // is replaced, 99 is the fork point.
+    node_data.show_branch(2, true);
+    wait_for(
+        "btc-fork on the branch at 101",
+        WAIT,
+        &logs,
+        at(101, node_data.branch_hash(1)),
+    )
+    .await;
+    let mut c = q.clone();
+    let reorgs = findings(&mut c, "btc-fork", FindingKind::Reorg).await;
+    assert_eq!(reorgs.len(), 1, "{reorgs:?}");
+    assert_eq!((reorgs[0].fork_point, reorgs[0].depth), (Some(99), Some(1)));
+    assert!(
+        reorgs[0].summary.contains(&node_data.hash_hex(100)),
+        "names the replaced head: {}",
+        reorgs[0].summary
+    );
+
+    // The old block falls behind by more than the window: no longer competing.
+    node_data.show_branch(5, true);
+    let gone = wait_finding(
+        &q,
+        "btc-fork",
+        FindingKind::CompetingTip,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    assert_eq!(gone.id, tip.id);
+    wait_for(
+        "btc-fork on the branch at 104",
+        WAIT,
+        &logs,
+        at(104, node_data.branch_hash(4)),
     )
     .await;
 }

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use crate::harness::{hex, Agent, AgentOptions, Aggregator, Anvil, Solo, World};
 
-const WAIT: Duration = Duration::from_secs(30);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 pub async fn node(client: &mut QueryClient<Channel>, id: &str) -> Option<NodeSummary> {
     let nodes = client
