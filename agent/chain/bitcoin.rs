@@ -61,7 +61,7 @@ pub fn competing_tips(v: &Value) -> Result<Vec<CompetingTip>, SourceError> {
     let active =
         active.ok_or_else(|| SourceError::Malformed("getchaintips: no tip is active".into()))?;
     out.retain(|t| t.height + COMPETING_WINDOW >= active);
-    out.sort_by(|a, b| b.height.cmp(&a.height));
+    out.sort_by_key(|t| std::cmp::Reverse(t.height));
     Ok(out)
 }
 
