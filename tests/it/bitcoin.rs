@@ -32,6 +32,10 @@ pub struct FixtureNode {
     branch: Mutex<Branch>,
 }
 
+/// A `getchaintips` entry that is not the active tip: height, header,
+/// branch length, status.
+type OtherTip = (u64, RawHeader, u64, &'static str);
+
 /// Headers beside the real chain from `fork + 1` on, of which the node
 /// knows the first `known`; `active` when the node has switched to them.
 #[derive(Default)]
@@ -97,9 +101,8 @@ impl FixtureNode {
         display(&self.branch.lock().unwrap().headers[i])
     }
 
-    /// The active chain, and the tip of the other branch the node knows
-    /// with its status.
-    fn chains(&self) -> (Vec<RawHeader>, Option<(u64, RawHeader, u64, &'static str)>) {
+    /// The active chain, and the tip of the other branch the node knows.
+    fn chains(&self) -> (Vec<RawHeader>, Option<OtherTip>) {
         let tip = self.tip.load(SeqCst) as usize;
         let real = &self.headers[..=tip];
         let b = self.branch.lock().unwrap();
