@@ -137,6 +137,11 @@ pub struct SourceConfig {
     pub kind: SourceKind,
     /// The node's JSON-RPC endpoint.
     pub url: String,
+    /// The node's WebSocket endpoint for new-head subscriptions (Ethereum,
+    /// CometBFT). Each notice triggers a poll at once; polling at
+    /// `poll_interval` goes on beside it.
+    #[serde(default)]
+    pub ws_url: Option<String>,
     #[serde(with = "humantime_serde", default = "defaults::poll_interval")]
     pub poll_interval: Duration,
     #[serde(with = "humantime_serde", default = "defaults::timeout")]
@@ -658,6 +663,14 @@ impl AgentConfig {
         p.check(!self.network.is_empty(), "network", "must not be empty");
         if let Err(e) = http_url(&self.source.url, &["http", "https"]) {
             p.check(false, "source.url", e);
+        }
+        if let Some(Err(e)) = self
+            .source
+            .ws_url
+            .as_deref()
+            .map(|u| http_url(u, &["ws", "wss"]))
+        {
+            p.check(false, "source.ws_url", e);
         }
         let s = &self.source;
         p.check(

@@ -46,6 +46,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             password_file: None,
             token_file: None,
             metrics: None,
+            ws_url: None,
         },
         validate: ValidateConfig {
             expected_block_time: BLOCK_TIME,

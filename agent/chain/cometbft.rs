@@ -78,6 +78,16 @@ impl ChainSource for CometBftSource {
         "cometbft"
     }
 
+    /// CometBFT's `/websocket` endpoint: `ws://host:26657/websocket`.
+    fn head_subscription(&self) -> Option<Value> {
+        Some(json!({"jsonrpc": "2.0", "id": 1, "method": "subscribe",
+            "params": {"query": "tm.event='NewBlock'"}}))
+    }
+
+    fn is_head_notice(&self, msg: &Value) -> bool {
+        msg["result"]["data"]["type"] == "tendermint/event/NewBlock"
+    }
+
     fn head(&self) -> SourceFuture<'_, HeaderRef> {
         Box::pin(async move {
             let s = self.status_reply().await?;

@@ -238,6 +238,14 @@ impl ChainSource for EthereumSource {
         "ethereum"
     }
 
+    fn head_subscription(&self) -> Option<Value> {
+        Some(json!({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe", "params": ["newHeads"]}))
+    }
+
+    fn is_head_notice(&self, msg: &Value) -> bool {
+        msg["method"] == "eth_subscription"
+    }
+
     fn head(&self) -> SourceFuture<'_, HeaderRef> {
         Box::pin(async move {
             let n = self.rpc.call("eth_blockNumber", json!([])).await?;

@@ -92,6 +92,15 @@ pub trait ChainSource: Send + Sync {
     fn has_hashes(&self) -> bool {
         true
     }
+    /// The JSON-RPC request that subscribes to new heads over a WebSocket
+    /// (`source.ws_url`), for chains whose nodes offer one.
+    fn head_subscription(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// True when a message on that WebSocket announces a new head.
+    fn is_head_notice(&self, _msg: &serde_json::Value) -> bool {
+        false
+    }
     /// True for chains whose blocks are final once committed (CometBFT): a
     /// replaced block is then a critical finding whatever its depth.
     fn final_on_commit(&self) -> bool {

@@ -9,6 +9,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, Transition};
+use super::subscribe::{self, HeadNotice, Subscription};
 use super::validate::{Observation, Validate};
 use super::Ping;
 use crate::chain::{ChainSource, SourceError};
@@ -28,6 +29,11 @@ pub struct Ingest {
     stopping: bool,
     /// Set once the node has shown it is on the configured network.
     network_checked: bool,
+    /// A poll is under way.
+    polling: bool,
+    /// A head notice came during the poll: poll again at once.
+    woken: bool,
+    next_tick: Option<SpawnHandle>,
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
@@ -80,6 +86,9 @@ impl Ingest {
             cfg,
             span,
             stopping: false,
+            polling: false,
+            woken: false,
+            next_tick: None,
             fatal,
         }
     }
@@ -95,7 +104,36 @@ impl Actor for Ingest {
             every_ms = self.cfg.poll_interval.as_millis() as u64,
             "polling the node"
         );
+        if let (Some(url), Some(request)) =
+            (self.cfg.ws_url.clone(), self.source.head_subscription())
+        {
+            let sub = Subscription {
+                url,
+                request,
+                source: self.source.clone(),
+                max_bytes: self.cfg.max_reply_bytes,
+                timeout: self.cfg.timeout,
+                backoff_max: self.cfg.backoff_max,
+            };
+            let follow = subscribe::follow(sub, ctx.address().recipient());
+            ctx.spawn(follow.instrument(self.span.clone()).into_actor(self));
+        }
         ctx.notify(Tick);
+    }
+}
+
+impl Handler<HeadNotice> for Ingest {
+    type Result = ();
+    /// Polls now instead of at the next tick; during a poll, right after it.
+    fn handle(&mut self, _: HeadNotice, ctx: &mut Context<Self>) {
+        if self.polling {
+            self.woken = true;
+        } else if !self.stopping {
+            if let Some(tick) = self.next_tick.take() {
+                ctx.cancel_future(tick);
+            }
+            ctx.notify(Tick);
+        }
     }
 }
 
@@ -151,6 +189,8 @@ impl Handler<Tick> for Ingest {
         if self.stopping {
             return Box::pin(actix::fut::ready(()));
         }
+        self.polling = true;
+        self.next_tick = None;
         let source = self.source.clone();
         let store = self.store.clone();
         let validate = self.validate.clone();
@@ -209,6 +249,7 @@ impl Handler<Tick> for Ingest {
         .instrument(self.span.clone());
         Box::pin(work.into_actor(self).map(|result, act, ctx| {
             let _g = act.span.enter();
+            act.polling = false;
             let (transition, delay) = match result {
                 Ok(Polled::WrongNetwork { actual, expected }) => {
                     let msg = format!(
@@ -244,7 +285,12 @@ impl Handler<Tick> for Ingest {
             if transition == Transition::Closed {
                 tracing::info!("node answers again; circuit breaker closed");
             }
-            ctx.notify_later(Tick, delay.max(Duration::from_millis(10)));
+            let delay = if std::mem::take(&mut act.woken) && transition != Transition::Opened {
+                Duration::ZERO
+            } else {
+                delay.max(Duration::from_millis(10))
+            };
+            act.next_tick = Some(ctx.notify_later(Tick, delay));
         }))
     }
 }

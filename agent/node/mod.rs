@@ -11,6 +11,7 @@ pub mod host;
 pub mod ingest;
 pub mod report;
 pub mod snapshot;
+pub mod subscribe;
 pub mod validate;
 
 use std::sync::Arc;
@@ -152,6 +153,12 @@ impl Agent {
         let (store, recovered) = open_or_recover(cfg)?;
         let timings = Timings::default();
         let source = source_for(cfg, timings.rpc.clone()).map_err(AgentError::Source)?;
+        if cfg.source.ws_url.is_some() && source.head_subscription().is_none() {
+            return Err(AgentError::Source(format!(
+                "source.ws_url: the {} source has no head subscription; drop ws_url",
+                source.chain()
+            )));
+        }
         let round_trip = timings.round_trip.clone();
         let chain = source.chain();
         let span = |actor: &'static str| {

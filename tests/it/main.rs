@@ -15,4 +15,5 @@ mod prometheus;
 mod rpc_health;
 mod snapshots;
 mod spine;
+mod subscribe;
 mod ton;
