@@ -29,7 +29,7 @@ pub struct Ingest {
     stopping: bool,
     /// Set once the node has shown it is on the configured network.
     network_checked: bool,
-    /// A poll is under way.
+    /// A poll is under way or queued.
     polling: bool,
     /// A head notice came during the poll: poll again at once.
     woken: bool,
@@ -132,6 +132,9 @@ impl Handler<HeadNotice> for Ingest {
             if let Some(tick) = self.next_tick.take() {
                 ctx.cancel_future(tick);
             }
+            // Counts as polling from here: notices that arrive before the
+            // Tick is handled must not queue more polls.
+            self.polling = true;
             ctx.notify(Tick);
         }
     }
