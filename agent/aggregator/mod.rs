@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 
 use crate::config::AggregatorConfig;
@@ -151,7 +152,7 @@ impl Aggregator {
                 reflection,
                 auth::operator_only,
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .serve_with_incoming_shutdown(no_delay(self.listener), shutdown)
             .await
             .context("gRPC server")?;
         Ok(())
@@ -270,4 +271,17 @@ pub async fn run(cfg: AggregatorConfig, path: &Path) -> anyhow::Result<()> {
         reloads,
     )
     .await
+}
+
+/// Accepted connections with Nagle's algorithm off. Tonic sets TCP_NODELAY
+/// only on listeners it binds itself; without it a unary reply's last
+/// frames wait for the client's delayed ACK, tens of milliseconds per query.
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
