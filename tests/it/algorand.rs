@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use data_encoding::BASE32_NOPAD;
-use outpost::proto::{FindingKind, FindingState, GetNodeRequest};
+use outpost::proto::{FindingKind, FindingState, GetNodeRequest, Severity};
 use serde_json::{json, Value};
 
 use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
@@ -21,15 +21,22 @@ struct FixtureAlgod {
     tip: AtomicU64,
     catching_up: AtomicBool,
     garbage: AtomicBool,
-}
-
-fn block_hash(round: u64) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, format!("algo/{round}").as_bytes())
-        .as_ref()
-        .to_vec()
+    /// Rounds from here on are served with other hashes (rewritten
+    /// history, which Algorand's finality forbids).
+    rewritten_from: AtomicU64,
 }
 
 impl FixtureAlgod {
+    fn block_hash(&self, round: u64) -> Vec<u8> {
+        let fork = u8::from(round >= self.rewritten_from.load(SeqCst));
+        ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("algo/{fork}/{round}").as_bytes(),
+        )
+        .as_ref()
+        .to_vec()
+    }
+
     fn answer(&self, path: &str) -> (u16, Value) {
         let tip = self.tip.load(SeqCst);
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -58,7 +65,7 @@ impl FixtureAlgod {
                 match rest {
                     ["hash"] => (
                         200,
-                        json!({"blockHash": BASE32_NOPAD.encode(&block_hash(round))}),
+                        json!({"blockHash": BASE32_NOPAD.encode(&self.block_hash(round))}),
                     ),
                     [] => {
                         let mut b = json!({"rnd": round, "ts": 1_700_000_000 + 3 * round,
@@ -68,7 +75,7 @@ impl FixtureAlgod {
                         if round > 0 {
                             b["prev"] = json!(format!(
                                 "blk-{}",
-                                BASE32_NOPAD.encode(&block_hash(round - 1))
+                                BASE32_NOPAD.encode(&self.block_hash(round - 1))
                             ));
                         }
                         (200, json!({"block": b}))
@@ -108,6 +115,7 @@ async fn algorand_rounds_grow_link_catch_up_and_break() {
         tip: AtomicU64::new(1000),
         catching_up: AtomicBool::new(false),
         garbage: AtomicBool::new(false),
+        rewritten_from: AtomicU64::new(u64::MAX),
     });
     let url = serve(algod.clone()).await;
     let token_file = world.path().join("algod.token");
@@ -138,7 +146,7 @@ async fn algorand_rounds_grow_link_catch_up_and_break() {
         algod.tip.store(tip, SeqCst);
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
-    let want = hex(&block_hash(1020));
+    let want = hex(&algod.block_hash(1020));
     wait_for("algo-1 at 1020", Duration::from_secs(30), &logs, || {
         let mut c = q.clone();
         let want = want.clone();
@@ -177,6 +185,32 @@ async fn algorand_rounds_grow_link_catch_up_and_break() {
         &logs,
     )
     .await;
+    // The round stays put: a stall; it moves on with rounds 1019..=1021
+    // rewritten: resolved, and a critical finding for changed final blocks.
+    let stall = wait_finding(&q, "algo-1", FindingKind::Stall, FindingState::Open, &logs).await;
+    algod.rewritten_from.store(1019, SeqCst);
+    algod.tip.store(1021, SeqCst);
+    let resumed = wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Stall,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    assert_eq!(resumed.id, stall.id);
+    let f = wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Reorg,
+        FindingState::Occurred,
+        &logs,
+    )
+    .await;
+    assert_eq!(f.severity(), Severity::Critical);
+    assert_eq!((f.fork_point, f.depth), (Some(1018), Some(2)));
+    assert!(f.summary.contains("finality forbids"), "{}", f.summary);
+
     algod.garbage.store(true, SeqCst);
     let down = wait_finding(
         &q,

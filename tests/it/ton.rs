@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use outpost::proto::{FindingKind, FindingState};
+use outpost::proto::{FindingKind, FindingState, Severity};
 use serde_json::{json, Value};
 
 use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
@@ -18,27 +18,35 @@ const KEY: &str = "8c1f0e6b2a";
 struct FixtureApi {
     tip: AtomicU64,
     garbage: AtomicBool,
-}
-
-fn root_hash(seqno: u64) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, format!("ton/{seqno}").as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(d.as_ref())
-}
-
-fn block_id(seqno: u64) -> Value {
-    json!({"@type": "ton.blockIdExt", "workchain": -1, "shard": "-9223372036854775808",
-           "seqno": seqno, "root_hash": root_hash(seqno), "file_hash": root_hash(seqno + 1_000_000)})
+    /// Seqnos from here on are served with other hashes (a rewritten
+    /// masterchain, which TON's finality forbids).
+    rewritten_from: AtomicU64,
 }
 
 impl FixtureApi {
+    fn root_hash(&self, seqno: u64) -> String {
+        let fork = u8::from(seqno >= self.rewritten_from.load(SeqCst));
+        let d = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("ton/{fork}/{seqno}").as_bytes(),
+        );
+        base64::engine::general_purpose::STANDARD.encode(d.as_ref())
+    }
+
+    fn block_id(&self, seqno: u64) -> Value {
+        json!({"@type": "ton.blockIdExt", "workchain": -1, "shard": "-9223372036854775808",
+               "seqno": seqno, "root_hash": self.root_hash(seqno),
+               "file_hash": self.root_hash(seqno + 1_000_000)})
+    }
+
     fn answer(&self, path: &str, query: &str) -> (u16, Value) {
         let tip = self.tip.load(SeqCst);
         match path {
             "/getMasterchainInfo" => (
                 200,
                 json!({"ok": true, "result": {
-                "@type": "blocks.masterchainInfo", "last": block_id(tip),
-                "state_root_hash": root_hash(tip + 2_000_000), "init": block_id(0)}}),
+                "@type": "blocks.masterchainInfo", "last": self.block_id(tip),
+                "state_root_hash": self.root_hash(tip + 2_000_000), "init": self.block_id(0)}}),
             ),
             "/getBlockHeader" => {
                 let seqno = query
@@ -55,12 +63,12 @@ impl FixtureApi {
                 (
                     200,
                     json!({"ok": true, "result": {
-                    "@type": "blocks.header", "id": block_id(seqno), "global_id": -239, "version": 0,
+                    "@type": "blocks.header", "id": self.block_id(seqno), "global_id": -239, "version": 0,
                     "after_merge": false, "after_split": false, "before_split": false,
                     "want_merge": true, "want_split": false, "validator_list_hash_short": 1,
                     "catchain_seqno": 7, "min_ref_mc_seqno": seqno - 1, "is_key_block": false,
                     "prev_key_block_seqno": 1, "start_lt": "1000", "end_lt": "1004",
-                    "gen_utime": 1_700_000_000 + 5 * seqno, "prev_blocks": [block_id(seqno - 1)]}}),
+                    "gen_utime": 1_700_000_000 + 5 * seqno, "prev_blocks": [self.block_id(seqno - 1)]}}),
                 )
             }
             _ => (404, json!({"ok": false, "error": "Not Found", "code": 404})),
@@ -95,6 +103,7 @@ async fn ton_masterchain_grows_links_stalls_and_breaks() {
     let api = Arc::new(FixtureApi {
         tip: AtomicU64::new(100),
         garbage: AtomicBool::new(false),
+        rewritten_from: AtomicU64::new(u64::MAX),
     });
     let url = serve(api.clone()).await;
     let key_file = world.path().join("toncenter.key");
@@ -126,7 +135,7 @@ async fn ton_masterchain_grows_links_stalls_and_breaks() {
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     let want = hex(&base64::engine::general_purpose::STANDARD
-        .decode(root_hash(120))
+        .decode(api.root_hash(120))
         .unwrap());
     wait_for("ton-1 at 120", Duration::from_secs(30), &logs, || {
         let mut c = q.clone();
@@ -148,6 +157,23 @@ async fn ton_masterchain_grows_links_stalls_and_breaks() {
     )
     .await;
     assert_eq!(resumed.id, stall.id);
+
+    // Seqnos 119..=121 come back with other hashes and the chain moves on:
+    // masterchain blocks are final, so this is critical.
+    api.rewritten_from.store(119, SeqCst);
+    api.tip.store(122, SeqCst);
+    let f = wait_finding(
+        &q,
+        "ton-1",
+        FindingKind::Reorg,
+        FindingState::Occurred,
+        &logs,
+    )
+    .await;
+    assert_eq!(f.severity(), Severity::Critical);
+    assert_eq!((f.fork_point, f.depth), (Some(118), Some(3)));
+    assert!(f.summary.contains("finality forbids"), "{}", f.summary);
+
     api.garbage.store(true, SeqCst);
     let down = wait_finding(
         &q,
