@@ -12,7 +12,9 @@ use data_encoding::BASE32_NOPAD;
 use outpost::proto::{FindingKind, FindingState, GetNodeRequest, Severity};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{
+    hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
+};
 use crate::spine::{node, wait_finding};
 
 const TOKEN: &str = "aaaa1111bbbb2222cccc3333dddd4444eeee5555ffff6666aaaa1111bbbb2222";
@@ -24,6 +26,8 @@ struct FixtureAlgod {
     /// Rounds from here on are served with other hashes (rewritten
     /// history, which Algorand's finality forbids).
     rewritten_from: AtomicU64,
+    /// While on, the server drops every connection: the node is gone.
+    pub down: Arc<AtomicBool>,
 }
 
 impl FixtureAlgod {
@@ -89,21 +93,25 @@ impl FixtureAlgod {
 }
 
 async fn serve(algod: Arc<FixtureAlgod>) -> String {
-    http_fixture(move |req| {
-        let authorized = req
-            .headers
-            .get("x-algo-api-token")
-            .is_some_and(|v| v == TOKEN);
-        let reply = if !authorized {
-            (401, b"{\"message\":\"Invalid API Token\"}".to_vec())
-        } else if algod.garbage.load(SeqCst) {
-            (200, b"\x1f\x8b not json".to_vec())
-        } else {
-            let (status, v) = algod.answer(&req.path);
-            (status, serde_json::to_vec(&v).unwrap())
-        };
-        async move { reply }
-    })
+    let algod_down = algod.down.clone();
+    http_fixture_with_switch(
+        move |req| {
+            let authorized = req
+                .headers
+                .get("x-algo-api-token")
+                .is_some_and(|v| v == TOKEN);
+            let reply = if !authorized {
+                (401, b"{\"message\":\"Invalid API Token\"}".to_vec())
+            } else if algod.garbage.load(SeqCst) {
+                (200, b"\x1f\x8b not json".to_vec())
+            } else {
+                let (status, v) = algod.answer(&req.path);
+                (status, serde_json::to_vec(&v).unwrap())
+            };
+            async move { reply }
+        },
+        algod_down,
+    )
     .await
 }
 
@@ -115,6 +123,7 @@ async fn algorand_rounds_grow_link_catch_up_and_break() {
         tip: AtomicU64::new(1000),
         catching_up: AtomicBool::new(false),
         garbage: AtomicBool::new(false),
+        down: Default::default(),
         rewritten_from: AtomicU64::new(u64::MAX),
     });
     let url = serve(algod.clone()).await;
@@ -210,6 +219,32 @@ async fn algorand_rounds_grow_link_catch_up_and_break() {
     assert_eq!(f.severity(), Severity::Critical);
     assert_eq!((f.fork_point, f.depth), (Some(1018), Some(2)));
     assert!(f.summary.contains("finality forbids"), "{}", f.summary);
+
+    // The node goes away (its connections close unanswered): unreachable
+    // with the cause; it comes back: resolved.
+    algod.down.store(true, SeqCst);
+    let gone = wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        gone.summary.contains("node unreachable"),
+        "{}",
+        gone.summary
+    );
+    algod.down.store(false, SeqCst);
+    wait_finding(
+        &q,
+        "algo-1",
+        FindingKind::Unreachable,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
 
     algod.garbage.store(true, SeqCst);
     let down = wait_finding(

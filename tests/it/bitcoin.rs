@@ -17,7 +17,9 @@ use outpost::chain::bitcoin::RawHeader;
 use outpost::proto::{FindingKind, FindingState, Severity};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{
+    hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
+};
 use crate::spine::{findings, node, wait_finding, WAIT};
 
 pub const COOKIE: &str = "__cookie__:5f2d1c0e8a";
@@ -30,6 +32,8 @@ pub struct FixtureNode {
     flipped: AtomicU64,
     pub garbage: AtomicBool,
     branch: Mutex<Branch>,
+    /// While on, the server drops every connection: the node is gone.
+    pub down: Arc<AtomicBool>,
 }
 
 /// A `getchaintips` entry that is not the active tip: height, header,
@@ -65,6 +69,7 @@ impl FixtureNode {
             tip: AtomicU64::new(0),
             flipped: AtomicU64::new(u64::MAX),
             garbage: AtomicBool::new(false),
+            down: Default::default(),
             branch: Mutex::default(),
         }
     }
@@ -197,11 +202,12 @@ fn display(h: &RawHeader) -> String {
 }
 
 pub async fn serve(node: Arc<FixtureNode>) -> String {
+    let node_down = node.down.clone();
     let auth = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(COOKIE)
     );
-    http_fixture(move |req| {
+    http_fixture_with_switch(move |req| {
         let authorized = req
             .headers
             .get("authorization")
@@ -222,7 +228,9 @@ pub async fn serve(node: Arc<FixtureNode>) -> String {
             (status, serde_json::to_vec(&out).unwrap())
         };
         async move { reply }
-    })
+    },
+        node_down,
+    )
     .await
 }
 
@@ -330,6 +338,32 @@ async fn bitcoin_headers_grow_verify_and_a_flipped_bit_a_stall_and_garbage_are_f
     assert_eq!(resumed.id, stall.id);
 
     // Garbage replies: unreachable with the cause; the agent stays up.
+    // The node goes away (its connections close unanswered): unreachable
+    // with the cause; it comes back: resolved.
+    node_data.down.store(true, SeqCst);
+    let gone = wait_finding(
+        &q,
+        "btc-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        gone.summary.contains("node unreachable"),
+        "{}",
+        gone.summary
+    );
+    node_data.down.store(false, SeqCst);
+    wait_finding(
+        &q,
+        "btc-1",
+        FindingKind::Unreachable,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+
     node_data.garbage.store(true, SeqCst);
     let down = wait_finding(
         &q,

@@ -10,7 +10,9 @@ use std::time::Duration;
 use outpost::proto::{FindingKind, FindingState, GetNodeRequest, Severity};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{
+    hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
+};
 use crate::spine::{node, wait_finding};
 
 pub struct FixtureChain {
@@ -19,6 +21,8 @@ pub struct FixtureChain {
     /// committed chain).
     pub rewritten_from: AtomicU64,
     pub garbage: AtomicBool,
+    /// While on, the server drops every connection: the node is gone.
+    pub down: Arc<AtomicBool>,
 }
 
 impl FixtureChain {
@@ -91,19 +95,23 @@ impl FixtureChain {
 }
 
 pub async fn serve(chain: Arc<FixtureChain>) -> String {
-    http_fixture(move |req| {
-        let out = if chain.garbage.load(SeqCst) {
-            b"{\"jsonrpc\": \"2.0\", \"result\": {\"sync_info\": 17".to_vec()
-        } else {
-            let request: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-            let reply = match chain.answer(&request) {
-                Ok(r) => json!({"jsonrpc": "2.0", "id": request["id"], "result": r}),
-                Err(e) => json!({"jsonrpc": "2.0", "id": request["id"], "error": e}),
+    let chain_down = chain.down.clone();
+    http_fixture_with_switch(
+        move |req| {
+            let out = if chain.garbage.load(SeqCst) {
+                b"{\"jsonrpc\": \"2.0\", \"result\": {\"sync_info\": 17".to_vec()
+            } else {
+                let request: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+                let reply = match chain.answer(&request) {
+                    Ok(r) => json!({"jsonrpc": "2.0", "id": request["id"], "result": r}),
+                    Err(e) => json!({"jsonrpc": "2.0", "id": request["id"], "error": e}),
+                };
+                serde_json::to_vec(&reply).unwrap()
             };
-            serde_json::to_vec(&reply).unwrap()
-        };
-        async move { (200, out) }
-    })
+            async move { (200, out) }
+        },
+        chain_down,
+    )
     .await
 }
 
@@ -115,6 +123,7 @@ async fn cometbft_growth_a_rewritten_committed_block_a_stall_and_garbage() {
         tip: AtomicU64::new(5),
         rewritten_from: AtomicU64::new(u64::MAX),
         garbage: AtomicBool::new(false),
+        down: Default::default(),
     });
     let url = serve(chain.clone()).await;
     let agent = Agent::start(
@@ -199,6 +208,32 @@ async fn cometbft_growth_a_rewritten_committed_block_a_stall_and_garbage() {
     )
     .await;
     assert_eq!(resumed.id, stall.id);
+
+    // The node goes away (its connections close unanswered): unreachable
+    // with the cause; it comes back: resolved.
+    chain.down.store(true, SeqCst);
+    let gone = wait_finding(
+        &q,
+        "cosmos-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        gone.summary.contains("node unreachable"),
+        "{}",
+        gone.summary
+    );
+    chain.down.store(false, SeqCst);
+    wait_finding(
+        &q,
+        "cosmos-1",
+        FindingKind::Unreachable,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
 
     chain.garbage.store(true, SeqCst);
     let down = wait_finding(

@@ -630,6 +630,7 @@ async fn one_aggregator_keeps_three_chains_as_three_networks() {
         tip: AtomicU64::new(40),
         rewritten_from: AtomicU64::new(u64::MAX),
         garbage: AtomicBool::new(false),
+        down: Default::default(),
     });
     let cosmos_url = crate::cometbft::serve(cosmos.clone()).await;
     let agents = [

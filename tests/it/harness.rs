@@ -617,9 +617,24 @@ where
     F: Fn(FixtureRequest) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = (u16, Vec<u8>)> + Send + 'static,
 {
+    http_fixture_with_switch(handle, Default::default()).await
+}
+
+/// `http_fixture`, with a switch: while `down` is on, the server closes
+/// every connection, open or new, without answering, as a node that went
+/// away.
+pub async fn http_fixture_with_switch<F, Fut>(
+    handle: F,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String
+where
+    F: Fn(FixtureRequest) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (u16, Vec<u8>)> + Send + 'static,
+{
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Bytes, Incoming};
     use hyper::{Request, Response};
+    use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -627,6 +642,10 @@ where
     let handle = Arc::new(handle);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            if down.load(SeqCst) {
+                drop(stream);
+                continue;
+            }
             let handle = handle.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handle = handle.clone();
@@ -651,10 +670,20 @@ where
                     )
                 }
             });
+            let down = down.clone();
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let serve = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let gone = async {
+                    while !down.load(SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                // Dropping the connection closes its socket.
+                tokio::select! {
+                    _ = serve => {}
+                    _ = gone => {}
+                }
             });
         }
     });

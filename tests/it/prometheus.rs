@@ -111,7 +111,7 @@ fn source(network_id: &str) -> &'static str {
 }
 
 #[tokio::test]
-async fn scraped_heights_grow_stall_sync_and_vanish() {
+async fn scraped_heights_grow_stall_sync_vanish_and_die() {
     let world = World::new();
     let agg = Aggregator::start(&world).await;
     let exporter = Exporter::start(&world).await;
@@ -237,6 +237,24 @@ async fn scraped_heights_grow_stall_sync_and_vanish() {
     )
     .await;
     wait_for("drachma-1 at 112", Duration::from_secs(30), &logs, at(112)).await;
+
+    // The exporter dies: the node is unreachable, with the cause.
+    let mut exporter = exporter;
+    exporter.child.kill().unwrap();
+    exporter.child.wait().unwrap();
+    let gone = wait_finding(
+        &q,
+        "drachma-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        gone.summary.contains("node unreachable"),
+        "{}",
+        gone.summary
+    );
 }
 
 #[tokio::test]

@@ -152,6 +152,7 @@ async fn cometbft_new_block_events_wake_the_agent() {
         tip: AtomicU64::new(5),
         rewritten_from: AtomicU64::new(u64::MAX),
         garbage: AtomicBool::new(false),
+        down: Default::default(),
     });
     let refuse = Arc::new(AtomicBool::new(false));
     let url = serve(chain.clone()).await;
@@ -209,6 +210,7 @@ async fn a_refused_subscription_is_logged_with_the_nodes_reason() {
         tip: AtomicU64::new(5),
         rewritten_from: AtomicU64::new(u64::MAX),
         garbage: AtomicBool::new(false),
+        down: Default::default(),
     });
     let refuse = Arc::new(AtomicBool::new(true));
     let url = serve(chain.clone()).await;

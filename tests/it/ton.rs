@@ -10,7 +10,9 @@ use base64::Engine;
 use outpost::proto::{FindingKind, FindingState, Severity};
 use serde_json::{json, Value};
 
-use crate::harness::{hex, http_fixture, wait_for, Agent, AgentOptions, Aggregator, World};
+use crate::harness::{
+    hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
+};
 use crate::spine::{node, wait_finding};
 
 const KEY: &str = "8c1f0e6b2a";
@@ -21,6 +23,8 @@ struct FixtureApi {
     /// Seqnos from here on are served with other hashes (a rewritten
     /// masterchain, which TON's finality forbids).
     rewritten_from: AtomicU64,
+    /// While on, the server drops every connection: the node is gone.
+    pub down: Arc<AtomicBool>,
 }
 
 impl FixtureApi {
@@ -77,21 +81,25 @@ impl FixtureApi {
 }
 
 async fn serve(api: Arc<FixtureApi>) -> String {
-    let url = http_fixture(move |req| {
-        let keyed = req.headers.get("x-api-key").is_some_and(|v| v == KEY);
-        let reply = if !keyed {
-            (
-                401,
-                b"{\"ok\": false, \"error\": \"API key required\", \"code\": 401}".to_vec(),
-            )
-        } else if api.garbage.load(SeqCst) {
-            (200, b"<!doctype html><title>maintenance</title>".to_vec())
-        } else {
-            let (status, v) = api.answer(req.path.trim_start_matches("/api/v2"), &req.query);
-            (status, serde_json::to_vec(&v).unwrap())
-        };
-        async move { reply }
-    })
+    let api_down = api.down.clone();
+    let url = http_fixture_with_switch(
+        move |req| {
+            let keyed = req.headers.get("x-api-key").is_some_and(|v| v == KEY);
+            let reply = if !keyed {
+                (
+                    401,
+                    b"{\"ok\": false, \"error\": \"API key required\", \"code\": 401}".to_vec(),
+                )
+            } else if api.garbage.load(SeqCst) {
+                (200, b"<!doctype html><title>maintenance</title>".to_vec())
+            } else {
+                let (status, v) = api.answer(req.path.trim_start_matches("/api/v2"), &req.query);
+                (status, serde_json::to_vec(&v).unwrap())
+            };
+            async move { reply }
+        },
+        api_down,
+    )
     .await;
     format!("{url}/api/v2")
 }
@@ -103,6 +111,7 @@ async fn ton_masterchain_grows_links_stalls_and_breaks() {
     let api = Arc::new(FixtureApi {
         tip: AtomicU64::new(100),
         garbage: AtomicBool::new(false),
+        down: Default::default(),
         rewritten_from: AtomicU64::new(u64::MAX),
     });
     let url = serve(api.clone()).await;
@@ -173,6 +182,32 @@ async fn ton_masterchain_grows_links_stalls_and_breaks() {
     assert_eq!(f.severity(), Severity::Critical);
     assert_eq!((f.fork_point, f.depth), (Some(118), Some(3)));
     assert!(f.summary.contains("finality forbids"), "{}", f.summary);
+
+    // The node goes away (its connections close unanswered): unreachable
+    // with the cause; it comes back: resolved.
+    api.down.store(true, SeqCst);
+    let gone = wait_finding(
+        &q,
+        "ton-1",
+        FindingKind::Unreachable,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        gone.summary.contains("node unreachable"),
+        "{}",
+        gone.summary
+    );
+    api.down.store(false, SeqCst);
+    wait_finding(
+        &q,
+        "ton-1",
+        FindingKind::Unreachable,
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
 
     api.garbage.store(true, SeqCst);
     let down = wait_finding(
