@@ -120,16 +120,7 @@ impl AgentConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum SourceKind {
-    Ethereum,
-    Bitcoin,
-    Cometbft,
-    Ton,
-    Algorand,
-    Prometheus,
-}
+pub use crate::chain::SourceKind;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -190,11 +181,7 @@ impl SourceConfig {
         use crate::chain::rpc::Auth;
         if let Some(file) = &self.token_file {
             return Auth::Header {
-                name: if self.kind == SourceKind::Algorand {
-                    "X-Algo-API-Token"
-                } else {
-                    "X-API-Key"
-                },
+                name: self.kind.token_header(),
                 value_file: file.clone(),
             };
         }

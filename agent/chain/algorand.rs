@@ -12,6 +12,9 @@ use super::rpc::JsonRpcClient;
 use super::{ChainSource, SourceError, SourceFuture};
 use crate::model::{Hash, Header, HeaderRef, NodeStatus};
 
+/// algod reads its API token from this header.
+pub const TOKEN_HEADER: &str = "X-Algo-API-Token";
+
 pub struct AlgorandSource {
     api: JsonRpcClient,
 }

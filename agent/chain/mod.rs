@@ -12,8 +12,58 @@ pub mod ton;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
+use crate::config::SourceConfig;
+use crate::latency::RpcTimings;
 use crate::model::{Hash, Header, HeaderRef, NodeStatus};
+
+/// The chains a source speaks: `source.kind` in the agent config. A new
+/// chain adds its file here, a variant, and a line in `build`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    Ethereum,
+    Bitcoin,
+    Cometbft,
+    Ton,
+    Algorand,
+    Prometheus,
+}
+
+impl SourceKind {
+    /// The header that carries the token from `source.token_file`.
+    pub fn token_header(self) -> &'static str {
+        match self {
+            SourceKind::Algorand => algorand::TOKEN_HEADER,
+            _ => ton::KEY_HEADER,
+        }
+    }
+}
+
+/// The source `cfg.kind` names, with its RPC client.
+pub fn build(cfg: &SourceConfig, timings: RpcTimings) -> Result<Arc<dyn ChainSource>, String> {
+    let rpc = rpc::JsonRpcClient::new(&cfg.url, cfg.timeout, cfg.max_reply_bytes, timings)
+        .with_auth(cfg.auth());
+    Ok(match cfg.kind {
+        SourceKind::Ethereum => Arc::new(ethereum::EthereumSource::new(rpc)),
+        SourceKind::Bitcoin => Arc::new(bitcoin::BitcoinSource::new(rpc)),
+        SourceKind::Cometbft => Arc::new(cometbft::CometBftSource::new(rpc)),
+        SourceKind::Ton => Arc::new(ton::TonSource::new(rpc)),
+        SourceKind::Algorand => Arc::new(algorand::AlgorandSource::new(rpc)),
+        SourceKind::Prometheus => {
+            let map = cfg.metrics.as_ref().ok_or_else(|| {
+                "source.metrics: kind prometheus needs a [source.metrics] table".to_string()
+            })?;
+            Arc::new(
+                prometheus::PrometheusSource::new(rpc, map)
+                    .map_err(|e| format!("source.metrics: {e}"))?,
+            )
+        }
+    })
+}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SourceError {

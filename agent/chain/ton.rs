@@ -15,6 +15,9 @@ use crate::model::{Hash, Header, HeaderRef, NodeStatus};
 /// The masterchain: workchain -1, the full shard.
 const MASTERCHAIN: &str = "workchain=-1&shard=-9223372036854775808";
 
+/// The HTTP API reads its key from this header.
+pub const KEY_HEADER: &str = "X-API-Key";
+
 pub struct TonSource {
     api: JsonRpcClient,
 }

@@ -14,21 +14,12 @@ pub mod snapshot;
 pub mod subscribe;
 pub mod validate;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::chain::algorand::AlgorandSource;
-use crate::chain::bitcoin::BitcoinSource;
-use crate::chain::cometbft::CometBftSource;
-use crate::chain::ethereum::EthereumSource;
-use crate::chain::prometheus::PrometheusSource;
-use crate::chain::rpc::JsonRpcClient;
-use crate::chain::ton::TonSource;
-use crate::chain::ChainSource;
-use crate::config::{AgentConfig, SourceKind};
-use crate::latency::{RpcTimings, Timings};
+use crate::config::AgentConfig;
+use crate::latency::Timings;
 use crate::reload;
 use crate::service::{self, Signal, Signals};
 use crate::store::local::LocalStore;
@@ -103,29 +94,6 @@ impl Actors {
     }
 }
 
-fn source_for(cfg: &AgentConfig, timings: RpcTimings) -> Result<Arc<dyn ChainSource>, String> {
-    let rpc = JsonRpcClient::new(
-        &cfg.source.url,
-        cfg.source.timeout,
-        cfg.source.max_reply_bytes,
-        timings,
-    )
-    .with_auth(cfg.source.auth());
-    Ok(match cfg.source.kind {
-        SourceKind::Ethereum => Arc::new(EthereumSource::new(rpc)),
-        SourceKind::Bitcoin => Arc::new(BitcoinSource::new(rpc)),
-        SourceKind::Cometbft => Arc::new(CometBftSource::new(rpc)),
-        SourceKind::Ton => Arc::new(TonSource::new(rpc)),
-        SourceKind::Algorand => Arc::new(AlgorandSource::new(rpc)),
-        SourceKind::Prometheus => {
-            let map = cfg.source.metrics.as_ref().ok_or_else(|| {
-                "source.metrics: kind prometheus needs a [source.metrics] table".to_string()
-            })?;
-            Arc::new(PrometheusSource::new(rpc, map).map_err(|e| format!("source.metrics: {e}"))?)
-        }
-    })
-}
-
 impl Agent {
     /// Opens the store and starts the actors. Call inside a running actix System.
     pub fn start(cfg: &AgentConfig) -> Result<Agent, AgentError> {
@@ -152,7 +120,8 @@ impl Agent {
         })?;
         let (store, recovered) = open_or_recover(cfg)?;
         let timings = Timings::default();
-        let source = source_for(cfg, timings.rpc.clone()).map_err(AgentError::Source)?;
+        let source =
+            crate::chain::build(&cfg.source, timings.rpc.clone()).map_err(AgentError::Source)?;
         if cfg.source.ws_url.is_some() && source.head_subscription().is_none() {
             return Err(AgentError::Source(format!(
                 "source.ws_url: the {} source has no head subscription; drop ws_url",
