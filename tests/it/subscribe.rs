@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
-use outpost::proto::{FindingKind, FindingState};
+use outpost::proto::{FindingKind, FindingState, HeadersRequest};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -59,6 +59,27 @@ async fn ethereum_heads_arrive_by_subscription_and_a_reorg_is_seen() {
     assert_eq!(reorgs.len(), 1, "{reorgs:?}");
     assert_eq!((reorgs[0].depth, reorgs[0].fork_point), (Some(3), Some(2)));
     assert!(reorgs[0].summary.contains(&before), "{}", reorgs[0].summary);
+    // The replaced heights hold anvil's new blocks.
+    let stored = q
+        .headers(HeadersRequest {
+            node_id: "eth-ws".into(),
+            from_height: 3,
+            to_height: 6,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .headers;
+    assert_eq!(stored.len(), 4);
+    for h in &stored {
+        assert_eq!(
+            hex(&h.hash),
+            anvil.hash(h.height).await,
+            "height {}",
+            h.height
+        );
+    }
+    assert_ne!(hex(&stored[2].hash), before);
 }
 
 #[tokio::test]
