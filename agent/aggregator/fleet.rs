@@ -603,27 +603,16 @@ impl Fleet {
             if !silent {
                 net.fleet_head = net.fleet_head.max(height);
             }
+            let fleet_open = |k: FindingKind| st.open.contains_key(&(node.clone(), k as i32));
             let status = if silent {
                 "silent"
-            } else if st
-                .open
-                .contains_key(&(node.clone(), FindingKind::Divergence as i32))
-            {
+            } else if fleet_open(FindingKind::Divergence) {
                 "diverged"
-            } else if v
-                .agent_open
-                .contains_key(&(FindingKind::Unreachable as i32))
-            {
-                "unreachable"
-            } else if v.agent_open.contains_key(&(FindingKind::Stall as i32)) {
-                "stalled"
-            } else if st
-                .open
-                .contains_key(&(node.clone(), FindingKind::Lag as i32))
-            {
-                "lagging"
             } else {
-                "ok"
+                match own_status(|k| v.agent_open.contains_key(&(k as i32))) {
+                    "ok" if fleet_open(FindingKind::Lag) => "lagging",
+                    own => own,
+                }
             };
             net.nodes.push(proto::FleetNode {
                 node_id: node.clone(),
@@ -984,4 +973,21 @@ fn compare(st: &State, node: &str, canon: &mut Canon<'_>) -> Option<Divergence> 
             .collect(),
         canonical_hash,
     })
+}
+
+/// A node's own health in one word, from its agent's open findings, worst
+/// first: `unreachable`, `stalled`, `syncing` or `ok`. The query API's node
+/// summary shows this word (or `disconnected`); the fleet view puts
+/// `silent`, `diverged` and `lagging`, which compare the node with its
+/// network, around it.
+pub fn own_status(open: impl Fn(FindingKind) -> bool) -> &'static str {
+    if open(FindingKind::Unreachable) {
+        "unreachable"
+    } else if open(FindingKind::Stall) {
+        "stalled"
+    } else if open(FindingKind::Syncing) {
+        "syncing"
+    } else {
+        "ok"
+    }
 }

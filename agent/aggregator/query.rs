@@ -13,7 +13,7 @@ use super::auth::{self, AUDIT};
 use super::fleet::Fleet;
 use super::ingest::Live;
 use crate::proto::{
-    query_server, EventsRequest, EventsResponse, Finding, FindingKind, FindingState, FleetRequest,
+    query_server, EventsRequest, EventsResponse, Finding, FindingState, FleetRequest,
     FleetResponse, GetNodeRequest, HeadersRequest, HeadersResponse, ListFindingsRequest,
     ListFindingsResponse, ListNodesRequest, ListNodesResponse, NodeDetail, NodeFinding, NodeRecord,
     NodeSummary, WatchRequest,
@@ -36,17 +36,10 @@ impl QueryService {
 
     fn summary(&self, rec: &NodeRecord, open: &[Finding]) -> NodeSummary {
         let connected = self.live.connected(&rec.node_id);
-        let has = |k: FindingKind| open.iter().any(|f| f.kind() == k);
-        let status = if !connected {
-            "disconnected"
-        } else if has(FindingKind::Unreachable) {
-            "unreachable"
-        } else if has(FindingKind::Stall) {
-            "stalled"
-        } else if has(FindingKind::Syncing) {
-            "syncing"
+        let status = if connected {
+            super::fleet::own_status(|k| open.iter().any(|f| f.kind() == k))
         } else {
-            "ok"
+            "disconnected"
         };
         NodeSummary {
             node_id: rec.node_id.clone(),
