@@ -75,7 +75,9 @@ impl HostProbe {
         sys.refresh_processes_specifics(ProcessesToUpdate::Some(&pids), true, procs);
         let mut sample = HostSample {
             cpu_percent: sys.global_cpu_usage(),
-            memory_percent: used_percent(sys.total_memory().max(1), sys.available_memory())
+            // A host whose memory cannot be read (total 0) reports 0, not
+            // 100 %: no memory finding from a reading that is not there.
+            memory_percent: used_percent(sys.total_memory(), sys.available_memory())
                 .unwrap_or_default(),
             ..Default::default()
         };
@@ -166,5 +168,17 @@ impl Handler<Reconfigure> for HostProbe {
         if retime {
             self.reschedule(ctx);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::used_percent;
+
+    #[test]
+    fn percent_used_needs_a_total() {
+        assert_eq!(used_percent(200, 50), Some(75.0));
+        assert_eq!(used_percent(200, 500), Some(0.0), "more available than total");
+        assert_eq!(used_percent(0, 0), None, "an unreadable total is no reading");
     }
 }
