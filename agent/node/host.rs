@@ -178,7 +178,15 @@ mod tests {
     #[test]
     fn percent_used_needs_a_total() {
         assert_eq!(used_percent(200, 50), Some(75.0));
-        assert_eq!(used_percent(200, 500), Some(0.0), "more available than total");
-        assert_eq!(used_percent(0, 0), None, "an unreadable total is no reading");
+        assert_eq!(
+            used_percent(200, 500),
+            Some(0.0),
+            "more available than total"
+        );
+        assert_eq!(
+            used_percent(0, 0),
+            None,
+            "an unreadable total is no reading"
+        );
     }
 }
