@@ -32,6 +32,14 @@ AGG=outpost-agg
 NODES=(outpost-n1 outpost-n2 outpost-n3)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/outpost-hosts.XXXXXX")
 
+# One at a time: podman rm given several names stops at the first it
+# cannot find, leaving the rest (a half-created host from a failed run).
+remove_hosts() {
+    for h in "$AGG" "${NODES[@]}"; do
+        podman rm -f -t 0 "$h" >/dev/null 2>&1 || true
+    done
+}
+
 cleanup() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then
@@ -41,7 +49,7 @@ cleanup() {
         done
     fi
     # OUTPOST_KEEP_HOSTS=1 leaves the hosts running for a look after a failure.
-    [ -n "${OUTPOST_KEEP_HOSTS:-}" ] || podman rm -f -t 0 "$AGG" "${NODES[@]}" >/dev/null 2>&1 || true
+    [ -n "${OUTPOST_KEEP_HOSTS:-}" ] || remove_hosts
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -52,7 +60,7 @@ if ! podman image exists "$IMAGE"; then
     podman import --change 'CMD ["/sbin/init"]' "$WORK/root.tar" "$IMAGE" >/dev/null
     rm -f "$WORK/root.tar"
 fi
-podman rm -f -t 0 "$AGG" "${NODES[@]}" >/dev/null 2>&1 || true
+remove_hosts
 for h in "$AGG" "${NODES[@]}"; do
     podman run -d --runtime runc --ulimit nofile=10000:10000 --ulimit nproc=10000:10000 \
         --systemd=always --cap-add SYS_ADMIN --name "$h" --hostname "$h" "$IMAGE" /sbin/init >/dev/null
