@@ -14,6 +14,8 @@
 //! network = "drachma_chain_info{network}"      # the label holding the network id
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus_parse::{Sample, Scrape, Value};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +110,11 @@ impl Selector {
         })
     }
 
+    /// The error for a scrape without the selected series.
+    fn absent(&self) -> SourceError {
+        SourceError::Malformed(format!("metric {} is not in the scrape", self.name))
+    }
+
     fn find<'a>(&self, scrape: &'a Scrape) -> Option<&'a Sample> {
         scrape.samples.iter().find(|x| {
             x.metric == self.name
@@ -151,7 +158,8 @@ impl Selector {
 /// `name{label}`: the value of `label` on the first sample of `name`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelSelector {
-    name: String,
+    /// The series, by name alone.
+    series: Selector,
     label: String,
 }
 
@@ -163,7 +171,10 @@ impl LabelSelector {
             .and_then(|s| s.split_once('{'))
             .ok_or_else(|| format!("{s:?}: expected metric{{label}}"))?;
         Ok(LabelSelector {
-            name: metric_name(name.trim(), s)?,
+            series: Selector {
+                name: metric_name(name.trim(), s)?,
+                labels: Vec::new(),
+            },
             label: metric_name(label.trim(), s)?,
         })
     }
@@ -176,6 +187,9 @@ pub struct PrometheusSource {
     mempool: Option<Selector>,
     syncing: Option<Selector>,
     network: Option<LabelSelector>,
+    /// The highest height a scrape has shown: the node has every block up
+    /// to it, so `header` needs no scrape of its own for those.
+    seen: AtomicU64,
 }
 
 impl PrometheusSource {
@@ -194,6 +208,7 @@ impl PrometheusSource {
                 .as_deref()
                 .map(LabelSelector::parse)
                 .transpose()?,
+            seen: AtomicU64::new(0),
         })
     }
 
@@ -205,9 +220,12 @@ impl PrometheusSource {
 
     async fn height(&self) -> Result<u64, SourceError> {
         let scrape = self.scrape().await?;
-        self.height.count(&scrape)?.ok_or_else(|| {
-            SourceError::Malformed(format!("metric {} is not in the scrape", self.height.name))
-        })
+        let height = self
+            .height
+            .count(&scrape)?
+            .ok_or_else(|| self.height.absent())?;
+        self.seen.fetch_max(height, Ordering::Relaxed);
+        Ok(height)
     }
 }
 
@@ -244,7 +262,7 @@ impl ChainSource for PrometheusSource {
     /// Any height the node has reached; the time is when this scrape saw it.
     fn header(&self, height: u64) -> SourceFuture<'_, Header> {
         Box::pin(async move {
-            if self.height().await? < height {
+            if height > self.seen.load(Ordering::Relaxed) && self.height().await? < height {
                 return Err(SourceError::NotFound(height));
             }
             Ok(unhashed(height))
@@ -278,13 +296,10 @@ impl ChainSource for PrometheusSource {
                 ));
             };
             let scrape = self.scrape().await?;
-            let sample = scrape
-                .samples
-                .iter()
-                .find(|x| x.metric == sel.name)
-                .ok_or_else(|| {
-                    SourceError::Malformed(format!("metric {} is not in the scrape", sel.name))
-                })?;
+            let sample = sel
+                .series
+                .find(&scrape)
+                .ok_or_else(|| sel.series.absent())?;
             sample
                 .labels
                 .get(&sel.label)
@@ -292,7 +307,7 @@ impl ChainSource for PrometheusSource {
                 .ok_or_else(|| {
                     SourceError::Malformed(format!(
                         "metric {} has no label {}",
-                        sel.name, sel.label
+                        sel.series.name, sel.label
                     ))
                 })
         })
@@ -343,7 +358,7 @@ rpc_seconds_count 2
         assert!(count("drachma_fractional").is_err());
         assert!(count("drachma_negative").is_err());
         let net = LabelSelector::parse("drachma_chain_info{network}").unwrap();
-        assert_eq!(net.name, "drachma_chain_info");
+        assert_eq!(net.series.name, "drachma_chain_info");
         assert_eq!(net.label, "network");
     }
 
