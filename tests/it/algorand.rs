@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::harness::{
     hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
 };
-use crate::spine::{node, wait_finding};
+use crate::spine::{goes_away_and_returns, node, wait_finding};
 
 const TOKEN: &str = "aaaa1111bbbb2222cccc3333dddd4444eeee5555ffff6666aaaa1111bbbb2222";
 
@@ -220,31 +220,8 @@ async fn algorand_rounds_grow_link_catch_up_and_break() {
     assert_eq!((f.fork_point, f.depth), (Some(1018), Some(2)));
     assert!(f.summary.contains("finality forbids"), "{}", f.summary);
 
-    // The node goes away (its connections close unanswered): unreachable
-    // with the cause; it comes back: resolved.
-    algod.down.store(true, SeqCst);
-    let gone = wait_finding(
-        &q,
-        "algo-1",
-        FindingKind::Unreachable,
-        FindingState::Open,
-        &logs,
-    )
-    .await;
-    assert!(
-        gone.summary.contains("node unreachable"),
-        "{}",
-        gone.summary
-    );
-    algod.down.store(false, SeqCst);
-    wait_finding(
-        &q,
-        "algo-1",
-        FindingKind::Unreachable,
-        FindingState::Resolved,
-        &logs,
-    )
-    .await;
+    // The node goes away (its connections close unanswered), then returns.
+    goes_away_and_returns(&q, "algo-1", &algod.down, &logs).await;
 
     algod.garbage.store(true, SeqCst);
     let down = wait_finding(

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::harness::{
     hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
 };
-use crate::spine::{findings, node, wait_finding, WAIT};
+use crate::spine::{findings, goes_away_and_returns, node, wait_finding, WAIT};
 
 pub const COOKIE: &str = "__cookie__:5f2d1c0e8a";
 
@@ -338,31 +338,8 @@ async fn bitcoin_headers_grow_verify_and_a_flipped_bit_a_stall_and_garbage_are_f
     assert_eq!(resumed.id, stall.id);
 
     // Garbage replies: unreachable with the cause; the agent stays up.
-    // The node goes away (its connections close unanswered): unreachable
-    // with the cause; it comes back: resolved.
-    node_data.down.store(true, SeqCst);
-    let gone = wait_finding(
-        &q,
-        "btc-1",
-        FindingKind::Unreachable,
-        FindingState::Open,
-        &logs,
-    )
-    .await;
-    assert!(
-        gone.summary.contains("node unreachable"),
-        "{}",
-        gone.summary
-    );
-    node_data.down.store(false, SeqCst);
-    wait_finding(
-        &q,
-        "btc-1",
-        FindingKind::Unreachable,
-        FindingState::Resolved,
-        &logs,
-    )
-    .await;
+    // The node goes away (its connections close unanswered), then returns.
+    goes_away_and_returns(&q, "btc-1", &node_data.down, &logs).await;
 
     node_data.garbage.store(true, SeqCst);
     let down = wait_finding(

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::harness::{
     hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
 };
-use crate::spine::{node, wait_finding};
+use crate::spine::{goes_away_and_returns, node, wait_finding};
 
 pub struct FixtureChain {
     pub tip: AtomicU64,
@@ -26,6 +26,16 @@ pub struct FixtureChain {
 }
 
 impl FixtureChain {
+    /// A chain at `tip`, healthy and never rewritten.
+    pub fn at(tip: u64) -> Arc<FixtureChain> {
+        Arc::new(FixtureChain {
+            tip: AtomicU64::new(tip),
+            rewritten_from: AtomicU64::new(u64::MAX),
+            garbage: AtomicBool::new(false),
+            down: Default::default(),
+        })
+    }
+
     pub fn hash(&self, h: u64) -> String {
         let fork = u8::from(h >= self.rewritten_from.load(SeqCst));
         let d = ring::digest::digest(
@@ -119,12 +129,7 @@ pub async fn serve(chain: Arc<FixtureChain>) -> String {
 async fn cometbft_growth_a_rewritten_committed_block_a_stall_and_garbage() {
     let world = World::new();
     let agg = Aggregator::start(&world).await;
-    let chain = Arc::new(FixtureChain {
-        tip: AtomicU64::new(5),
-        rewritten_from: AtomicU64::new(u64::MAX),
-        garbage: AtomicBool::new(false),
-        down: Default::default(),
-    });
+    let chain = FixtureChain::at(5);
     let url = serve(chain.clone()).await;
     let agent = Agent::start(
         &world,
@@ -209,31 +214,8 @@ async fn cometbft_growth_a_rewritten_committed_block_a_stall_and_garbage() {
     .await;
     assert_eq!(resumed.id, stall.id);
 
-    // The node goes away (its connections close unanswered): unreachable
-    // with the cause; it comes back: resolved.
-    chain.down.store(true, SeqCst);
-    let gone = wait_finding(
-        &q,
-        "cosmos-1",
-        FindingKind::Unreachable,
-        FindingState::Open,
-        &logs,
-    )
-    .await;
-    assert!(
-        gone.summary.contains("node unreachable"),
-        "{}",
-        gone.summary
-    );
-    chain.down.store(false, SeqCst);
-    wait_finding(
-        &q,
-        "cosmos-1",
-        FindingKind::Unreachable,
-        FindingState::Resolved,
-        &logs,
-    )
-    .await;
+    // The node goes away (its connections close unanswered), then returns.
+    goes_away_and_returns(&q, "cosmos-1", &chain.down, &logs).await;
 
     chain.garbage.store(true, SeqCst);
     let down = wait_finding(

@@ -614,7 +614,7 @@ async fn aggregator_reload_applies_fleet_thresholds_and_sinks_live() {
 
 #[tokio::test]
 async fn one_aggregator_keeps_three_chains_as_three_networks() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
 
     use crate::bitcoin::{cookie_source, FixtureNode, COOKIE};
     use crate::cometbft::FixtureChain;
@@ -626,12 +626,7 @@ async fn one_aggregator_keeps_three_chains_as_three_networks() {
     let btc = Arc::new(FixtureNode::load());
     btc.tip.store(120, SeqCst);
     let btc_url = crate::bitcoin::serve(btc.clone()).await;
-    let cosmos = Arc::new(FixtureChain {
-        tip: AtomicU64::new(40),
-        rewritten_from: AtomicU64::new(u64::MAX),
-        garbage: AtomicBool::new(false),
-        down: Default::default(),
-    });
+    let cosmos = FixtureChain::at(40);
     let cosmos_url = crate::cometbft::serve(cosmos.clone()).await;
     let agents = [
         Agent::start(&world, "eth-1", &anvil.url(), &agg, AgentOptions::default()),

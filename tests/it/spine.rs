@@ -71,6 +71,34 @@ pub async fn wait_finding(
     .await
 }
 
+/// Takes the node away (`down` on: its fixture closes every connection),
+/// waits for `unreachable` with the cause, brings it back and waits for
+/// the finding to resolve.
+pub async fn goes_away_and_returns(
+    q: &QueryClient<Channel>,
+    node: &str,
+    down: &std::sync::atomic::AtomicBool,
+    logs: &[&std::path::Path],
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    down.store(true, SeqCst);
+    let gone = wait_finding(q, node, FindingKind::Unreachable, FindingState::Open, logs).await;
+    assert!(
+        gone.summary.contains("node unreachable"),
+        "{}",
+        gone.summary
+    );
+    down.store(false, SeqCst);
+    wait_finding(
+        q,
+        node,
+        FindingKind::Unreachable,
+        FindingState::Resolved,
+        logs,
+    )
+    .await;
+}
+
 /// Waits until the aggregator shows `id` at anvil's current head.
 pub async fn wait_at_head(
     client: &mut QueryClient<Channel>,

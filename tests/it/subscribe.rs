@@ -4,7 +4,7 @@
 //! The agents poll once a minute, so a head that reaches the aggregator
 //! within the wait came by subscription.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -40,11 +40,7 @@ async fn ethereum_heads_arrive_by_subscription_and_a_reorg_is_seen() {
     let mut q = world.query(&agg).await;
     let logs = [agent.log.as_path(), agg.log.as_path()];
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
-    wait_for("the subscription to be active", WAIT, &logs, || {
-        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-        async move { log.contains("head subscription active").then_some(()) }
-    })
-    .await;
+    wait_subscribed(&agent, &logs).await;
 
     anvil.mine(5).await;
     assert_eq!(wait_at_head(&mut q, &anvil, &agent, &agg).await, 5);
@@ -115,13 +111,12 @@ async fn a_websocket_that_does_not_answer_leaves_polling_in_charge() {
 
 /// A CometBFT `/websocket` endpoint: confirms a `subscribe` to NewBlock and
 /// pushes an event whenever the test raises the tip.
-async fn serve_events(chain: Arc<FixtureChain>, refuse: Arc<AtomicBool>) -> String {
+async fn serve_events(chain: Arc<FixtureChain>, refuse: bool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/websocket", listener.local_addr().unwrap());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let chain = chain.clone();
-            let refuse = refuse.clone();
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
                     return;
@@ -132,7 +127,7 @@ async fn serve_events(chain: Arc<FixtureChain>, refuse: Arc<AtomicBool>) -> Stri
                 let req: Value = serde_json::from_str(req.as_str()).unwrap_or(Value::Null);
                 let id = req["id"].clone();
                 let query = req["params"]["query"].as_str().unwrap_or("").to_string();
-                let confirm = if refuse.load(SeqCst) || query != "tm.event='NewBlock'" {
+                let confirm = if refuse || query != "tm.event='NewBlock'" {
                     json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603,
                         "message": "Internal error", "data": "max_subscriptions_per_client 5 reached"}})
                 } else {
@@ -165,19 +160,29 @@ async fn serve_events(chain: Arc<FixtureChain>, refuse: Arc<AtomicBool>) -> Stri
     url
 }
 
+/// A CometBFT fixture at height 5: its RPC URL and its event endpoint,
+/// which confirms subscriptions or, with `refuse`, turns them down.
+async fn cometbft_with_events(refuse: bool) -> (Arc<FixtureChain>, String, String) {
+    let chain = FixtureChain::at(5);
+    let url = serve(chain.clone()).await;
+    let ws = serve_events(chain.clone(), refuse).await;
+    (chain, url, ws)
+}
+
+/// Waits until the agent logs that its head subscription is up.
+async fn wait_subscribed(agent: &Agent, logs: &[&std::path::Path]) {
+    wait_for("the subscription to be active", WAIT, logs, || {
+        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+        async move { log.contains("head subscription active").then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn cometbft_new_block_events_wake_the_agent() {
     let world = World::new();
     let agg = Aggregator::start(&world).await;
-    let chain = Arc::new(FixtureChain {
-        tip: AtomicU64::new(5),
-        rewritten_from: AtomicU64::new(u64::MAX),
-        garbage: AtomicBool::new(false),
-        down: Default::default(),
-    });
-    let refuse = Arc::new(AtomicBool::new(false));
-    let url = serve(chain.clone()).await;
-    let ws = serve_events(chain.clone(), refuse.clone()).await;
+    let (chain, url, ws) = cometbft_with_events(false).await;
     let agent = Agent::start(
         &world,
         "cosmos-ws",
@@ -206,11 +211,7 @@ async fn cometbft_new_block_events_wake_the_agent() {
         }
     };
     wait_for("cosmos-ws at 5", WAIT, &logs, at(5)).await;
-    wait_for("the subscription to be active", WAIT, &logs, || {
-        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-        async move { log.contains("head subscription active").then_some(()) }
-    })
-    .await;
+    wait_subscribed(&agent, &logs).await;
     chain.tip.store(9, SeqCst);
     wait_for("cosmos-ws at 9 by event", WAIT, &logs, at(9)).await;
     let mut c = q.clone();
@@ -227,15 +228,7 @@ async fn cometbft_new_block_events_wake_the_agent() {
 async fn a_refused_subscription_is_logged_with_the_nodes_reason() {
     let world = World::new();
     let agg = Aggregator::start(&world).await;
-    let chain = Arc::new(FixtureChain {
-        tip: AtomicU64::new(5),
-        rewritten_from: AtomicU64::new(u64::MAX),
-        garbage: AtomicBool::new(false),
-        down: Default::default(),
-    });
-    let refuse = Arc::new(AtomicBool::new(true));
-    let url = serve(chain.clone()).await;
-    let ws = serve_events(chain.clone(), refuse).await;
+    let (chain, url, ws) = cometbft_with_events(true).await;
     let agent = Agent::start(
         &world,
         "cosmos-refused",

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::harness::{
     hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
 };
-use crate::spine::{node, wait_finding};
+use crate::spine::{goes_away_and_returns, node, wait_finding};
 
 const KEY: &str = "8c1f0e6b2a";
 
@@ -183,31 +183,8 @@ async fn ton_masterchain_grows_links_stalls_and_breaks() {
     assert_eq!((f.fork_point, f.depth), (Some(118), Some(3)));
     assert!(f.summary.contains("finality forbids"), "{}", f.summary);
 
-    // The node goes away (its connections close unanswered): unreachable
-    // with the cause; it comes back: resolved.
-    api.down.store(true, SeqCst);
-    let gone = wait_finding(
-        &q,
-        "ton-1",
-        FindingKind::Unreachable,
-        FindingState::Open,
-        &logs,
-    )
-    .await;
-    assert!(
-        gone.summary.contains("node unreachable"),
-        "{}",
-        gone.summary
-    );
-    api.down.store(false, SeqCst);
-    wait_finding(
-        &q,
-        "ton-1",
-        FindingKind::Unreachable,
-        FindingState::Resolved,
-        &logs,
-    )
-    .await;
+    // The node goes away (its connections close unanswered), then returns.
+    goes_away_and_returns(&q, "ton-1", &api.down, &logs).await;
 
     api.garbage.store(true, SeqCst);
     let down = wait_finding(
