@@ -206,6 +206,7 @@ async fn serve_stream(
                         let _s = store.persisting().await;
                         store
                             .persist(node, batch.events, now_unix_ms())
+                            .await
                             .map_err(internal)?
                     };
                     ctx.metrics

@@ -2,6 +2,11 @@
 //! headers by height, findings and the event log, in one sled tree so that
 //! each received batch lands in one atomic write.
 //!
+//! Batches from many streams are applied together: sled writes and syncs a
+//! log buffer on every `apply_batch`, so one apply per persist would cost
+//! one disk write per report. A writer thread gathers whatever batches are
+//! queued, applies them as one atomic batch and answers each.
+//!
 //! Keys: `n`+node → NodeRecord, `h`+node+0+(height / 64) → HeaderChunk,
 //! `f`+node+0+id → Finding, `e`+node+0+first seq → Batch (the event log).
 
@@ -10,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prost::Message;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::local::event_last_seq;
 use super::{decode, key_tail_u64, Durability, StoreError};
@@ -24,6 +29,7 @@ pub struct CentralStore {
     db: sled::Db,
     tree: sled::Tree,
     commit: Arc<GroupCommit>,
+    writer: mpsc::UnboundedSender<Pending>,
     /// Event batches are persisted under a shared hold of it; a snapshot
     /// holds it alone, so no batch is half in a snapshot (sled's iterators
     /// are not a point-in-time view).
@@ -86,10 +92,20 @@ impl CentralStore {
             dir.to_path_buf(),
             durability,
         ));
+        let (writer, queued) = mpsc::unbounded_channel();
+        let applying = tree.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(applying, queued))
+            .map_err(|source| StoreError::Sync {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         Ok(CentralStore {
             db,
             tree,
             commit,
+            writer,
             gate: Arc::default(),
         })
     }
@@ -180,17 +196,40 @@ impl CentralStore {
     /// Stores the events above the node's last seq in one atomic write and
     /// ignores the rest as duplicates. The caller must serialise calls per node
     /// and await `durable` before acknowledging.
-    pub fn persist(
+    /// Stores a batch of one node's events (those above its last seq) in one
+    /// atomic write. Calls for one node must not overlap: each reads the
+    /// record the previous one wrote.
+    pub async fn persist(
         &self,
         node: &str,
         events: Vec<proto::Event>,
         now_ms: i64,
     ) -> Result<Persisted, StoreError> {
+        let (writes, persisted) = self.prepare(node, events, now_ms)?;
+        let (done, applied) = oneshot::channel();
+        let stopped = || StoreError::Sync {
+            path: PathBuf::new(),
+            source: std::io::Error::other("store writer stopped"),
+        };
+        self.writer
+            .send(Pending { writes, done })
+            .map_err(|_| stopped())?;
+        applied.await.map_err(|_| stopped())??;
+        Ok(persisted)
+    }
+
+    /// The writes that persist a batch, and what it will have persisted.
+    fn prepare(
+        &self,
+        node: &str,
+        events: Vec<proto::Event>,
+        now_ms: i64,
+    ) -> Result<(Writes, Persisted), StoreError> {
         let mut rec = self.node(node)?.unwrap_or_else(|| NodeRecord {
             node_id: node.to_string(),
             ..Default::default()
         });
-        let mut batch = sled::Batch::default();
+        let mut batch = Writes::default();
         let mut headers = ChunkEdits::new(self, node);
         let mut kept = Vec::with_capacity(events.len());
         let mut duplicates = 0;
@@ -252,13 +291,13 @@ impl CentralStore {
             batch.insert(node_key_u64(b'e', node, first), log.encode_to_vec());
         }
         batch.insert(record_key(node), rec.encode_to_vec());
-        self.tree.apply_batch(batch)?;
-        Ok(Persisted {
+        let persisted = Persisted {
             last_seq: rec.last_seq,
             stored,
             duplicates,
             events: log.events,
-        })
+        };
+        Ok((batch, persisted))
     }
 
     pub fn headers(
@@ -405,7 +444,7 @@ impl<'a> ChunkEdits<'a> {
         Ok(())
     }
 
-    fn write(self, batch: &mut sled::Batch) {
+    fn write(self, batch: &mut Writes) {
         for (index, headers) in self.chunks {
             let key = node_key_u64(b'h', self.node, index);
             if headers.is_empty() {
@@ -413,6 +452,51 @@ impl<'a> ChunkEdits<'a> {
             } else {
                 batch.insert(key, HeaderChunk { headers }.encode_to_vec());
             }
+        }
+    }
+}
+
+/// Key writes (`None` removes) of one persist.
+#[derive(Default)]
+struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Writes {
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.0.push((key, Some(value)));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.0.push((key, None));
+    }
+}
+
+struct Pending {
+    writes: Writes,
+    done: oneshot::Sender<Result<(), sled::Error>>,
+}
+
+/// Applies every queued persist as one sled batch, in arrival order, until
+/// the store is dropped.
+fn run_writer(tree: sled::Tree, mut queued: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = queued.blocking_recv() {
+        let mut group = vec![first];
+        while let Ok(more) = queued.try_recv() {
+            group.push(more);
+        }
+        let mut batch = sled::Batch::default();
+        let mut answers = Vec::with_capacity(group.len());
+        for p in group {
+            for (k, v) in p.writes.0 {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            answers.push(p.done);
+        }
+        let result = tree.apply_batch(batch);
+        for a in answers {
+            let _ = a.send(result.clone());
         }
     }
 }
@@ -464,10 +548,12 @@ mod tests {
         let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
         let p = s
             .persist("n1", (1..=3).map(|i| header_event(i, i)).collect(), 0)
+            .await
             .unwrap();
         assert_eq!((p.last_seq, p.stored, p.duplicates), (3, 3, 0));
         let p = s
             .persist("n1", (2..=5).map(|i| header_event(i, i)).collect(), 0)
+            .await
             .unwrap();
         assert_eq!((p.last_seq, p.stored, p.duplicates), (5, 2, 2));
         let new: Vec<u64> = p.events.iter().map(|e| e.seq).collect();
@@ -495,6 +581,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
         s.persist("n1", (1..=130).map(|i| header_event(i, i)).collect(), 0)
+            .await
             .unwrap();
         let got: Vec<u64> = s
             .headers("n1", 60, 70)
@@ -508,7 +595,7 @@ mod tests {
         if let Some(Kind::Header(h)) = &mut replaced.kind {
             h.hash = vec![0xee; 32];
         }
-        s.persist("n1", vec![replaced], 0).unwrap();
+        s.persist("n1", vec![replaced], 0).await.unwrap();
         assert_eq!(s.headers("n1", 64, 64).unwrap()[0].hash, vec![0xee; 32]);
         // The node's chain got shorter: headers above its head go.
         let status = proto::Event {
@@ -520,7 +607,7 @@ mod tests {
                 ..Default::default()
             })),
         };
-        s.persist("n1", vec![status], 0).unwrap();
+        s.persist("n1", vec![status], 0).await.unwrap();
         assert_eq!(s.headers("n1", 0, 200).unwrap().len(), 65);
         assert_eq!(s.node("n1").unwrap().unwrap().head.unwrap().height, 65);
     }
