@@ -5,6 +5,11 @@
 //! acknowledgement: the aggregator acknowledges only after the events are
 //! persisted and flushed, at which point queries return them.
 //!
+//! Each agent's first report carries its last 256 headers (an agent
+//! reconnecting with a backlog does the same), so the aggregator holds a
+//! full compare window (`fleet.compare_window`, 256 by default) per node,
+//! as it does once a fleet has run for a while.
+//!
 //! Run: `cargo bench --bench fleet_load` (OUTPOST_LOAD_STEPS=1000,5000,...
 //! sets the agent counts; OUTPOST_LOAD_SECONDS the measuring time per step).
 
@@ -27,6 +32,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const NETWORKS: usize = 100;
 const BLOCK_SECS: u64 = 4;
+/// Headers in each agent's first report: the default compare window.
+const BACKLOG: u64 = 256;
 
 struct Shared {
     hist: Mutex<Histogram<u64>>,
@@ -111,18 +118,25 @@ async fn agent(
     loop {
         tick.tick().await;
         report += 1;
-        let height = shared.start.elapsed().as_secs() / BLOCK_SECS + 1;
+        let height = shared.start.elapsed().as_secs() / BLOCK_SECS + BACKLOG;
         let now_ms = outpost::model::now_unix_ms();
         let mut events = Vec::with_capacity(2);
-        if report % 4 == 0 {
+        let first = if report == 1 {
+            height + 1 - BACKLOG
+        } else if report % 4 == 0 {
+            height
+        } else {
+            height + 1
+        };
+        for h in first..=height {
             seq += 1;
             events.push(Event {
                 seq,
                 at_unix_ms: now_ms,
                 kind: Some(Kind::Header(Header {
-                    height,
-                    hash: hash(net, height),
-                    parent_hash: hash(net, height - 1),
+                    height: h,
+                    hash: hash(net, h),
+                    parent_hash: hash(net, h - 1),
                     timestamp: now_ms / 1000,
                 })),
             });
