@@ -29,6 +29,9 @@ use crate::proto::{self, event::Kind, HeaderChunk, NodeRecord};
 /// latency (BENCHMARKS.md, fleet load).
 const APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// The writer's batches stop growing past this many bytes of keys and values.
+const APPLY_MAX_BYTES: usize = 8 << 20;
+
 /// Heights per header chunk.
 const CHUNK: u64 = 64;
 
@@ -104,7 +107,7 @@ impl CentralStore {
         let applying = tree.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run_writer(applying, queued))
+            .spawn(move || run_writer(applying, queued, APPLY_MAX_BYTES))
             .map_err(|source| StoreError::Sync {
                 path: dir.to_path_buf(),
                 source,
@@ -464,16 +467,18 @@ impl<'a> ChunkEdits<'a> {
     }
 }
 
-/// Key writes (`None` removes) of one persist.
+/// Key writes (`None` removes) of one persist, and their size in bytes.
 #[derive(Default)]
-struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>, usize);
 
 impl Writes {
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.1 += key.len() + value.len();
         self.0.push((key, Some(value)));
     }
 
     fn remove(&mut self, key: Vec<u8>) {
+        self.1 += key.len();
         self.0.push((key, None));
     }
 }
@@ -483,18 +488,30 @@ struct Pending {
     done: oneshot::Sender<Result<(), sled::Error>>,
 }
 
-/// Applies every queued persist as one sled batch, in arrival order, until
-/// the store is dropped; at most one batch per `APPLY_EVERY`.
-fn run_writer(tree: sled::Tree, mut queued: mpsc::UnboundedReceiver<Pending>) {
+/// Applies queued persists as one sled batch, in arrival order, until the
+/// store is dropped: at most one batch per `APPLY_EVERY`, and a batch stops
+/// growing past `max_bytes` (a reconnect storm of agents with
+/// backlogs must not become one batch of gigabytes).
+fn run_writer(tree: sled::Tree, mut queued: mpsc::UnboundedReceiver<Pending>, max_bytes: usize) {
     let mut last = std::time::Instant::now();
-    while let Some(first) = queued.blocking_recv() {
+    let mut carried: Option<Pending> = None;
+    loop {
+        let Some(first) = carried.take().or_else(|| queued.blocking_recv()) else {
+            return;
+        };
         let since = last.elapsed();
         if since < APPLY_EVERY {
             std::thread::sleep(APPLY_EVERY - since);
         }
         last = std::time::Instant::now();
+        let mut bytes = first.writes.1;
         let mut group = vec![first];
         while let Ok(more) = queued.try_recv() {
+            if bytes + more.writes.1 > max_bytes {
+                carried = Some(more);
+                break;
+            }
+            bytes += more.writes.1;
             group.push(more);
         }
         let mut batch = sled::Batch::default();
@@ -624,5 +641,71 @@ mod tests {
         s.persist("n1", vec![status], 0).await.unwrap();
         assert_eq!(s.headers("n1", 0, 200).unwrap().len(), 65);
         assert_eq!(s.node("n1").unwrap().unwrap().head.unwrap().height, 65);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_persists_of_many_nodes_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        // 64 nodes persist at once, three rounds each, some rounds large.
+        let tasks: Vec<_> = (0..64u64)
+            .map(|n| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let node = format!("n{n}");
+                    let mut seq = 0;
+                    for round in 0..3u64 {
+                        let count = if n % 8 == 0 { 2000 } else { 5 };
+                        let events: Vec<_> = (0..count)
+                            .map(|i| {
+                                seq += 1;
+                                header_event(seq, round * 10_000 + i + 1)
+                            })
+                            .collect();
+                        let p = s.persist(&node, events, 0).await.unwrap();
+                        assert_eq!(p.last_seq, seq);
+                    }
+                    seq
+                })
+            })
+            .collect();
+        for (n, t) in tasks.into_iter().enumerate() {
+            let seq = t.await.unwrap();
+            let rec = s.node(&format!("n{n}")).unwrap().unwrap();
+            assert_eq!(rec.last_seq, seq, "node n{n}");
+            let top = 2 * 10_000 + if n % 8 == 0 { 2000 } else { 5 };
+            assert_eq!(rec.head.unwrap().height, top);
+            assert_eq!(s.headers(&format!("n{n}"), top, top).unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn writer_splits_a_queue_larger_than_its_cap_and_answers_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = sled::Config::new()
+            .path(dir.path())
+            .open()
+            .unwrap()
+            .open_tree("t")
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut answers = Vec::new();
+        for i in 0..5u8 {
+            let mut writes = Writes::default();
+            writes.insert(vec![i], vec![i; 100]);
+            let (done, answer) = oneshot::channel();
+            tx.send(Pending { writes, done }).unwrap();
+            answers.push(answer);
+        }
+        drop(tx);
+        // A cap of 250 bytes fits two 101-byte writes per batch: three batches.
+        let applying = tree.clone();
+        std::thread::spawn(move || run_writer(applying, rx, 250))
+            .join()
+            .unwrap();
+        for (i, a) in answers.into_iter().enumerate() {
+            assert!(a.blocking_recv().unwrap().is_ok(), "write {i} answered");
+            assert_eq!(tree.get([i as u8]).unwrap().unwrap().len(), 100);
+        }
     }
 }
