@@ -32,8 +32,6 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const NETWORKS: usize = 100;
 const BLOCK_SECS: u64 = 4;
-/// Headers in each agent's first report: the default compare window.
-const BACKLOG: u64 = 256;
 
 struct Shared {
     hist: Mutex<Histogram<u64>>,
@@ -115,14 +113,16 @@ async fn agent(
     tokio::time::sleep(phase).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut report = 0u64;
+    // The first report's headers: a full compare window at its default.
+    let backlog = outpost::config::FleetConfig::default().compare_window;
     loop {
         tick.tick().await;
         report += 1;
-        let height = shared.start.elapsed().as_secs() / BLOCK_SECS + BACKLOG;
+        let height = shared.start.elapsed().as_secs() / BLOCK_SECS + backlog;
         let now_ms = outpost::model::now_unix_ms();
         let mut events = Vec::with_capacity(2);
         let first = if report == 1 {
-            height + 1 - BACKLOG
+            height + 1 - backlog
         } else if report % 4 == 0 {
             height
         } else {

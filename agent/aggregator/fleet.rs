@@ -293,13 +293,9 @@ impl Fleet {
                 view.recent = view.recent.split_off(&top.saturating_sub(window));
             }
             if let Some(reached) = st.reached.get_mut(network) {
-                if let Some(&top) = reached.keys().next_back() {
-                    *reached = reached.split_off(&top.saturating_sub(window));
-                }
+                keep_window(reached, window);
             }
-            if let Some(&top) = pool.keys().next_back() {
-                *pool = pool.split_off(&top.saturating_sub(window));
-            }
+            keep_window(pool, window);
         }
         for (scope, f, alert) in emits {
             self.emit(&scope, &f, alert);
@@ -937,10 +933,18 @@ fn shared(pool: &mut BTreeMap<u64, Hash>, height: u64, hash: &[u8]) -> Hash {
     match pool.get(&height) {
         Some(known) if **known == *hash => known.clone(),
         Some(_) => Hash::from(hash),
-        None => pool
-            .entry(height)
-            .or_insert_with(|| Hash::from(hash))
-            .clone(),
+        None => {
+            let first = Hash::from(hash);
+            pool.insert(height, first.clone());
+            first
+        }
+    }
+}
+
+/// Drops the heights more than `window` below the highest one in `map`.
+fn keep_window<V>(map: &mut BTreeMap<u64, V>, window: u64) {
+    if let Some(&top) = map.keys().next_back() {
+        *map = map.split_off(&top.saturating_sub(window));
     }
 }
 

@@ -205,11 +205,9 @@ impl CentralStore {
     }
 
     /// Stores the events above the node's last seq in one atomic write and
-    /// ignores the rest as duplicates. The caller must serialise calls per node
-    /// and await `durable` before acknowledging.
-    /// Stores a batch of one node's events (those above its last seq) in one
-    /// atomic write. Calls for one node must not overlap: each reads the
-    /// record the previous one wrote.
+    /// ignores the rest as duplicates. Calls for one node must not overlap
+    /// (each reads the record the previous one wrote); await `durable`
+    /// before acknowledging.
     pub async fn persist(
         &self,
         node: &str,
@@ -467,19 +465,24 @@ impl<'a> ChunkEdits<'a> {
     }
 }
 
-/// Key writes (`None` removes) of one persist, and their size in bytes.
+/// The key writes of one persist.
 #[derive(Default)]
-struct Writes(Vec<(Vec<u8>, Option<Vec<u8>>)>, usize);
+struct Writes {
+    /// In order; `None` removes the key.
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Bytes of keys and values.
+    bytes: usize,
+}
 
 impl Writes {
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.1 += key.len() + value.len();
-        self.0.push((key, Some(value)));
+        self.bytes += key.len() + value.len();
+        self.ops.push((key, Some(value)));
     }
 
     fn remove(&mut self, key: Vec<u8>) {
-        self.1 += key.len();
-        self.0.push((key, None));
+        self.bytes += key.len();
+        self.ops.push((key, None));
     }
 }
 
@@ -504,20 +507,20 @@ fn run_writer(tree: sled::Tree, mut queued: mpsc::UnboundedReceiver<Pending>, ma
             std::thread::sleep(APPLY_EVERY - since);
         }
         last = std::time::Instant::now();
-        let mut bytes = first.writes.1;
+        let mut bytes = first.writes.bytes;
         let mut group = vec![first];
         while let Ok(more) = queued.try_recv() {
-            if bytes + more.writes.1 > max_bytes {
+            if bytes + more.writes.bytes > max_bytes {
                 carried = Some(more);
                 break;
             }
-            bytes += more.writes.1;
+            bytes += more.writes.bytes;
             group.push(more);
         }
         let mut batch = sled::Batch::default();
         let mut answers = Vec::with_capacity(group.len());
         for p in group {
-            for (k, v) in p.writes.0 {
+            for (k, v) in p.writes.ops {
                 match v {
                     Some(v) => batch.insert(k, v),
                     None => batch.remove(k),
