@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost::proto::{FindingKind, FindingState, GetNodeRequest, Severity};
+use outpost::proto::{FindingKind, FindingState, GetNodeRequest};
 use serde_json::{json, Value};
 
 use crate::harness::{
     hex, http_fixture_with_switch, wait_for, Agent, AgentOptions, Aggregator, World,
 };
-use crate::spine::{goes_away_and_returns, node, wait_finding};
+use crate::spine::{goes_away_and_returns, node, wait_final_reorg, wait_finding};
 
 pub struct FixtureChain {
     pub tip: AtomicU64,
@@ -183,17 +183,7 @@ async fn cometbft_growth_a_rewritten_committed_block_a_stall_and_garbage() {
     // committed blocks changed, which CometBFT's finality forbids.
     chain.rewritten_from.store(28, SeqCst);
     chain.tip.store(31, SeqCst);
-    let f = wait_finding(
-        &q,
-        "cosmos-1",
-        FindingKind::Reorg,
-        FindingState::Occurred,
-        &logs,
-    )
-    .await;
-    assert_eq!(f.severity(), Severity::Critical);
-    assert_eq!((f.fork_point, f.depth), (Some(27), Some(3)));
-    assert!(f.summary.contains("finality forbids"), "{}", f.summary);
+    wait_final_reorg(&q, "cosmos-1", &logs, 27, 3).await;
 
     let stall = wait_finding(
         &q,

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use outpost::proto::{
-    query_client::QueryClient, Finding, FindingKind, FindingState, HeadersRequest,
-    ListFindingsRequest, ListNodesRequest, NodeSummary,
+    query_client::QueryClient, Finding, FindingKind, FindingState, Header, HeadersRequest,
+    ListFindingsRequest, ListNodesRequest, NodeSummary, Severity,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -71,6 +71,21 @@ pub async fn wait_finding(
     .await
 }
 
+/// Waits for the critical reorg a final chain's rewritten committed blocks
+/// give, and checks where it forked, how deep, and that it names finality.
+pub async fn wait_final_reorg(
+    q: &QueryClient<Channel>,
+    node: &str,
+    logs: &[&std::path::Path],
+    fork_point: u64,
+    depth: u64,
+) {
+    let f = wait_finding(q, node, FindingKind::Reorg, FindingState::Occurred, logs).await;
+    assert_eq!(f.severity(), Severity::Critical, "{node}: {f:?}");
+    assert_eq!((f.fork_point, f.depth), (Some(fork_point), Some(depth)));
+    assert!(f.summary.contains("finality forbids"), "{}", f.summary);
+}
+
 /// Takes the node away (`down` on: its fixture closes every connection),
 /// waits for `unreachable` with the cause, brings it back and waits for
 /// the finding to resolve.
@@ -97,6 +112,36 @@ pub async fn goes_away_and_returns(
         logs,
     )
     .await;
+}
+
+/// The headers the aggregator holds for `id` from `from` to `to`, after
+/// checking that each one is the block anvil has at its height.
+pub async fn stored_as_anvil(
+    client: &mut QueryClient<Channel>,
+    anvil: &Anvil,
+    id: &str,
+    from: u64,
+    to: u64,
+) -> Vec<Header> {
+    let headers = client
+        .headers(HeadersRequest {
+            node_id: id.into(),
+            from_height: from,
+            to_height: to,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .headers;
+    for h in &headers {
+        assert_eq!(
+            hex(&h.hash),
+            anvil.hash(h.height).await,
+            "{id}: hash at height {}",
+            h.height
+        );
+    }
+    headers
 }
 
 /// Waits until the aggregator shows `id` at anvil's current head.
@@ -143,25 +188,8 @@ async fn headers_match_anvil_block_for_block_and_reorg_is_reported_with_depth_an
     anvil.mine(50).await;
     let head = wait_at_head(&mut q, &anvil, &agent, &agg).await;
     assert_eq!(head, 50);
-    let headers = q
-        .headers(HeadersRequest {
-            node_id: "node-1".into(),
-            from_height: 0,
-            to_height: 50,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .headers;
+    let headers = stored_as_anvil(&mut q, &anvil, "node-1", 0, 50).await;
     assert_eq!(headers.len(), 51);
-    for h in &headers {
-        assert_eq!(
-            hex(&h.hash),
-            anvil.hash(h.height).await,
-            "hash at height {}",
-            h.height
-        );
-    }
 
     let before: Vec<String> = [47, 48, 49, 50]
         .iter()
@@ -191,24 +219,10 @@ async fn headers_match_anvil_block_for_block_and_reorg_is_reported_with_depth_an
     assert_eq!(r.state(), FindingState::Occurred);
 
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
-    let after = q
-        .headers(HeadersRequest {
-            node_id: "node-1".into(),
-            from_height: 47,
-            to_height: 50,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .headers;
+    let after = stored_as_anvil(&mut q, &anvil, "node-1", 47, 50).await;
+    assert_eq!(after.len(), 4);
     assert_eq!(hex(&after[0].hash), before[0], "the fork point is kept");
     for h in &after[1..] {
-        assert_eq!(
-            hex(&h.hash),
-            anvil.hash(h.height).await,
-            "replaced header at {}",
-            h.height
-        );
         assert_ne!(hex(&h.hash), before[(h.height - 47) as usize]);
     }
 }
