@@ -19,6 +19,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("outpost_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Type names let the codec find each message's descriptor, to bound
+    // what a message may allocate before it is decoded (agent/wire.rs).
+    let mut config = prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .codec_path("crate::wire::BoundedCodec")
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }

@@ -754,9 +754,12 @@ impl AgentConfig {
             p.check(false, "report.aggregator", e);
         }
         p.check(
-            self.report.batch_max_events >= 1,
+            (1..=crate::wire::MAX_EVENTS_PER_BATCH).contains(&self.report.batch_max_events),
             "report.batch_max_events",
-            "must be at least 1",
+            format!(
+                "must be from 1 to {} (what an aggregator takes in one message)",
+                crate::wire::MAX_EVENTS_PER_BATCH
+            ),
         );
         p.positive("report.heartbeat_interval", self.report.heartbeat_interval);
         p.positive("report.reconnect_min", self.report.reconnect_min);

@@ -18,6 +18,7 @@ pub mod service;
 pub mod snapshot_cmd;
 pub mod store;
 pub mod tls;
+pub mod wire;
 
 /// Generated protobuf and gRPC types of `proto/outpost/v1`.
 pub mod proto {

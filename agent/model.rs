@@ -112,6 +112,11 @@ pub struct CompetingTip {
     pub status: String,
 }
 
+/// No chain is near this height: at ten blocks a second one takes about
+/// 3,500 years to reach it. A node that reports more is broken or lying, and
+/// the agent does not store it; the aggregator refuses events above it.
+pub const MAX_HEIGHT: u64 = 1 << 40;
+
 pub fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -143,6 +148,9 @@ impl proto::FindingKind {
             proto::FindingKind::SlowRpc => "slow-rpc",
             proto::FindingKind::RpcErrors => "rpc-errors",
             proto::FindingKind::CompetingTip => "competing-tip",
+            proto::FindingKind::ImplausibleHead => "implausible-head",
+            proto::FindingKind::SeqGap => "seq-gap",
+            proto::FindingKind::DuplicateAgent => "duplicate-agent",
         }
     }
 
@@ -151,7 +159,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 19] = [
+pub const ALL_KINDS: [proto::FindingKind; 22] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -171,6 +179,9 @@ pub const ALL_KINDS: [proto::FindingKind; 19] = [
     proto::FindingKind::SlowRpc,
     proto::FindingKind::RpcErrors,
     proto::FindingKind::CompetingTip,
+    proto::FindingKind::ImplausibleHead,
+    proto::FindingKind::SeqGap,
+    proto::FindingKind::DuplicateAgent,
 ];
 
 impl proto::Verdict {

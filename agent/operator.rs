@@ -120,6 +120,7 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
                 "agent_version": d.agent_version,
                 "duplicates_ignored": d.duplicates_ignored,
                 "dropped_events": d.dropped_events,
+                "missing_events": d.missing_events,
                 "last_snapshot": d.last_snapshot.as_ref().map(|s| {
                     let mut v = snapshot_json(s);
                     v["at_unix_ms"] = json!(d.last_snapshot_at_unix_ms);
@@ -480,7 +481,7 @@ fn node_text(v: &Value) -> String {
     let st = &v["status"];
     let lat = &st["rpc_latency"];
     let mut out = format!(
-        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nmempool   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}\n",
+        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nmempool   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}   missing (seq gaps) {}\n",
         s["node_id"].as_str().unwrap_or(""),
         s["network"].as_str().unwrap_or(""),
         s["chain"].as_str().unwrap_or(""),
@@ -497,6 +498,7 @@ fn node_text(v: &Value) -> String {
         v["agent_version"].as_str().unwrap_or(""),
         v["dropped_events"],
         v["duplicates_ignored"],
+        v["missing_events"],
     );
     let line = |name: &str, l: &Value, extra: String| {
         let n = |k: &str| l[k].as_u64().unwrap_or(0);

@@ -89,6 +89,7 @@ async fn agent(
             chain: "ethereum".into(),
             agent_version: "load".into(),
             local_last_seq: 0,
+            instance_id: format!("load-{node}"),
         };
         tx.send(AgentMessage {
             body: Some(agent_message::Body::Hello(hello)),

@@ -81,6 +81,10 @@ pub struct Fleet {
     started_ms: i64,
 }
 
+/// A duplicate-agent finding stays open while a second agent was refused
+/// this recently (agents retry every few seconds at most).
+const DUPLICATE_AGENT_FOR_MS: i64 = 60_000;
+
 /// A disagreement must last this long before it opens: long enough for a
 /// reorg to reach every node.
 const DIVERGENCE_GRACE_MS: i64 = 2_000;
@@ -200,6 +204,35 @@ impl Fleet {
         }
     }
 
+    /// How long an agent may send nothing before it counts as silent.
+    pub fn silent_after(&self) -> Duration {
+        self.cfg().silent_after
+    }
+
+    /// Events `first..=last` of `node` never arrived and no gap event
+    /// covered them: a finding, named after the range, so a re-sent batch
+    /// cannot raise it twice.
+    pub fn seq_gap(&self, node: &str, network: &str, first: u64, last: u64) {
+        let now = now_unix_ms();
+        let mut f = new_finding(
+            FindingKind::SeqGap,
+            Severity::Critical,
+            network,
+            format!(
+                "events {first}..={last} of {node} ({} in all) never reached the aggregator and no gap event covered them",
+                last - first + 1
+            ),
+            Verdict::MonitoringPath,
+            "seqs are assigned without holes on the agent, so events were lost between its outbox and this aggregator's store".into(),
+            now,
+            0,
+        );
+        f.id = format!("seq-gap-{first}-{last}");
+        f.state = FindingState::Occurred as i32;
+        f.resolved_at_unix_ms = now;
+        self.emit(node, &f, true);
+    }
+
     /// Takes in what one batch of a node brought.
     pub fn on_batch(&self, node: &str, network: &str, chain: &str, events: &[proto::Event]) {
         let now = now_unix_ms();
@@ -244,7 +277,7 @@ impl Fleet {
                             .is_some_and(|(top, _)| s.head_height < *top)
                             && !s.head_hash.is_empty()
                         {
-                            view.recent.split_off(&(s.head_height + 1));
+                            view.recent.split_off(&(s.head_height.saturating_add(1)));
                             view.head = Some((s.head_height, s.head_hash.clone()));
                         }
                         self.metrics.node_status(network, node, s);
@@ -389,6 +422,45 @@ impl Fleet {
             }
         }
 
+        // A second agent with this node id was refused lately.
+        for node in members {
+            let key = (node.clone(), FindingKind::DuplicateAgent as i32);
+            let refusal = self
+                .live
+                .last_refusal(node)
+                .filter(|r| now - r.at_ms <= DUPLICATE_AGENT_FOR_MS);
+            match (refusal, st.open.contains_key(&key)) {
+                (Some(r), false) => {
+                    let addr =
+                        |a: Option<std::net::SocketAddr>| a.map_or("-".into(), |a| a.to_string());
+                    let f = new_finding(
+                        FindingKind::DuplicateAgent,
+                        Severity::Critical,
+                        net,
+                        format!(
+                            "a second agent (instance {} from {}) tried to stream as {node} while instance {} from {} does; it is refused and keeps its events",
+                            r.instance,
+                            addr(r.remote),
+                            r.owner_instance,
+                            addr(r.owner_remote)
+                        ),
+                        Verdict::MonitoringPath,
+                        "two agent processes hold one node's certificate (a cloned host, or an old and a new deployment)".into(),
+                        now,
+                        st.nodes[node].head.as_ref().map_or(0, |h| h.0),
+                    );
+                    st.open.insert(key, f.clone());
+                    emits.push((node.clone(), f, true));
+                }
+                (None, true) => {
+                    if let Some(f) = st.open.remove(&key) {
+                        emits.push((node.clone(), resolved(f, now), true));
+                    }
+                }
+                _ => {}
+            }
+        }
+
         // Fleet head and lag, over nodes whose agents report.
         let fleet_head = active
             .iter()
@@ -406,7 +478,7 @@ impl Fleet {
             let next_reached = st
                 .reached
                 .get(net)
-                .and_then(|r| r.get(&(height + 1)))
+                .and_then(|r| r.get(&(height.saturating_add(1))))
                 .copied();
             let late_ms = next_reached.map_or(0, |t| now - t);
             let lagging = behind > cfg.lag_blocks
@@ -421,7 +493,7 @@ impl Fleet {
                     Verdict::Node,
                     format!(
                         "other nodes of {net} reached height {} {}s ago",
-                        height + 1,
+                        height.saturating_add(1),
                         late_ms / 1000
                     ),
                     now,
@@ -724,6 +796,7 @@ fn is_fleet_kind(k: FindingKind) -> bool {
             | FindingKind::Lag
             | FindingKind::AgentSilent
             | FindingKind::NetworkStall
+            | FindingKind::DuplicateAgent
     )
 }
 

@@ -3,21 +3,28 @@
 //! any seq it already holds.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{self, AUDIT};
 use super::fleet::Fleet;
 use super::metrics::Metrics;
-use crate::model::now_unix_ms;
+use crate::model::{now_unix_ms, MAX_HEIGHT};
 use crate::proto::{
-    agent_message, aggregator_message, ingest_server, Ack, AgentMessage, AggregatorMessage, Welcome,
+    self, agent_message, aggregator_message, event::Kind, ingest_server, Ack, AgentMessage,
+    AggregatorMessage, Hello, Welcome,
 };
 use crate::store::central::CentralStore;
+use crate::store::local::event_last_seq;
+use crate::wire::MAX_EVENTS_PER_BATCH;
+
+/// Time from the stream's start to its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::tls::Identity;
 
 /// Which agents are connected now, and a lock per node so that two streams
@@ -32,6 +39,40 @@ struct NodeLive {
     streams: u32,
     last_seen_ms: i64,
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// The stream that owns the node id now.
+    owner: Option<Owner>,
+    /// The last second agent refused for this node id.
+    refused: Option<Refusal>,
+}
+
+struct Owner {
+    instance: String,
+    remote: Option<SocketAddr>,
+    /// Told when a newer stream of the same agent replaces this one.
+    replaced: Arc<Notify>,
+    /// Tells this owner apart from a later one of the same instance.
+    stream: u64,
+}
+
+/// A second agent process refused because another streams as the node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub at_ms: i64,
+    pub instance: String,
+    pub remote: Option<SocketAddr>,
+    pub owner_instance: String,
+    pub owner_remote: Option<SocketAddr>,
+}
+
+/// What `Live::claim` decided about a new stream.
+enum Claim {
+    /// The stream owns the node id; `replaced` fires if a newer stream of
+    /// the same agent takes it over.
+    Owner {
+        replaced: Arc<Notify>,
+        stream: u64,
+    },
+    Refused(Refusal),
 }
 
 impl Live {
@@ -48,8 +89,65 @@ impl Live {
         self.with(node, |n| n.last_seen_ms)
     }
 
+    /// The last time a second agent was refused for `node`.
+    pub fn last_refusal(&self, node: &str) -> Option<Refusal> {
+        self.with(node, |n| n.refused.clone())
+    }
+
     fn touch(&self, node: &str) {
         self.with(node, |n| n.last_seen_ms = now_unix_ms());
+    }
+
+    /// One live stream per node id. A stream of the instance that owns the
+    /// node replaces the older one at once (the old one was left half-open
+    /// by a network blip); so does any stream when the owner has sent
+    /// nothing for `presumed_dead_ms` (its host went away without closing
+    /// it). Any other instance is a second agent with the same certificate
+    /// and is refused.
+    fn claim(
+        &self,
+        node: &str,
+        instance: &str,
+        remote: Option<SocketAddr>,
+        presumed_dead_ms: i64,
+        now_ms: i64,
+    ) -> Claim {
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        self.with(node, |n| {
+            if let Some(owner) = &n.owner {
+                let quiet = now_ms - n.last_seen_ms > presumed_dead_ms;
+                if owner.instance != instance && !quiet {
+                    let r = Refusal {
+                        at_ms: now_ms,
+                        instance: instance.to_string(),
+                        remote,
+                        owner_instance: owner.instance.clone(),
+                        owner_remote: owner.remote,
+                    };
+                    n.refused = Some(r.clone());
+                    return Claim::Refused(r);
+                }
+                owner.replaced.notify_one();
+            }
+            let replaced = Arc::new(Notify::new());
+            let stream = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            n.owner = Some(Owner {
+                instance: instance.to_string(),
+                remote,
+                replaced: replaced.clone(),
+                stream,
+            });
+            Claim::Owner { replaced, stream }
+        })
+    }
+
+    /// The stream ended: it no longer owns the node, unless it was replaced.
+    fn release(&self, node: &str, stream: u64) {
+        self.with(node, |n| {
+            if n.owner.as_ref().is_some_and(|o| o.stream == stream) {
+                n.owner = None;
+            }
+        })
     }
 }
 
@@ -112,12 +210,17 @@ impl ingest_server::Ingest for IngestService {
             }
         };
         let mut inbound = req.into_inner();
-        let hello = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
                 body: Some(agent_message::Body::Hello(h)),
             }))) => h,
             Ok(Err(s)) => return Err(s),
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within 15 s")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no Hello within {} s",
+                    HELLO_TIMEOUT.as_secs()
+                )))
+            }
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         if hello.node_id != node {
@@ -133,26 +236,33 @@ impl ingest_server::Ingest for IngestService {
                 hello.node_id
             )));
         }
-        let rec = self
-            .store
-            .register(&node, &hello, now_unix_ms())
-            .map_err(internal)?;
-        tracing::info!(
-            node_id = %node,
-            network = %hello.network,
-            chain = %hello.chain,
-            agent_version = %hello.agent_version,
-            agent_last_seq = hello.local_last_seq,
-            stored_last_seq = rec.last_seq,
-            "agent connected"
-        );
-        let (tx, rx) = mpsc::channel(16);
-        let welcome = AggregatorMessage {
-            body: Some(aggregator_message::Body::Welcome(Welcome {
-                last_stored_seq: rec.last_seq,
-            })),
+        let presumed_dead_ms = self.fleet.silent_after().as_millis() as i64;
+        let (replaced, stream) = match self.live.claim(
+            &node,
+            &hello.instance_id,
+            remote,
+            presumed_dead_ms,
+            now_unix_ms(),
+        ) {
+            Claim::Owner { replaced, stream } => (replaced, stream),
+            Claim::Refused(r) => {
+                tracing::warn!(
+                    target: AUDIT,
+                    node_id = %node,
+                    remote = ?r.remote,
+                    instance = %r.instance,
+                    streaming_remote = ?r.owner_remote,
+                    streaming_instance = %r.owner_instance,
+                    "refused: a second agent with this node id while one is streaming"
+                );
+                self.metrics.refused("duplicate-agent");
+                return Err(Status::already_exists(format!(
+                        "another agent (instance {}, from {}) is streaming as node {node:?}; two agents must not share one certificate",
+                        r.owner_instance,
+                        r.owner_remote.map_or("-".into(), |a| a.to_string())
+                    )));
+            }
         };
-        tx.send(Ok(welcome)).await.map_err(internal)?;
         let lock = self.live.with(&node, |n| {
             n.streams += 1;
             n.last_seen_ms = now_unix_ms();
@@ -169,8 +279,14 @@ impl ingest_server::Ingest for IngestService {
             metrics: self.metrics.clone(),
             lock,
         };
+        let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            let end = serve_stream(&ctx, &mut inbound, &tx).await;
+            let end = welcome(&ctx, &hello, &tx).await;
+            let end = match end {
+                Ok(()) => serve_stream(&ctx, &mut inbound, &tx, &replaced).await,
+                Err(e) => Err(e),
+            };
+            ctx.live.release(&ctx.node, stream);
             ctx.live
                 .with(&ctx.node, |n| n.streams = n.streams.saturating_sub(1));
             ctx.metrics.connected(-1);
@@ -186,10 +302,86 @@ impl ingest_server::Ingest for IngestService {
     }
 }
 
+/// Records the agent and sends the Welcome, under the node's lock: an older
+/// stream of the node finishes its persist first, so the resume point is
+/// what the store holds.
+async fn welcome(
+    ctx: &StreamCtx,
+    hello: &Hello,
+    tx: &mpsc::Sender<Result<AggregatorMessage, Status>>,
+) -> Result<(), Status> {
+    let rec = {
+        let _g = ctx.lock.lock().await;
+        ctx.store
+            .register(&ctx.node, hello, now_unix_ms())
+            .map_err(internal)?
+    };
+    tracing::info!(
+        node_id = %ctx.node,
+        network = %hello.network,
+        chain = %hello.chain,
+        agent_version = %hello.agent_version,
+        instance = %hello.instance_id,
+        agent_last_seq = hello.local_last_seq,
+        stored_last_seq = rec.last_seq,
+        "agent connected"
+    );
+    let welcome = AggregatorMessage {
+        body: Some(aggregator_message::Body::Welcome(Welcome {
+            last_stored_seq: rec.last_seq,
+        })),
+    };
+    tx.send(Ok(welcome)).await.map_err(internal)
+}
+
+/// Why a batch cannot be taken in, before any of it is stored: more events
+/// than a message may carry, seqs out of order, or a height above what any
+/// chain has.
+pub fn check_batch(batch: &proto::Batch) -> Result<(), String> {
+    if batch.events.len() > MAX_EVENTS_PER_BATCH {
+        return Err(format!(
+            "a batch may carry at most {MAX_EVENTS_PER_BATCH} events; this one has {}",
+            batch.events.len()
+        ));
+    }
+    let mut after = None;
+    for e in &batch.events {
+        if after.is_some_and(|a| e.seq <= a) {
+            return Err(format!(
+                "seq {} does not follow seq {}",
+                e.seq,
+                after.unwrap_or(0)
+            ));
+        }
+        if let Some(Kind::Gap(g)) = &e.kind {
+            if g.last_seq < e.seq {
+                return Err(format!(
+                    "gap at seq {} ends before it starts ({})",
+                    e.seq, g.last_seq
+                ));
+            }
+        }
+        after = Some(event_last_seq(e));
+        let height = match &e.kind {
+            Some(Kind::Header(h)) => h.height,
+            Some(Kind::Status(s)) => s.head_height,
+            _ => 0,
+        };
+        if height > MAX_HEIGHT {
+            return Err(format!(
+                "event {} is at height {height}, above {MAX_HEIGHT}, which no chain has reached",
+                e.seq
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn serve_stream(
     ctx: &StreamCtx,
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::Sender<Result<AggregatorMessage, Status>>,
+    replaced: &Notify,
 ) -> Result<(), Status> {
     let (node, store, live, lock) = (ctx.node.as_str(), &ctx.store, &ctx.live, &ctx.lock);
     // Persisting the next batch overlaps with flushing the previous ones:
@@ -197,10 +389,35 @@ async fn serve_stream(
     // everything that one flush covered with one Ack.
     let (persisted_tx, mut persisted_rx) = mpsc::channel::<u64>(64);
     let reader = async move {
-        while let Some(msg) = inbound.message().await? {
+        loop {
+            // A newer stream of the same agent ends this one between
+            // messages, never during a persist.
+            let msg = tokio::select! {
+                msg = inbound.message() => msg,
+                _ = replaced.notified() => {
+                    tracing::info!(node_id = %node, "stream replaced by a newer one of the same agent");
+                    return Err(Status::already_exists("replaced by a newer stream of this agent"));
+                }
+            };
+            let msg = match msg {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ok(()),
+                Err(s) => {
+                    if s.code() == tonic::Code::InvalidArgument {
+                        tracing::warn!(target: AUDIT, node_id = %node, "refused a message: {}", s.message());
+                        ctx.metrics.refused("message-limit");
+                    }
+                    return Err(s);
+                }
+            };
             live.touch(node);
             match msg.body {
                 Some(agent_message::Body::Batch(batch)) => {
+                    if let Err(why) = check_batch(&batch) {
+                        tracing::warn!(target: AUDIT, node_id = %node, "refused a batch: {why}");
+                        ctx.metrics.refused("bad-batch");
+                        return Err(Status::invalid_argument(format!("batch refused: {why}")));
+                    }
                     let persisted = {
                         let _g = lock.lock().await;
                         let _s = store.persisting().await;
@@ -211,6 +428,10 @@ async fn serve_stream(
                     };
                     ctx.metrics
                         .counted(node, &ctx.network, persisted.stored, persisted.duplicates);
+                    for &(first, last) in &persisted.missing {
+                        ctx.metrics.missing(&ctx.network, node, last - first + 1);
+                        ctx.fleet.seq_gap(node, &ctx.network, first, last);
+                    }
                     ctx.fleet
                         .on_batch(node, &ctx.network, &ctx.chain, &persisted.events);
                     if persisted_tx.send(persisted.last_seq).await.is_err() {
@@ -225,7 +446,6 @@ async fn serve_stream(
                 }
             }
         }
-        Ok::<(), Status>(())
     };
     let acker = async {
         while let Some(mut upto) = persisted_rx.recv().await {
@@ -245,4 +465,78 @@ async fn serve_stream(
     };
     let (read, acked) = tokio::join!(reader, acker);
     read.and(acked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Batch, Event, Header};
+
+    fn header(seq: u64, height: u64) -> Event {
+        Event {
+            seq,
+            kind: Some(Kind::Header(Header {
+                height,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_out_of_order_too_large_or_too_high_are_refused() {
+        let ok = Batch {
+            events: vec![header(1, 1), header(2, 2)],
+        };
+        assert_eq!(check_batch(&ok), Ok(()));
+        let back = Batch {
+            events: vec![header(2, 1), header(2, 2)],
+        };
+        assert!(check_batch(&back).unwrap_err().contains("does not follow"));
+        let high = Batch {
+            events: vec![header(1, MAX_HEIGHT + 1)],
+        };
+        assert!(check_batch(&high)
+            .unwrap_err()
+            .contains("no chain has reached"));
+        let many = Batch {
+            events: (1..=MAX_EVENTS_PER_BATCH as u64 + 1)
+                .map(|i| header(i, i))
+                .collect(),
+        };
+        assert!(check_batch(&many)
+            .unwrap_err()
+            .contains("at most 10000 events"));
+    }
+
+    #[test]
+    fn one_stream_per_node_id_and_a_reconnect_replaces_its_own() {
+        let live = Live::default();
+        let claim = |instance: &str, now| live.claim("n1", instance, None, 60_000, now);
+        let Claim::Owner { replaced, stream } = claim("a", 0) else {
+            panic!("the first stream owns the node");
+        };
+        live.touch("n1");
+        let now = now_unix_ms();
+        // Another process with the same certificate is refused...
+        let Claim::Refused(r) = claim("b", now) else {
+            panic!("a second instance is refused");
+        };
+        assert_eq!((r.instance.as_str(), r.owner_instance.as_str()), ("b", "a"));
+        assert_eq!(live.last_refusal("n1"), Some(r));
+        // ...while a reconnect of the owner replaces its old stream at once.
+        let Claim::Owner { stream: again, .. } = claim("a", now) else {
+            panic!("the same instance reconnects");
+        };
+        assert!(
+            futures_util::FutureExt::now_or_never(replaced.notified()).is_some(),
+            "the old stream is told"
+        );
+        // The replaced stream's end does not release the new owner.
+        live.release("n1", stream);
+        assert!(matches!(claim("b", now), Claim::Refused(_)));
+        // An owner silent past the limit is presumed dead: its host went away.
+        assert!(matches!(claim("b", now + 60_001), Claim::Owner { .. }));
+        live.release("n1", again);
+    }
 }

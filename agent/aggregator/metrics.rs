@@ -32,6 +32,11 @@ struct QuantileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     network: String,
     kind: String,
@@ -48,6 +53,8 @@ pub struct Metrics {
     events: Family<NodeLabels, Counter>,
     duplicates: Family<NodeLabels, Counter>,
     agents_connected: Gauge,
+    refused: Family<ReasonLabels, Counter>,
+    missing: Family<NodeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +64,7 @@ impl Default for Metrics {
         let findings_open = Family::default();
         let (events, duplicates) = (Family::default(), Family::default());
         let agents_connected = Gauge::default();
+        let (refused, missing) = (Family::default(), Family::default());
         let mut registry = Registry::with_prefix("outpost");
         registry.register(
             "node_head_height",
@@ -90,6 +98,16 @@ impl Default for Metrics {
             "Agents with an open stream",
             agents_connected.clone(),
         );
+        registry.register(
+            "ingest_refused",
+            "Streams and messages refused at a limit or a check, by reason",
+            refused.clone(),
+        );
+        registry.register(
+            "ingest_missing_events",
+            "Seqs that never arrived and no gap event covered (seq-gap findings)",
+            missing.clone(),
+        );
         Metrics {
             registry,
             head,
@@ -101,6 +119,8 @@ impl Default for Metrics {
             events,
             duplicates,
             agents_connected,
+            refused,
+            missing,
         }
     }
 }
@@ -113,6 +133,21 @@ fn labels(network: &str, node: &str) -> NodeLabels {
 }
 
 impl Metrics {
+    /// A stream or message refused; `reason` is one of a few fixed words.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn missing(&self, network: &str, node: &str, events: u64) {
+        self.missing
+            .get_or_create(&labels(network, node))
+            .inc_by(events);
+    }
+
     pub fn head(&self, network: &str, node: &str, height: u64) {
         self.head
             .get_or_create(&labels(network, node))

@@ -31,9 +31,10 @@ use ingest::{IngestService, Live};
 use metrics::Metrics;
 use query::QueryService;
 
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest query answer: a fleet's node list or findings can be large.
+const MAX_QUERY_ANSWER_BYTES: usize = 64 << 20;
 
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("outpost_descriptor");
+pub use crate::wire::FILE_DESCRIPTOR_SET;
 
 /// A bound, not yet serving aggregator.
 pub struct Aggregator {
@@ -141,11 +142,11 @@ impl Aggregator {
                     fleet.clone(),
                     metrics,
                 ))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES),
             )
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 QueryServer::new(QueryService::new(self.store.clone(), live, fleet))
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                    .max_encoding_message_size(MAX_QUERY_ANSWER_BYTES),
                 auth::operator_only,
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -105,6 +105,7 @@ impl query_server::Query for QueryService {
             dropped_events: rec.dropped_events,
             last_snapshot: rec.last_snapshot.clone(),
             last_snapshot_at_unix_ms: rec.last_snapshot_at_unix_ms,
+            missing_events: rec.missing_events,
         }))
     }
 

@@ -14,7 +14,7 @@ use super::validate::{Observation, Validate};
 use super::Ping;
 use crate::chain::{ChainSource, SourceError};
 use crate::config::{SourceConfig, ValidateConfig, ValidationLevel};
-use crate::model::Header;
+use crate::model::{Header, HeaderRef};
 use crate::store::local::LocalStore;
 
 pub struct Ingest {
@@ -48,6 +48,9 @@ pub struct Walk {
     pub max_reorg_depth: u64,
     /// Level `minimal`: fetch the head alone; no walk, no status.
     pub head_only: bool,
+    /// The chain's expected block time, which bounds how far a head can
+    /// plausibly have moved since the stored one.
+    pub block_time: Duration,
 }
 
 impl Walk {
@@ -55,8 +58,50 @@ impl Walk {
         Walk {
             max_reorg_depth: v.max_reorg_depth,
             head_only: v.level == ValidationLevel::Minimal,
+            block_time: v.expected_block_time,
         }
     }
+}
+
+/// How much faster than its expected block time a chain may be taken to run
+/// when judging whether a head can be real.
+const FASTEST_BLOCK_RATE: u64 = 10;
+
+/// Why the head a node reports cannot be real, or None when it can be.
+/// A head above `MAX_HEIGHT` never can; above the stored head `known`, a
+/// head can be at most what the chain could make, at ten times its expected
+/// rate, in the time since the stored head's timestamp, plus `slack`
+/// blocks (a clock that runs behind, a quick burst). `now_s` is this host's
+/// clock.
+pub fn implausible_head(
+    known: Option<&Header>,
+    head: u64,
+    now_s: i64,
+    block_time: Duration,
+    slack: u64,
+) -> Option<String> {
+    if head > crate::model::MAX_HEIGHT {
+        return Some(format!(
+            "the node reports head {head}, above {}, a height no chain can have reached; not stored",
+            crate::model::MAX_HEIGHT
+        ));
+    }
+    let known = known?;
+    let elapsed_s = u64::try_from(now_s.saturating_sub(known.timestamp)).unwrap_or(0);
+    let block_ms = (block_time.as_millis() as u64).max(1);
+    let possible = elapsed_s
+        .saturating_mul(1000 * FASTEST_BLOCK_RATE)
+        .checked_div(block_ms)
+        .unwrap_or(u64::MAX)
+        .saturating_add(slack);
+    let jump = head.checked_sub(known.height)?;
+    (jump > possible).then(|| {
+        format!(
+            "the node reports head {head}, {jump} blocks above the stored head {}, but at most {possible} can have been made in the {elapsed_s}s since it ({FASTEST_BLOCK_RATE}x the expected block time of {}ms, plus {slack}); not stored",
+            known.height,
+            block_time.as_millis()
+        )
+    })
 }
 
 /// Stop polling (graceful shutdown).
@@ -212,11 +257,24 @@ impl Handler<Tick> for Ingest {
                     return Ok(Polled::WrongNetwork { actual, expected });
                 }
             }
+            let head = source.head().await?;
+            let known = store
+                .head()
+                .map_err(|e| SourceError::Malformed(e.to_string()))?;
+            let slack = max_per_poll.saturating_mul(4);
+            let now_s = crate::model::now_unix_ms() / 1000;
+            if let Some(why) =
+                implausible_head(known.as_ref(), head.height, now_s, walk.block_time, slack)
+            {
+                validate.send(Observation::Implausible { why }).await.ok();
+                return Ok(Polled::Done { read_status: false });
+            }
             // Without hashes there is no chain to walk, only the head.
             let chain = if walk.head_only || !source.has_hashes() {
-                poll_head(source.as_ref(), &store).await?
+                poll_head(source.as_ref(), known.as_ref(), head).await?
             } else {
-                poll_chain(source.as_ref(), &store, max_per_poll, walk.max_reorg_depth).await?
+                let (max, depth) = (max_per_poll, walk.max_reorg_depth);
+                poll_chain(source.as_ref(), &store, known, head, max, depth).await?
             };
             let status = if want_status && walk.head_only {
                 // Level minimal reads no peers or sync state; the empty
@@ -313,15 +371,13 @@ pub struct ChainStep {
     pub linked: bool,
 }
 
-/// One poll at level `minimal`: the node's head header, when it changed.
+/// One poll at level `minimal`: the node's head header, when it differs
+/// from the stored head `known`.
 pub async fn poll_head(
     source: &dyn ChainSource,
-    store: &LocalStore,
+    known: Option<&Header>,
+    head: HeaderRef,
 ) -> Result<Option<ChainStep>, SourceError> {
-    let head = source.head().await?;
-    let known = store
-        .head()
-        .map_err(|e| SourceError::Malformed(e.to_string()))?;
     if known.is_some_and(|k| k.height == head.height && k.hash == head.hash) {
         return Ok(None);
     }
@@ -331,19 +387,17 @@ pub async fn poll_head(
     }))
 }
 
-/// One poll: the node's head, then whatever headers the store lacks or
-/// holds differently.
+/// One poll, given the node's head and the stored head `known`: whatever
+/// headers the store lacks or holds differently, at most `max_per_poll`.
 pub async fn poll_chain(
     source: &dyn ChainSource,
     store: &LocalStore,
+    known: Option<Header>,
+    head: HeaderRef,
     max_per_poll: u64,
     max_depth: u64,
 ) -> Result<Option<ChainStep>, SourceError> {
-    let head = source.head().await?;
-    let Some(known) = store
-        .head()
-        .map_err(|e| SourceError::Malformed(e.to_string()))?
-    else {
+    let Some(known) = known else {
         // A new store starts at the node's current head; history before it
         // is the node's business, not ours.
         let h = source.header(head.height).await?;
@@ -357,7 +411,7 @@ pub async fn poll_chain(
     }
     let mut headers = Vec::new();
     if head.height > known.height {
-        let upto = head.height.min(known.height + max_per_poll);
+        let upto = head.height.min(known.height.saturating_add(max_per_poll));
         for h in known.height + 1..=upto {
             let header = source.header(h).await?;
             if let Some(prev) = headers.last() {
@@ -374,7 +428,9 @@ pub async fn poll_chain(
     // Walk back while the lowest header does not link to what the store holds.
     let mut depth = 0;
     loop {
-        let lowest = &headers[0];
+        let Some(lowest) = headers.first() else {
+            return Ok(None);
+        };
         if lowest.height == 0 {
             return Ok(Some(ChainStep {
                 headers,
@@ -421,4 +477,122 @@ pub async fn poll_chain(
 
 fn links(parent: &Header, child: &Header) -> bool {
     child.height == parent.height + 1 && child.parent_hash == parent.hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::SourceFuture;
+    use crate::model::{Hash, HeaderRef, NodeStatus};
+    use crate::proto::event::Kind;
+    use crate::store::local::Commit;
+    use crate::store::Durability;
+
+    /// A node whose chain is one hash per height, with the head it is told.
+    struct Told {
+        head: u64,
+    }
+
+    fn hash(h: u64) -> Hash {
+        let mut v = vec![0xab; 24];
+        v.extend_from_slice(&h.to_be_bytes());
+        Hash(v)
+    }
+
+    fn header(h: u64) -> Header {
+        Header {
+            height: h,
+            hash: hash(h),
+            parent_hash: hash(h.wrapping_sub(1)),
+            timestamp: 1_700_000_000,
+            raw: None,
+        }
+    }
+
+    impl ChainSource for Told {
+        fn chain(&self) -> &'static str {
+            "ethereum"
+        }
+        fn head(&self) -> SourceFuture<'_, HeaderRef> {
+            let head = self.head;
+            Box::pin(async move {
+                Ok(HeaderRef {
+                    height: head,
+                    hash: hash(head),
+                })
+            })
+        }
+        fn header(&self, height: u64) -> SourceFuture<'_, Header> {
+            Box::pin(async move { Ok(header(height)) })
+        }
+        fn status(&self) -> SourceFuture<'_, NodeStatus> {
+            Box::pin(async { Ok(NodeStatus::default()) })
+        }
+        fn network_id(&self) -> SourceFuture<'_, String> {
+            Box::pin(async { Ok("1".to_string()) })
+        }
+    }
+
+    fn store_at(dir: &std::path::Path, height: u64) -> LocalStore {
+        let s = LocalStore::open(dir, 1 << 20, Durability::ProcessCrash, 1 << 20).unwrap();
+        let h = header(height);
+        s.commit(
+            Commit {
+                events: vec![Kind::Header(h.to_proto())],
+                headers: vec![h],
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+        s
+    }
+
+    /// A store that already holds a head near u64::MAX (written by an
+    /// agent that believed its node) and a node a few blocks above it.
+    #[tokio::test]
+    async fn a_head_near_the_top_of_u64_does_not_overflow_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_at(dir.path(), u64::MAX - 10);
+        let node = Told { head: u64::MAX - 5 };
+        let known = store.head().unwrap();
+        let head = node.head().await.unwrap();
+        let step = poll_chain(&node, &store, known, head, 256, 64)
+            .await
+            .unwrap()
+            .unwrap();
+        let heights: Vec<u64> = step.headers.iter().map(|h| h.height).collect();
+        assert_eq!(heights, (u64::MAX - 9..=u64::MAX - 5).collect::<Vec<_>>());
+        assert!(step.linked);
+    }
+
+    #[test]
+    fn implausible_heads_are_named_and_plausible_ones_pass() {
+        let bt = Duration::from_secs(12);
+        let t0 = 1_700_000_000;
+        let mut known = header(1_000);
+        known.timestamp = t0;
+        let check = |known: Option<&Header>, head: u64, now: i64| {
+            implausible_head(known, head, now, bt, 1024)
+        };
+        // No stored head: only the absolute limit applies.
+        assert_eq!(check(None, crate::model::MAX_HEIGHT, t0), None);
+        let why = check(None, 1 << 60, t0).unwrap();
+        assert!(why.contains("no chain can have reached"), "{why}");
+        assert!(check(None, u64::MAX, t0).is_some());
+        // A minute at 12 s blocks: 5 blocks, 50 at ten times the rate, plus slack.
+        assert_eq!(check(Some(&known), 1_000 + 1024 + 50, t0 + 60), None);
+        let why = check(Some(&known), 1_000 + 1024 + 51, t0 + 60).unwrap();
+        assert!(
+            why.contains("1075 blocks above the stored head 1000"),
+            "{why}"
+        );
+        // An agent that was down for a day catches up on a real chain.
+        assert_eq!(check(Some(&known), 1_000 + 7_200, t0 + 86_400), None);
+        // A stored head from a clock ahead of ours: the slack alone.
+        assert_eq!(check(Some(&known), 2_024, t0 - 3_600), None);
+        assert!(check(Some(&known), 2_025, t0 - 3_600).is_some());
+        // Going down is not this rule's business.
+        assert_eq!(check(Some(&known), 5, t0), None);
+    }
 }

@@ -32,7 +32,6 @@ use crate::store::StoreError;
 const WINDOW: usize = 32;
 /// Messages queued for the gRPC encoder; the window bounds the rest.
 const SEND_QUEUE: usize = 4;
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -214,11 +213,20 @@ pub async fn connect(cfg: &ReportConfig) -> Result<Channel, ReportError> {
         .map_err(connect_err)
 }
 
+/// This process's instance id: random, made once per start, the same on
+/// every reconnect. The aggregator tells a reconnect of this process (same
+/// id) from a second process with the same certificate (another id).
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| crate::model::hex(&rand::random::<[u8; 16]>()))
+}
+
 fn status_error(s: tonic::Status) -> ReportError {
     match s.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            ReportError::Refused(s.message().to_string())
-        }
+        tonic::Code::Unauthenticated
+        | tonic::Code::PermissionDenied
+        | tonic::Code::AlreadyExists
+        | tonic::Code::InvalidArgument => ReportError::Refused(s.message().to_string()),
         _ => ReportError::Stream(format!("{}: {}", s.code(), s.message())),
     }
 }
@@ -234,8 +242,8 @@ async fn session(
 ) -> Result<(), ReportError> {
     let channel = connect(cfg).await?;
     let mut client = IngestClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::wire::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<AgentMessage>(SEND_QUEUE);
     let hello = Hello {
         node_id: me.node_id.clone(),
@@ -243,6 +251,7 @@ async fn session(
         chain: me.chain.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         local_last_seq: store.last_seq(),
+        instance_id: instance_id().to_string(),
     };
     send(&tx, agent_message::Body::Hello(hello)).await?;
     let mut inbound = client
@@ -301,6 +310,9 @@ async fn session(
                         .filter(|e| event_last_seq(e) <= upto),
                 );
             }
+            // A record may hold more events than a batch may carry; the
+            // rest go in the next batch (the outbox is read by seq).
+            events.truncate(cfg.batch_max_events);
             let Some(last) = events.last().map(event_last_seq) else {
                 break;
             };

@@ -98,6 +98,8 @@ pub enum Observation {
     },
     /// The circuit breaker opened: the node stopped answering.
     Unreachable { error: String },
+    /// The node reported a head that cannot be real; it was not stored.
+    Implausible { why: String },
     /// A host probe sample.
     Host(proto::HostSample),
 }
@@ -846,6 +848,10 @@ impl Handler<Observation> for Validate {
                     // would blame the node for our blindness.
                     self.last_advance = Instant::now();
                 }
+                if let Some(f) = self.resolve_finding(FindingKind::ImplausibleHead, now_ms) {
+                    commit.events.push(Kind::Finding(f.clone()));
+                    commit.findings.push(f);
+                }
                 if let Some(step) = chain {
                     if let Err(e) = self.judge_chain(step, &mut commit, now_ms) {
                         tracing::error!("{e}");
@@ -862,6 +868,17 @@ impl Handler<Observation> for Validate {
                 }
             }
             Observation::Host(sample) => self.judge_host(sample, &mut commit, now_ms),
+            Observation::Implausible { why } => {
+                if let Some(f) = self.open_finding(
+                    FindingKind::ImplausibleHead,
+                    Severity::Critical,
+                    why,
+                    now_ms,
+                ) {
+                    commit.events.push(Kind::Finding(f.clone()));
+                    commit.findings.push(f);
+                }
+            }
             Observation::Unreachable { error } => {
                 self.reachable = false;
                 if let Some(f) = self.open_finding(

@@ -62,6 +62,9 @@ pub struct Persisted {
     pub duplicates: usize,
     /// The events that were new, in seq order.
     pub events: Vec<proto::Event>,
+    /// Seq ranges `(first, last)` that were skipped without a gap event
+    /// covering them: events lost on the way.
+    pub missing: Vec<(u64, u64)>,
 }
 
 fn node_key(prefix: u8, node: &str) -> Vec<u8> {
@@ -242,20 +245,25 @@ impl CentralStore {
         let mut headers = ChunkEdits::new(self, node);
         let mut kept = Vec::with_capacity(events.len());
         let mut duplicates = 0;
+        let mut missing = Vec::new();
         for e in events {
             let last = event_last_seq(&e);
             if last <= rec.last_seq {
                 duplicates += 1;
                 continue;
             }
-            if e.seq > rec.last_seq + 1 {
+            // `last > rec.last_seq`, so the next seq exists.
+            let expected = rec.last_seq + 1;
+            if e.seq > expected {
                 tracing::warn!(
                     target: "outpost::audit",
                     node_id = node,
-                    expected = rec.last_seq + 1,
+                    expected,
                     got = e.seq,
                     "seq gap not covered by a gap event"
                 );
+                missing.push((expected, e.seq - 1));
+                rec.missing_events = rec.missing_events.saturating_add(e.seq - expected);
             }
             match &e.kind {
                 Some(Kind::Header(h)) => {
@@ -266,7 +274,7 @@ impl CentralStore {
                 Some(Kind::Status(s)) => {
                     // The node's chain got shorter: forget headers above its head.
                     if s.head_height < rec.indexed_top && !s.head_hash.is_empty() {
-                        headers.truncate_above(s.head_height, rec.indexed_top)?;
+                        headers.truncate_above(s.head_height)?;
                         rec.indexed_top = s.head_height;
                         rec.head = Some(proto::Header {
                             height: s.head_height,
@@ -305,6 +313,7 @@ impl CentralStore {
             stored,
             duplicates,
             events: log.events,
+            missing,
         };
         Ok((batch, persisted))
     }
@@ -446,9 +455,19 @@ impl<'a> ChunkEdits<'a> {
         Ok(())
     }
 
-    fn truncate_above(&mut self, height: u64, old_head: u64) -> Result<(), StoreError> {
-        for index in height / CHUNK..=old_head / CHUNK {
-            self.load(index)?.retain(|h| h.height <= height);
+    /// Drops headers above `height`: those of the chunks the store holds
+    /// from there up and of the chunks this persist already edits. The work
+    /// is what is stored, whatever height a peer claimed before.
+    fn truncate_above(&mut self, height: u64) -> Result<(), StoreError> {
+        let from = height / CHUNK;
+        let stored = node_key_u64(b'h', self.node, from)..=node_key_u64(b'h', self.node, u64::MAX);
+        for key in self.store.tree.range(stored).keys() {
+            if let Some(index) = key_tail_u64(&key?) {
+                self.load(index)?;
+            }
+        }
+        for headers in self.chunks.range_mut(from..).map(|(_, h)| h) {
+            headers.retain(|h| h.height <= height);
         }
         Ok(())
     }
@@ -710,5 +729,119 @@ mod tests {
             assert!(a.blocking_recv().unwrap().is_ok(), "write {i} answered");
             assert_eq!(tree.get([i as u8]).unwrap().unwrap().len(), 100);
         }
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    fn status_event(seq: u64, height: u64) -> proto::Event {
+        proto::Event {
+            seq,
+            at_unix_ms: 0,
+            kind: Some(Kind::Status(proto::NodeStatus {
+                head_height: height,
+                head_hash: vec![7; 32],
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn header_at(seq: u64, height: u64) -> proto::Event {
+        proto::Event {
+            seq,
+            at_unix_ms: 0,
+            kind: Some(Kind::Header(proto::Header {
+                height,
+                hash: vec![1; 32],
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// A header at 2^60 and then a status at 5 must cost what is stored,
+    /// not the 2^54 chunk indices between the two heights.
+    #[test]
+    fn a_huge_height_then_a_low_one_costs_only_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let (done, finished) = std::sync::mpsc::channel();
+        // Its own thread: an unbounded walk would never yield to a timer.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let heights = rt.block_on(async {
+                let s = CentralStore::open(&path, 1 << 20, Durability::ProcessCrash).unwrap();
+                s.persist("n1", (1..=3).map(|i| header_at(i, i)).collect(), 0)
+                    .await
+                    .unwrap();
+                s.persist("n1", vec![header_at(4, 1 << 60)], 0)
+                    .await
+                    .unwrap();
+                s.persist("n1", vec![status_event(5, 2)], 0).await.unwrap();
+                s.headers("n1", 0, u64::MAX)
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.height)
+                    .collect::<Vec<u64>>()
+            });
+            let _ = done.send(heights);
+        });
+        let heights = finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("work bounded by the stored headers");
+        assert_eq!(heights, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_seq_gap_without_a_gap_event_is_counted_and_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        let p = s
+            .persist("n1", (1..=3).map(|i| header_at(i, i)).collect(), 0)
+            .await
+            .unwrap();
+        assert!(p.missing.is_empty());
+        let p = s
+            .persist(
+                "n1",
+                vec![header_at(7, 4), header_at(8, 5), header_at(10, 6)],
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(p.missing, vec![(4, 6), (9, 9)]);
+        let rec = s.node("n1").unwrap().unwrap();
+        assert_eq!((rec.last_seq, rec.missing_events), (10, 4));
+        // A gap event covers its range: nothing is missing.
+        let gap = proto::Event {
+            seq: 11,
+            at_unix_ms: 0,
+            kind: Some(Kind::Gap(proto::Gap {
+                last_seq: 20,
+                dropped: 10,
+            })),
+        };
+        let p = s
+            .persist("n1", vec![gap, header_at(21, 7)], 0)
+            .await
+            .unwrap();
+        assert!(p.missing.is_empty());
+        assert_eq!(s.node("n1").unwrap().unwrap().missing_events, 4);
+    }
+
+    #[tokio::test]
+    async fn seqs_and_heights_at_the_top_of_u64_do_not_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        s.persist("n1", vec![header_at(u64::MAX, u64::MAX)], 0)
+            .await
+            .unwrap();
+        let p = s
+            .persist("n1", vec![header_at(u64::MAX, 1), status_event(3, 0)], 0)
+            .await
+            .unwrap();
+        assert_eq!(p.duplicates, 2);
+        assert_eq!(s.node("n1").unwrap().unwrap().last_seq, u64::MAX);
     }
 }

@@ -506,12 +506,7 @@ reconnect_max = "1s"
 
     pub fn restart(&mut self) {
         self.child = Some(spawn_logged(
-            Command::new(outpost_bin())
-                .args(["agent", "--config"])
-                .arg(&self.config)
-                .env("RUST_LOG", "info")
-                .env("OUTPOST_LOG_TARGET", "stderr")
-                .envs(self.env.iter().map(|(k, v)| (k, v))),
+            agent_command(&self.config).envs(self.env.iter().map(|(k, v)| (k, v))),
             &self.log,
         ));
     }
@@ -544,6 +539,20 @@ reconnect_max = "1s"
     pub fn running(&mut self) -> bool {
         self.child.is_some() && self.exited().is_none()
     }
+}
+
+fn agent_command(config: &Path) -> Command {
+    let mut c = Command::new(outpost_bin());
+    c.args(["agent", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("OUTPOST_LOG_TARGET", "stderr");
+    c
+}
+
+/// An agent process on `config`, logging to `log`, owned by the caller.
+pub fn spawn_agent(config: &Path, log: &Path) -> Child {
+    spawn_logged(&mut agent_command(config), log)
 }
 
 impl Drop for Agent {

@@ -8,6 +8,7 @@ mod delivery;
 mod fleet;
 mod harness;
 mod host;
+mod hostile;
 mod journal;
 mod levels;
 mod mtls;
