@@ -119,6 +119,11 @@ impl Agent {
             }
         })?;
         let (store, recovered) = open_or_recover(cfg)?;
+        // The witness names this run's marker from the start: a snapshot
+        // taken before the aggregator is reached carries it too.
+        if let Err(e) = store.write_witness() {
+            tracing::warn!(node_id = %cfg.node_id, "store witness not written: {e}");
+        }
         let timings = Timings::default();
         let source =
             crate::chain::build(&cfg.source, timings.rpc.clone()).map_err(AgentError::Source)?;
@@ -270,7 +275,7 @@ fn open_or_recover(cfg: &AgentConfig) -> Result<(LocalStore, Option<String>), Ag
         s.check()?;
         Ok::<_, crate::store::StoreError>(s)
     };
-    let witness = LocalStore::witness(&cfg.data_dir);
+    let witness = LocalStore::witness(&cfg.data_dir).map(|w| w.durable);
     // The store's last seq when it opens but holds less than its witness.
     let (broken, kept_seq) = match open() {
         Ok(s) => match witness.filter(|w| s.last_seq() < *w) {

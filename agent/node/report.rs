@@ -273,9 +273,7 @@ async fn session(
         },
     };
     let resume = welcome.last_stored_seq;
-    if store.reconcile(resume)? > 0 {
-        store.flush().await?;
-    }
+    store.reconcile(resume).await?;
     connected.store(true, Ordering::SeqCst);
     tracing::info!(
         aggregator = %cfg.aggregator,
@@ -330,7 +328,7 @@ async fn session(
                                 "ack for seq {} beyond what was sent ({sent_upto})", ack.upto_seq
                             )));
                         }
-                        store.ack(ack.upto_seq)?;
+                        store.ack(ack.upto_seq).await?;
                         acked(&mut in_flight, ack.upto_seq);
                     }
                     _ => return Err(ReportError::Protocol("unexpected message after Welcome".into())),
@@ -358,7 +356,7 @@ async fn session(
                     tokio::select! {
                         msg = inbound.message() => match msg {
                             Ok(Some(m)) => if let Some(aggregator_message::Body::Ack(ack)) = m.body {
-                                store.ack(ack.upto_seq)?;
+                                store.ack(ack.upto_seq).await?;
                                 acked(&mut in_flight, ack.upto_seq);
                             },
                             _ => break,

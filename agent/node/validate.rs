@@ -773,19 +773,19 @@ impl Handler<TakeSnapshot> for Validate {
     type Result = ResponseFuture<Result<crate::store::snapshot::Written, String>>;
 
     fn handle(&mut self, msg: TakeSnapshot, ctx: &mut Context<Self>) -> Self::Result {
-        use crate::store::snapshot::{self, Meta};
+        use crate::store::snapshot::Meta;
         let meta = Meta {
             store: "agent".into(),
             node_id: Some(msg.node_id),
             last_seq: Some(self.store.last_seq()),
             head_height: self.head.as_ref().map(|h| h.height),
         };
-        let db = self.store.db().clone();
+        let store = self.store.clone();
         let dir = msg.dir;
         let started = Instant::now();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let work = async move {
-            tokio::task::spawn_blocking(move || snapshot::create(&db, meta, &dir))
+            tokio::task::spawn_blocking(move || store.snapshot(meta, &dir))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()))

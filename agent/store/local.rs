@@ -28,6 +28,101 @@ const UNCONFIRMED_AFTER: &[u8] = b"munconfirmed_after";
 /// The witness file's name in the store's directory.
 const WITNESS: &str = "outpost-witness";
 
+/// The witness file: the highest durable seq, then the marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Witness {
+    pub durable: u64,
+    pub marker: Marker,
+}
+
+/// The unconfirmed-after marker as a witness saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// Written by an older agent, which did not record it.
+    Unknown,
+    /// The aggregator had confirmed the store: every event was assigned in
+    /// a run that reached it.
+    Cleared,
+    /// Events above this seq were assigned in runs that had not yet
+    /// reached the aggregator.
+    At(u64),
+}
+
+impl Witness {
+    fn parse(text: &str) -> Option<Witness> {
+        let mut lines = text.lines();
+        let durable = lines.next()?.trim().parse().ok()?;
+        let marker = match lines.next().map(str::trim) {
+            Some("confirmed") => Marker::Cleared,
+            Some(l) => match l.strip_prefix("unconfirmed-after ").map(str::parse) {
+                Some(Ok(m)) => Marker::At(m),
+                _ => Marker::Unknown,
+            },
+            None => Marker::Unknown,
+        };
+        Some(Witness { durable, marker })
+    }
+
+    fn text(&self) -> String {
+        match self.marker {
+            Marker::At(m) => format!("{}\nunconfirmed-after {m}\n", self.durable),
+            Marker::Cleared => format!("{}\nconfirmed\n", self.durable),
+            Marker::Unknown => format!("{}\n", self.durable),
+        }
+    }
+
+    /// Replaces the witness in `dir` atomically and durably.
+    fn write(&self, dir: &Path) -> Result<(), StoreError> {
+        use std::io::Write as _;
+        let path = dir.join(WITNESS);
+        let tmp = dir.join(format!(".{WITNESS}.tmp"));
+        let io = |source| StoreError::Sync {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(self.text().as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+}
+
+/// After a restore: the marker the restored agent store (`tree`, last seq
+/// `restored_last`) should carry, given the witness of the store it
+/// replaces. A snapshot taken before its run reached the aggregator holds
+/// that run's marker; if the lost store's witness shows that a run reached
+/// the aggregator after it, the snapshot's events up to `restored_last`
+/// were sent, and counting them as new would duplicate them.
+pub fn settle_restored_marker(
+    tree: &sled::Tree,
+    restored_last: u64,
+    witness: Option<Witness>,
+) -> Result<(), StoreError> {
+    let Some(marker) = tree.get(UNCONFIRMED_AFTER)?.map(|v| u64_value(Some(v))) else {
+        // Opening sets it to the last seq: everything restored was assigned
+        // in a confirmed run.
+        return Ok(());
+    };
+    let confirmed = match witness.map(|w| (w.durable, w.marker)) {
+        Some((durable, Marker::Cleared)) => durable,
+        Some((_, Marker::At(m))) => m,
+        Some((_, Marker::Unknown)) | None => return Ok(()),
+    };
+    let settled = marker.max(confirmed.min(restored_last));
+    if settled != marker {
+        tree.insert(UNCONFIRMED_AFTER, &settled.to_be_bytes())?;
+        tracing::info!(
+            snapshot_marker = marker,
+            settled,
+            "restored store: events up to seq {settled} were sent after the snapshot was taken"
+        );
+    }
+    Ok(())
+}
+
 /// Counters guarded together: the seq counter and the outbox size change in
 /// the same batches.
 struct Counters {
@@ -45,6 +140,11 @@ pub struct LocalStore {
     quota_bytes: u64,
     counters: Arc<Mutex<Counters>>,
     durable_tx: Arc<watch::Sender<u64>>,
+    /// The reporter's writes (acks, reconcile) hold it shared; a snapshot
+    /// holds it alone, so it never sees half of an ack (sled's iterators
+    /// are not a point-in-time view). Validate's own writes wait in its
+    /// mailbox while it takes a snapshot.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// What one validation step writes, atomically.
@@ -108,6 +208,7 @@ impl LocalStore {
             quota_bytes,
             counters: Arc::new(Mutex::new(counters)),
             durable_tx: Arc::new(durable_tx),
+            gate: Arc::default(),
         })
     }
 
@@ -134,25 +235,25 @@ impl LocalStore {
     }
 
     /// Records, in a small file beside sled's own, the highest seq known to
-    /// be durable. sled recovers from a damaged log by dropping everything
-    /// after the damage, and opens without an error; a store that opens
-    /// holding less than its witness says has lost events.
+    /// be durable, and the unconfirmed-after marker. sled recovers from a
+    /// damaged log by dropping everything after the damage, and opens
+    /// without an error; a store that opens holding less than its witness
+    /// says has lost events. The marker tells a restore which of a
+    /// snapshot's events the aggregator may already hold.
     pub fn write_witness(&self) -> Result<(), StoreError> {
-        let seq = *self.durable_tx.borrow();
-        let path = self.dir.join(WITNESS);
-        let tmp = self.dir.join(format!(".{WITNESS}.tmp"));
-        std::fs::write(&tmp, format!("{seq}\n"))
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|source| StoreError::Sync { path, source })
+        let witness = Witness {
+            durable: *self.durable_tx.borrow(),
+            marker: match self.tree.get(UNCONFIRMED_AFTER)? {
+                Some(v) => Marker::At(u64_value(Some(v))),
+                None => Marker::Cleared,
+            },
+        };
+        witness.write(&self.dir)
     }
 
-    /// The seq the store's witness file holds, if there is one.
-    pub fn witness(dir: &Path) -> Option<u64> {
-        std::fs::read_to_string(dir.join(WITNESS))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+    /// What the store's witness file holds, if there is one.
+    pub fn witness(dir: &Path) -> Option<Witness> {
+        Witness::parse(&std::fs::read_to_string(dir.join(WITNESS)).ok()?)
     }
 
     /// Reads every entry back and checks that it decodes and that the outbox
@@ -397,7 +498,23 @@ impl LocalStore {
     }
 
     /// Deletes outbox records whose every event the aggregator has stored.
-    pub fn ack(&self, upto: u64) -> Result<usize, StoreError> {
+    pub async fn ack(&self, upto: u64) -> Result<usize, StoreError> {
+        let _g = self.gate.read().await;
+        self.ack_now(upto)
+    }
+
+    /// Writes a snapshot of the store into `dir`, with no ack or reconcile
+    /// under way. Blocks: call it from `spawn_blocking`.
+    pub fn snapshot(
+        &self,
+        meta: super::snapshot::Meta,
+        dir: &Path,
+    ) -> Result<super::snapshot::Written, super::snapshot::SnapshotError> {
+        let _only = self.gate.blocking_write();
+        super::snapshot::create(&self.db, meta, dir)
+    }
+
+    fn ack_now(&self, upto: u64) -> Result<usize, StoreError> {
         let mut c = self.counters();
         let mut batch = sled::Batch::default();
         let mut removed = 0;
@@ -428,18 +545,32 @@ impl LocalStore {
     /// the events made since reuse seqs the aggregator holds for other events,
     /// so they get fresh seqs above the aggregator's, and the counter
     /// continues from there. Returns how many events were renumbered.
-    pub fn reconcile(&self, aggregator_last: u64) -> Result<u64, StoreError> {
+    ///
+    /// The marker's removal is made durable before this returns: events
+    /// sent after it and acknowledged must never be taken, after a crash,
+    /// for events the aggregator lacks and renumbered into duplicates.
+    pub async fn reconcile(&self, aggregator_last: u64) -> Result<u64, StoreError> {
+        let renumbered = {
+            let _g = self.gate.read().await;
+            self.line_up(aggregator_last)?
+        };
+        self.flush().await?;
+        self.write_witness()?;
+        Ok(renumbered)
+    }
+
+    fn line_up(&self, aggregator_last: u64) -> Result<u64, StoreError> {
         let local_last = self.last_seq();
         let held_at_open = self
             .tree
             .get(UNCONFIRMED_AFTER)?
             .map_or(local_last, |v| u64_value(Some(v)));
         if aggregator_last <= held_at_open {
-            self.ack(aggregator_last)?;
+            self.ack_now(aggregator_last)?;
             self.tree.remove(UNCONFIRMED_AFTER)?;
             return Ok(0);
         }
-        self.ack(held_at_open)?;
+        self.ack_now(held_at_open)?;
         let mut c = self.counters();
         let mut batch = sled::Batch::default();
         batch.remove(UNCONFIRMED_AFTER);
@@ -448,8 +579,11 @@ impl LocalStore {
         // A batch keeps the last operation per key: every old key is removed
         // first, so a new key equal to an old one is not removed again.
         let mut moved = Vec::new();
+        // Renumbered records change size: seqs are varints.
+        let mut bytes = c.outbox_bytes;
         for kv in self.tree.scan_prefix(b"o") {
             let (k, v) = kv?;
+            bytes = bytes.saturating_sub(v.len() as u64);
             let (_, mut record) = decode_record(&k, &v)?;
             let first = next;
             for e in &mut record.events {
@@ -468,10 +602,13 @@ impl LocalStore {
             moved.push((key_u64(b"o", first), encode_record(next - 1, &record)));
         }
         for (k, v) in moved {
+            bytes += v.len() as u64;
             batch.insert(k, v);
         }
         batch.insert(NEXT_SEQ, &next.to_be_bytes());
+        batch.insert(OUTBOX_BYTES, &bytes.to_be_bytes());
         self.tree.apply_batch(batch)?;
+        c.outbox_bytes = bytes;
         tracing::warn!(
             local_last,
             aggregator_last,
@@ -597,8 +734,19 @@ mod tests {
         }
     }
 
+    /// Opens the store at `dir`. A store dropped just before may still be
+    /// locked for a moment: sled's flusher thread lets go of it on its next
+    /// wake-up.
     fn open(dir: &Path, quota: u64) -> LocalStore {
-        LocalStore::open(dir, 1 << 20, Durability::ProcessCrash, quota).unwrap()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match LocalStore::open(dir, 1 << 20, Durability::ProcessCrash, quota) {
+                Err(e) if e.is_in_use() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                r => return r.unwrap(),
+            }
+        }
     }
 
     #[test]
@@ -626,8 +774,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn records_after_splits_a_partly_sent_record_and_ack_deletes_whole_ones() {
+    #[tokio::test]
+    async fn records_after_splits_a_partly_sent_record_and_ack_deletes_whole_ones() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 1 << 20);
         s.commit(header_commit(1..=3), 0).unwrap();
@@ -639,22 +787,22 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![3, 4, 5, 6]);
         assert_eq!(
-            s.ack(4).unwrap(),
+            s.ack(4).await.unwrap(),
             1,
             "only the record ending at 3 is wholly acked"
         );
         assert_eq!(s.records_after(0, 100).unwrap()[0].first_seq, 4);
-        assert_eq!(s.ack(6).unwrap(), 1);
+        assert_eq!(s.ack(6).await.unwrap(), 1);
         assert!(s.records_after(0, 100).unwrap().is_empty());
         assert_eq!(s.outbox_bytes(), 0);
     }
 
-    #[test]
-    fn reconcile_renumbers_when_the_aggregator_is_ahead() {
+    #[tokio::test]
+    async fn reconcile_renumbers_when_the_aggregator_is_ahead() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 1 << 20);
         s.commit(header_commit(1..=2), 0).unwrap();
-        assert_eq!(s.reconcile(10).unwrap(), 2);
+        assert_eq!(s.reconcile(10).await.unwrap(), 2);
         let seqs: Vec<u64> = s
             .records_after(10, 100)
             .unwrap()
@@ -668,21 +816,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_restored_store_drops_what_the_aggregator_holds_and_renumbers_only_new_events() {
+    #[tokio::test]
+    async fn a_restored_store_drops_what_the_aggregator_holds_and_renumbers_only_new_events() {
         let dir = tempfile::tempdir().unwrap();
         {
             // Events 1..=5 were sent before the store was lost; the snapshot
             // still has them pending.
             let s = open(dir.path(), 1 << 20);
             s.commit(header_commit(1..=5), 0).unwrap();
-            s.reconcile(0).unwrap();
+            s.reconcile(0).await.unwrap();
             s.db.flush().unwrap();
         }
         let s = open(dir.path(), 1 << 20);
         // Made after the restore, before the aggregator was reached.
         s.commit(header_commit(6..=7), 0).unwrap();
-        assert_eq!(s.reconcile(9).unwrap(), 2);
+        assert_eq!(s.reconcile(9).await.unwrap(), 2);
         let events: Vec<(u64, u64)> = s
             .records_after(0, 100)
             .unwrap()
@@ -699,18 +847,18 @@ mod tests {
             s.commit(header_commit(8..=8), 0).unwrap().seqs,
             Some((12, 12))
         );
-        assert_eq!(s.reconcile(11).unwrap(), 0);
+        assert_eq!(s.reconcile(11).await.unwrap(), 0);
     }
 
-    #[test]
-    fn new_events_are_renumbered_even_when_the_store_got_past_the_aggregator() {
+    #[tokio::test]
+    async fn new_events_are_renumbered_even_when_the_store_got_past_the_aggregator() {
         let dir = tempfile::tempdir().unwrap();
         {
             // Welcomed as a new node, then 1..=5 made, sent and acknowledged.
             let s = open(dir.path(), 1 << 20);
-            s.reconcile(0).unwrap();
+            s.reconcile(0).await.unwrap();
             s.commit(header_commit(1..=5), 0).unwrap();
-            s.ack(5).unwrap();
+            s.ack(5).await.unwrap();
             s.db.flush().unwrap();
         }
         // Restored at seq 5 while the aggregator holds 7; four new events
@@ -719,7 +867,7 @@ mod tests {
         // Two records, the second starting where the first moves to.
         s.commit(header_commit(6..=7), 0).unwrap();
         s.commit(header_commit(8..=9), 0).unwrap();
-        assert_eq!(s.reconcile(7).unwrap(), 4);
+        assert_eq!(s.reconcile(7).await.unwrap(), 4);
         let seqs: Vec<u64> = s
             .records_after(0, 100)
             .unwrap()
@@ -768,6 +916,62 @@ mod tests {
         assert!(events
             .iter()
             .any(|e| matches!(&e.kind, Some(Kind::Finding(f)) if f.id == "stall-1")));
+    }
+
+    /// Runs `steps` on the store at `dir` in a child process that then
+    /// aborts, as `kill -9` would stop the agent: nothing unflushed survives.
+    fn in_a_process_that_aborts(test: &str, dir: &Path) -> bool {
+        if let Ok(d) = std::env::var("OUTPOST_CRASH_DIR") {
+            assert_eq!(d, dir.display().to_string());
+            return true;
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env("OUTPOST_CRASH_DIR", dir)
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child aborts");
+        false
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_the_first_acks_renumbers_nothing() {
+        let test = "store::local::tests::a_crash_after_the_first_acks_renumbers_nothing";
+        let dir = std::env::var("OUTPOST_CRASH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| tempfile::tempdir().unwrap().keep());
+        if in_a_process_that_aborts(test, &dir) {
+            // Made while the aggregator was away, durable; the marker says
+            // the store held nothing the aggregator confirmed.
+            let s = open(&dir, 1 << 20);
+            s.commit(header_commit(1..=5), 0).unwrap();
+            s.flush().await.unwrap();
+            // Connected: the aggregator holds nothing yet; 1..=5 are sent,
+            // stored and acknowledged. Then kill -9.
+            s.reconcile(0).await.unwrap();
+            s.ack(5).await.unwrap();
+            std::process::abort();
+        }
+        let s = open(&dir, 1 << 20);
+        // The aggregator holds 1..=5 now: they are the same events.
+        assert_eq!(s.reconcile(5).await.unwrap(), 0, "no event renumbered");
+        assert!(s.records_after(5, 100).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn renumbering_keeps_the_outbox_byte_count_true() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20);
+        s.commit(header_commit(1..=50), 0).unwrap();
+        // Seqs of 1 byte become seqs of 6 bytes on the wire.
+        assert_eq!(s.reconcile(1 << 40).await.unwrap(), 50);
+        let stored: u64 = s
+            .tree
+            .scan_prefix(b"o")
+            .map(|kv| kv.unwrap().1.len() as u64)
+            .sum();
+        assert_eq!(s.outbox_bytes(), stored);
     }
 
     #[tokio::test]

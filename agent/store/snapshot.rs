@@ -545,6 +545,14 @@ pub fn restore_with(
             db.open_tree(tree)?.insert(k, v)?;
             Ok(())
         })?;
+        if manifest.store == "agent" {
+            let witness = super::local::LocalStore::witness(data_dir);
+            super::local::settle_restored_marker(
+                &db.open_tree("agent")?,
+                manifest.last_seq.unwrap_or(0),
+                witness,
+            )?;
+        }
         db.flush()?;
     }
     let aside = if existing {
@@ -644,6 +652,34 @@ mod tests {
         assert_eq!(restored.last_seq(), m.last_seq.unwrap());
         assert_eq!(restored.head().unwrap().unwrap().height, 500);
         assert_eq!(entries(restored.db()), at_snapshot);
+    }
+
+    /// A snapshot taken before the agent first reached the aggregator holds
+    /// the unconfirmed-after marker. Its events were sent later; a restore
+    /// from it must not take them for events the aggregator lacks.
+    #[tokio::test]
+    async fn a_snapshot_from_before_the_first_reconcile_restores_without_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let w = {
+            let s = store_with_headers(&live, 1..=5);
+            let w = create(s.db(), meta(&s), &dir.path().join("snaps")).unwrap();
+            // Connected: 1..=5 sent and stored, then 6..=7.
+            s.reconcile(0).await.unwrap();
+            add_headers(&s, 6..=7);
+            s.flush().await.unwrap();
+            s.ack(7).await.unwrap();
+            s.write_witness().unwrap();
+            s.flush().await.unwrap();
+            w
+        };
+        // The store is lost; the snapshot replaces it.
+        restore(&w.path, &live, true).unwrap();
+        let s = LocalStore::open(&live, 1 << 20, Durability::ProcessCrash, 1 << 30).unwrap();
+        assert_eq!(s.last_seq(), 5);
+        // The aggregator holds 1..=7: the restored 1..=5 are among them.
+        assert_eq!(s.reconcile(7).await.unwrap(), 0, "nothing renumbered");
+        assert!(s.records_after(0, 100).unwrap().is_empty());
     }
 
     #[test]
