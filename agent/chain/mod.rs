@@ -77,6 +77,8 @@ pub enum SourceError {
     Malformed(String),
     #[error("HTTP status {0}")]
     Http(u16),
+    #[error("the node answered HTTP {status} redirecting to {to:?}; redirects are not followed, so credentials never leave for another address: point source.url at the node itself")]
+    Redirected { status: u16, to: String },
     #[error("RPC error {code}: {message}")]
     Rpc { code: i64, message: String },
     #[error("no block at height {0}")]

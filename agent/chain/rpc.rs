@@ -82,6 +82,8 @@ impl JsonRpcClient {
     pub fn new(url: &str, timeout: Duration, max_reply_bytes: usize, timings: RpcTimings) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(timeout)
+            // A redirect would carry the token headers to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(2)
             .build()
             .unwrap_or_default();
@@ -189,6 +191,20 @@ impl JsonRpcClient {
             .await
             .map_err(|e| SourceError::Unreachable(crate::error_chain(&e)))?;
         let status = resp.status();
+        if status.is_redirection() {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect();
+            return Err(SourceError::Redirected {
+                status: status.as_u16(),
+                to,
+            });
+        }
         if let Some(len) = resp.content_length() {
             if len as usize > self.max_reply_bytes {
                 return Err(SourceError::TooLarge {
@@ -273,5 +289,64 @@ mod tests {
         assert!(parse_quantity(&json!("10"), "n").is_err());
         assert!(parse_quantity(&json!(16), "n").is_err());
         assert!(parse_quantity(&json!("0xzz"), "n").is_err());
+    }
+
+    /// Serves one connection per accept with `reply`; returns the address
+    /// and what each request carried.
+    async fn raw_server(
+        reply: String,
+    ) -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let _ = s.write_all(reply.as_bytes()).await;
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_with_the_token() {
+        let (elsewhere, seen_elsewhere) = raw_server(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}".into(),
+        )
+        .await;
+        let (node, _) = raw_server(format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{elsewhere}/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ))
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret-token").unwrap();
+        let client = JsonRpcClient::new(
+            &format!("http://{node}"),
+            Duration::from_secs(2),
+            1 << 20,
+            RpcTimings::new(),
+        )
+        .with_auth(Auth::Header {
+            name: "X-API-Key",
+            value_file: token,
+        });
+        let e = client.get("/api/v2/status").await.unwrap_err();
+        assert!(
+            matches!(e, SourceError::Redirected { status: 307, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&elsewhere.to_string()), "{e}");
+        let leaked = seen_elsewhere.lock().unwrap().clone();
+        assert!(leaked.is_empty(), "the other host got: {leaked:?}");
     }
 }
