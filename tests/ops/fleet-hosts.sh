@@ -102,6 +102,8 @@ all:
     outpost_expected_block_time: 1s
   children:
     outpost_aggregators:
+      vars:
+        outpost_snapshot_interval: 5s
       hosts:
         $AGG:
     outpost_agents:
@@ -206,6 +208,24 @@ case "$snap" in /var/lib/outpost/agent-snapshots/*.snap) ;; *) fail "snapshot we
 podman exec outpost-n1 outpost snapshot verify "$snap" >/dev/null || fail "the agent's snapshot does not verify"
 [ "$(podman exec outpost-n1 stat -c %U "$snap")" = outpost ] || fail "the snapshot is not owned by outpost"
 pass "snapshot create asked the running agent; it wrote $snap under its StateDirectory"
+
+# --- a scheduled snapshot of the aggregator, inside the unit's sandbox -----------------
+agg_snap=""
+for _ in $(seq 1 30); do
+    agg_snap=$(podman exec "$AGG" sh -c 'ls -1 /var/lib/outpost/aggregator-snapshots/*.snap 2>/dev/null | tail -1' || true)
+    [ -n "$agg_snap" ] && break
+    sleep 1
+done
+if [ -z "$agg_snap" ]; then
+    podman exec "$AGG" journalctl --no-pager -n 20 -u outpost-aggregator >&2 || true
+    fail "no scheduled aggregator snapshot in /var/lib/outpost/aggregator-snapshots"
+fi
+podman exec "$AGG" outpost snapshot verify "$agg_snap" >/dev/null || fail "the aggregator's snapshot does not verify"
+[ "$(podman exec "$AGG" stat -c %U "$agg_snap")" = outpost ] || fail "the aggregator's snapshot is not owned by outpost"
+if podman exec "$AGG" journalctl --no-pager -u outpost-aggregator | grep -q 'snapshot failed'; then
+    fail "an aggregator snapshot failed under the shipped unit"
+fi
+pass "the aggregator's scheduled snapshot $agg_snap landed under its StateDirectory"
 
 # --- an unhealthy host stops the rollout ------------------------------------------------
 podman exec outpost-n2 pkill -x anvil
