@@ -337,6 +337,12 @@ pub struct FleetConfig {
     pub reference_nodes: Vec<String>,
     /// Recent heights per node kept in memory for hash comparison.
     pub compare_window: u64,
+    /// The networks agents may report under; empty: any, up to
+    /// `max_networks`. An agent that names another is refused.
+    pub networks: Vec<String>,
+    /// Without `networks`, at most this many distinct networks are taken
+    /// in (each has its own fleet state and metric labels).
+    pub max_networks: usize,
 }
 
 impl Default for FleetConfig {
@@ -347,6 +353,8 @@ impl Default for FleetConfig {
             silent_after: Duration::from_secs(60),
             reference_nodes: Vec::new(),
             compare_window: 256,
+            networks: Vec::new(),
+            max_networks: 64,
         }
     }
 }
@@ -647,7 +655,14 @@ impl AgentConfig {
                 self.node_id
             ),
         );
-        p.check(!self.network.is_empty(), "network", "must not be empty");
+        p.check(
+            valid_name(&self.network),
+            "network",
+            format!(
+                "{:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                self.network
+            ),
+        );
         if let Err(e) = http_url(&self.source.url, &["http", "https"]) {
             p.check(false, "source.url", e);
         }
@@ -829,6 +844,18 @@ impl AggregatorConfig {
                 format!("{id:?} is not a node id"),
             );
         }
+        for net in &self.fleet.networks {
+            p.check(
+                valid_name(net),
+                "fleet.networks",
+                format!("{net:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+            );
+        }
+        p.check(
+            self.fleet.max_networks >= 1,
+            "fleet.max_networks",
+            "must be at least 1",
+        );
         p.check(
             !self.metrics.enabled || self.metrics.listen != self.listen,
             "metrics.listen",

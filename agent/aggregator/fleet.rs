@@ -65,6 +65,8 @@ struct State {
     hashes: HashMap<String, BTreeMap<u64, Hash>>,
     /// Divergences seen but not yet open (they must outlast a reorg's churn).
     pending_divergence: HashMap<String, i64>,
+    /// Every network taken in, for `fleet.max_networks`.
+    networks: BTreeSet<String>,
 }
 
 pub struct Fleet {
@@ -145,6 +147,7 @@ impl Fleet {
             networks.insert(rec.network.clone());
             state.nodes.insert(rec.node_id.clone(), view);
         }
+        state.networks = networks.clone();
         for net in networks {
             let scope = network_scope(&net);
             for f in store.findings(&scope)? {
@@ -202,6 +205,40 @@ impl Fleet {
         if alert {
             self.alerts.notify(&nf);
         }
+    }
+
+    /// Whether an agent may report under `network` and `chain`: names that
+    /// are safe as keys and labels, a network of `fleet.networks` when it is
+    /// set, else at most `fleet.max_networks` distinct networks in all.
+    pub fn admit(&self, network: &str, chain: &str) -> Result<(), String> {
+        for (what, name) in [("network", network), ("chain", chain)] {
+            if !crate::tls::valid_name(name) {
+                return Err(format!(
+                    "{what} {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+                ));
+            }
+        }
+        let cfg = self.cfg();
+        if !cfg.networks.is_empty() {
+            return match cfg.networks.iter().any(|n| n == network) {
+                true => Ok(()),
+                false => Err(format!(
+                    "network {network:?} is not one this aggregator serves (fleet.networks: {})",
+                    cfg.networks.join(", ")
+                )),
+            };
+        }
+        let mut st = self.lock();
+        if !st.networks.contains(network) {
+            if st.networks.len() >= cfg.max_networks {
+                return Err(format!(
+                    "this aggregator already serves {} networks, its fleet.max_networks; network {network:?} is refused",
+                    st.networks.len()
+                ));
+            }
+            st.networks.insert(network.to_string());
+        }
+        Ok(())
     }
 
     /// How long an agent may send nothing before it counts as silent.
@@ -1115,5 +1152,46 @@ mod tests {
         let c = shared(&mut pool, 8, &[1; 32]);
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(pool.len(), 2);
+    }
+
+    async fn fleet(cfg: FleetConfig) -> (tempfile::TempDir, Arc<Fleet>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CentralStore::open(dir.path(), 1 << 20, crate::store::Durability::ProcessCrash)
+            .unwrap();
+        let fleet = Fleet::load(
+            store,
+            cfg,
+            Arc::default(),
+            Alerts::start(&[]),
+            Arc::default(),
+        )
+        .unwrap();
+        (dir, fleet)
+    }
+
+    #[tokio::test]
+    async fn networks_are_bounded_by_a_list_or_a_cap() {
+        let (_d, capped) = fleet(FleetConfig {
+            max_networks: 2,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(capped.admit("a", "ethereum"), Ok(()));
+        assert_eq!(capped.admit("b", "ethereum"), Ok(()));
+        assert_eq!(capped.admit("a", "ethereum"), Ok(()), "a known one");
+        let e = capped.admit("c", "ethereum").unwrap_err();
+        assert!(e.contains("fleet.max_networks"), "{e}");
+        let e = capped.admit("bad name\n", "ethereum").unwrap_err();
+        assert!(e.contains("must be 1-64 characters"), "{e}");
+        assert!(capped.admit("a", "").is_err(), "an empty chain");
+
+        let (_d, listed) = fleet(FleetConfig {
+            networks: vec!["mainnet".into()],
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(listed.admit("mainnet", "ethereum"), Ok(()));
+        let e = listed.admit("devnet", "ethereum").unwrap_err();
+        assert!(e.contains("not one this aggregator serves"), "{e}");
     }
 }

@@ -236,6 +236,17 @@ impl ingest_server::Ingest for IngestService {
                 hello.node_id
             )));
         }
+        if let Err(why) = self.fleet.admit(&hello.network, &hello.chain) {
+            tracing::warn!(
+                target: AUDIT,
+                node_id = %node,
+                network = %hello.network,
+                remote = ?remote,
+                "refused: {why}"
+            );
+            self.metrics.refused("network");
+            return Err(Status::permission_denied(why));
+        }
         let presumed_dead_ms = self.fleet.silent_after().as_millis() as i64;
         let (replaced, stream) = match self.live.claim(
             &node,
@@ -312,6 +323,16 @@ async fn welcome(
 ) -> Result<(), Status> {
     let rec = {
         let _g = ctx.lock.lock().await;
+        let before = ctx.store.node(&ctx.node).map_err(internal)?;
+        if let Some(old) = before.filter(|r| !r.network.is_empty() && r.network != hello.network) {
+            tracing::warn!(
+                target: AUDIT,
+                node_id = %ctx.node,
+                from = %old.network,
+                to = %hello.network,
+                "node changed network"
+            );
+        }
         ctx.store
             .register(&ctx.node, hello, now_unix_ms())
             .map_err(internal)?
