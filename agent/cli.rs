@@ -81,6 +81,16 @@ pub enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Add an issued client certificate to the CA's revocation list
+    /// (--dir/crl.pem); aggregators that load it (tls.crl) refuse the
+    /// certificate at the handshake after a reload.
+    Revoke {
+        role: Role,
+        /// Node id (agent) or operator name.
+        name: String,
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -287,6 +287,7 @@ impl ReportConfig {
             ca: self.ca.clone(),
             cert: self.cert.clone(),
             key: self.key.clone(),
+            crl: None,
         }
     }
 }
@@ -319,7 +320,45 @@ pub struct AggregatorConfig {
     #[serde(default)]
     pub snapshot: SnapshotConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// What the aggregator's listener takes in at most; past a limit it refuses
+/// new connections and keeps serving the ones it has.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections in all (the packaged unit allows 65,536 files).
+    pub max_connections: usize,
+    /// Open connections of one certificate identity (an agent needs one,
+    /// an operator's CLI one per command).
+    pub max_connections_per_identity: usize,
+    /// Open connections without a client certificate: they only ever get
+    /// an Unauthenticated answer, and are closed after
+    /// `unauthenticated_lifetime`.
+    pub max_unauthenticated: usize,
+    #[serde(with = "humantime_serde")]
+    pub unauthenticated_lifetime: Duration,
+    /// Time from accept to the end of the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 16_384,
+            max_connections_per_identity: 16,
+            max_unauthenticated: 64,
+            unauthenticated_lifetime: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -824,6 +863,29 @@ impl AggregatorConfig {
         p.readable("tls.ca", &self.tls.ca);
         p.readable("tls.cert", &self.tls.cert);
         p.readable("tls.key", &self.tls.key);
+        if let Some(crl) = &self.tls.crl {
+            p.readable("tls.crl", crl);
+        }
+        let l = &self.limits;
+        for (field, value) in [
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_connections_per_identity",
+                l.max_connections_per_identity,
+            ),
+            ("limits.max_unauthenticated", l.max_unauthenticated),
+            (
+                "limits.max_streams_per_connection",
+                l.max_streams_per_connection as usize,
+            ),
+        ] {
+            p.check(value >= 1, field, "must be at least 1");
+        }
+        p.positive("limits.handshake_timeout", l.handshake_timeout);
+        p.positive(
+            "limits.unauthenticated_lifetime",
+            l.unauthenticated_lifetime,
+        );
         p.check(
             self.store.event_log_keep >= 1,
             "store.event_log_keep",

@@ -99,6 +99,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
             ca: pki.ca_cert(),
             cert: pki.cert("aggregator"),
             key: pki.key("aggregator"),
+            crl: None,
         },
         store: AggregatorStoreConfig {
             cache_bytes: 16 << 20,
@@ -117,6 +118,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
             ..Default::default()
         },
         alerts: Vec::new(),
+        limits: Default::default(),
         log: LogConfig::default(),
     })
     .await?;

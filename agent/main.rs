@@ -60,6 +60,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     tls::issue_client(&dir, &id, days)?
                 }
+                CertsCommand::Revoke { role, name, dir } => {
+                    let id = match role {
+                        Role::Agent => Identity::Agent(name),
+                        Role::Operator => Identity::Operator(name),
+                    };
+                    vec![tls::revoke(&dir, &id)?]
+                }
             };
             for path in written {
                 println!("wrote {}", path.display());

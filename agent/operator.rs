@@ -24,6 +24,7 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<QueryClient<Channel>> 
         ca: conn.ca.clone(),
         cert: cert.clone(),
         key: key.clone(),
+        crl: None,
     };
     let domain = match &conn.server_name {
         Some(n) => n.clone(),

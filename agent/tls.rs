@@ -116,6 +116,10 @@ impl PkiLayout {
     pub fn key(&self, stem: &str) -> PathBuf {
         self.dir.join(format!("{stem}.key"))
     }
+    /// The revocation list `outpost certs revoke` writes (`tls.crl`).
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
 }
 
 fn validity(days: i64) -> (OffsetDateTime, OffsetDateTime) {
@@ -194,12 +198,101 @@ fn issue_server(
     Ok(vec![pki.cert(stem), pki.key(stem)])
 }
 
+/// The file stem of an identity's certificate and key.
+fn stem(identity: &Identity) -> String {
+    match identity {
+        Identity::Agent(id) => format!("agent-{id}"),
+        Identity::Operator(n) => format!("operator-{n}"),
+    }
+}
+
+/// How long a revocation list says it is current; the aggregator does not
+/// refuse an older one (a lapsed list still lists what it revoked).
+const CRL_DAYS: i64 = 365;
+
+/// Adds the certificate of `identity` in `dir` to the CA's revocation list
+/// `crl.pem` there (made on first use), keeping what it already lists.
+/// Returns the list's path. Aggregators with `tls.crl` pointing at a copy of
+/// it refuse the certificate at the handshake once they reload (SIGHUP).
+pub fn revoke(dir: &Path, identity: &Identity) -> Result<PathBuf, TlsError> {
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+    let pki = PkiLayout::new(dir);
+    let cert_path = pki.cert(&stem(identity));
+    let pem = fs::read(&cert_path).map_err(|source| TlsError::Io {
+        path: cert_path.clone(),
+        source,
+    })?;
+    let not_cert = || TlsError::NotPem {
+        path: cert_path.clone(),
+        what: "a PEM certificate".into(),
+    };
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).map_err(|_| not_cert())?;
+    let cert = parsed.parse_x509().map_err(|_| not_cert())?;
+    let serial = cert.raw_serial().to_vec();
+    let now = OffsetDateTime::now_utc();
+    let mut revoked = Vec::new();
+    let mut number = 1u64;
+    let crl_path = pki.crl();
+    if crl_path.exists() {
+        let text = fs::read(&crl_path).map_err(|source| TlsError::Io {
+            path: crl_path.clone(),
+            source,
+        })?;
+        let not_crl = || TlsError::NotPem {
+            path: crl_path.clone(),
+            what: "a PEM revocation list".into(),
+        };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&text).map_err(|_| not_crl())?;
+        let (_, crl) =
+            <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&pem.contents)
+                .map_err(|_| not_crl())?;
+        number = crl.crl_number().map_or(0, |n| n.to_u64_digits().first().copied().unwrap_or(0)) + 1;
+        for r in crl.iter_revoked_certificates() {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                    .unwrap_or(now),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    if !revoked
+        .iter()
+        .any(|r| r.serial_number.as_ref() == serial.as_slice())
+    {
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::minutes(5),
+        next_update: now + Duration::days(CRL_DAYS),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&load_issuer(&pki)?)?;
+    let tmp = dir.join(".crl.pem.tmp");
+    let _ = fs::remove_file(&tmp);
+    write_file(&tmp, crl.pem()?.as_bytes(), 0o644)?;
+    fs::rename(&tmp, &crl_path).map_err(|source| TlsError::Io {
+        path: crl_path.clone(),
+        source,
+    })?;
+    Ok(crl_path)
+}
+
 /// Issues a client certificate for an agent or an operator, signed by the CA
 /// in `dir`. Files are named `agent-<id>.pem/.key` or `operator-<name>.pem/.key`.
 pub fn issue_client(dir: &Path, identity: &Identity, days: i64) -> Result<Vec<PathBuf>, TlsError> {
-    let (stem, name) = match identity {
-        Identity::Agent(id) => (format!("agent-{id}"), id),
-        Identity::Operator(n) => (format!("operator-{n}"), n),
+    let stem = stem(identity);
+    let name = match identity {
+        Identity::Agent(id) | Identity::Operator(id) => id,
     };
     if !valid_name(name) {
         return Err(TlsError::BadName(name.clone()));
@@ -248,18 +341,23 @@ fn read_to_string(path: &Path) -> Result<String, TlsError> {
     })
 }
 
-/// The three files a TLS endpoint needs.
+/// The files a TLS endpoint needs.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The aggregator's side: a PEM certificate revocation list by the CA
+    /// (`outpost certs revoke`); client certificates it lists are refused
+    /// at the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
     /// Reads the three PEM files, checking that each holds what it should.
-    fn read(&self) -> Result<(String, String, String), TlsError> {
+    pub(crate) fn read(&self) -> Result<(String, String, String), TlsError> {
         let pem = |path: &Path, marker: &str, what: &str| -> Result<String, TlsError> {
             let text = read_to_string(path)?;
             if text.contains(marker) {

@@ -81,6 +81,7 @@ fn tls_files(pki: &PkiLayout, stem: &str) -> TlsFiles {
         ca: pki.ca_cert(),
         cert: pki.cert(stem),
         key: pki.key(stem),
+        crl: None,
     }
 }
 
@@ -236,6 +237,7 @@ fn main() {
             fleet: Default::default(),
             metrics: MetricsConfig { enabled: false, ..Default::default() },
             alerts: Vec::new(),
+            limits: Default::default(),
             snapshot: Default::default(),
             log: LogConfig::default(),
         })

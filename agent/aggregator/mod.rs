@@ -5,6 +5,7 @@ pub mod alert;
 pub mod auth;
 pub mod fleet;
 pub mod ingest;
+pub mod listen;
 pub mod metrics;
 pub mod query;
 
@@ -16,8 +17,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 
 use crate::config::AggregatorConfig;
@@ -95,10 +94,15 @@ impl Aggregator {
         shutdown: impl Future<Output = ()>,
         mut reloads: tokio::sync::watch::Receiver<AggregatorConfig>,
     ) -> anyhow::Result<()> {
-        let tls = self.cfg.tls.server_config()?;
         let snapshot_cfg = reloads.clone();
         let live = Arc::new(Live::default());
         let metrics = Arc::new(Metrics::default());
+        let gate = listen::Gate::new(
+            self.cfg.tls.clone(),
+            self.cfg.limits.clone(),
+            metrics.clone(),
+        )
+        .context("TLS configuration")?;
         let alerts = Alerts::start(&self.cfg.alerts);
         let fleet = Fleet::load(
             self.store.clone(),
@@ -108,11 +112,17 @@ impl Aggregator {
             metrics.clone(),
         )?;
         tokio::spawn(fleet.clone().run_clock());
-        let reloaded = fleet.clone();
+        let (reloaded, reload_gate) = (fleet.clone(), gate.clone());
         tokio::spawn(async move {
             while reloads.changed().await.is_ok() {
                 let cfg = reloads.borrow_and_update().clone();
                 reloaded.reconfigure(cfg.fleet, &cfg.alerts);
+                // The certificate, key, CA and revocation list are re-read
+                // from the paths the aggregator started with.
+                match reload_gate.reload() {
+                    Ok(()) => tracing::info!("TLS files reloaded; connections kept"),
+                    Err(e) => tracing::error!("TLS files not reloaded, the ones in force stay: {e}"),
+                }
             }
         });
         if let Some(l) = self.metrics_listener {
@@ -132,9 +142,9 @@ impl Aggregator {
             snapshot_cfg,
         ));
         Server::builder()
-            .tls_config(tls)
-            .context("TLS configuration")?
+            .max_concurrent_streams(Some(self.cfg.limits.max_streams_per_connection))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(
                 IngestServer::new(IngestService::new(
                     self.store.clone(),
@@ -153,7 +163,7 @@ impl Aggregator {
                 reflection,
                 auth::operator_only,
             ))
-            .serve_with_incoming_shutdown(no_delay(self.listener), shutdown)
+            .serve_with_incoming_shutdown(gate.incoming(self.listener), shutdown)
             .await
             .context("gRPC server")?;
         Ok(())
@@ -272,17 +282,4 @@ pub async fn run(cfg: AggregatorConfig, path: &Path) -> anyhow::Result<()> {
         reloads,
     )
     .await
-}
-
-/// Accepted connections with Nagle's algorithm off. Tonic sets TCP_NODELAY
-/// only on listeners it binds itself; without it a unary reply's last
-/// frames wait for the client's delayed ACK, tens of milliseconds per query.
-fn no_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }

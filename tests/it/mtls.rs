@@ -32,6 +32,7 @@ fn client_tls(pki: &PkiLayout, stem: &str) -> ClientTlsConfig {
         ca: pki.ca_cert(),
         cert: pki.cert(stem),
         key: pki.key(stem),
+        crl: None,
     }
     .client_config("localhost")
     .unwrap()
@@ -103,6 +104,7 @@ async fn refuses_missing_foreign_and_wrong_role_certificates() {
         ca: pki.ca_cert(),
         cert: PkiLayout::new(other.path()).cert("operator-mallory"),
         key: PkiLayout::new(other.path()).key("operator-mallory"),
+        crl: None,
     }
     .client_config("localhost")
     .unwrap();

@@ -1,0 +1,388 @@
+//! The aggregator's listener: accepts TCP under a connection cap, runs the
+//! TLS handshake with a deadline and the certificates and revocation list
+//! in force (reloadable without dropping a connection), and caps the
+//! connections of each identity and of callers without a certificate.
+//! tonic serves only connections that passed all of it.
+//!
+//! Client certificates stay optional at the TLS layer, so that a caller
+//! without one gets a gRPC status that says so; such a connection counts
+//! against a small cap and is closed after a short lifetime.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use super::auth::AUDIT;
+use super::metrics::Metrics;
+use crate::config::LimitsConfig;
+use crate::tls::{Identity, TlsFiles};
+
+/// Refusals of one kind are logged at most this often; each is counted.
+const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Connections handed to tonic, at most this many waiting.
+const READY_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    Files(#[from] crate::tls::TlsError),
+    #[error("{path}: {what}")]
+    Bad { path: String, what: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+/// The server's TLS configuration from its files: its certificate and key,
+/// the CA that signs clients, and the CA's revocation list when there is one.
+pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, ListenError> {
+    let (ca, cert, key) = files.read()?;
+    let bad = |path: &std::path::Path, what: String| ListenError::Bad {
+        path: path.display().to_string(),
+        what,
+    };
+    let certs = |pem: &str, path: &std::path::Path| {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(path, format!("not a PEM certificate: {e}")))
+    };
+    let mut roots = RootCertStore::empty();
+    for c in certs(&ca, &files.ca)? {
+        roots
+            .add(c)
+            .map_err(|e| bad(&files.ca, format!("not a CA certificate: {e}")))?;
+    }
+    let mut verifier = WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated();
+    if let Some(path) = &files.crl {
+        let text = std::fs::read(path).map_err(|e| bad(path, e.to_string()))?;
+        let crls = CertificateRevocationListDer::pem_slice_iter(&text)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(path, format!("not a PEM revocation list: {e}")))?;
+        if crls.is_empty() {
+            return Err(bad(path, "holds no revocation list".into()));
+        }
+        verifier = verifier.with_crls(crls).allow_unknown_revocation_status();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| ListenError::Rustls(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| bad(&files.key, format!("not a PEM private key: {e}")))?;
+    let mut config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&cert, &files.cert)?, key)
+        .map_err(|e| ListenError::Rustls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// What holds a connection slot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Slot {
+    Connection,
+    Unauthenticated,
+    Identity(String),
+}
+
+#[derive(Default)]
+struct Counts {
+    connections: usize,
+    unauthenticated: usize,
+    per_identity: HashMap<String, usize>,
+}
+
+/// The listener's shared state.
+pub struct Gate {
+    files: TlsFiles,
+    tls: RwLock<Arc<ServerConfig>>,
+    limits: LimitsConfig,
+    counts: Mutex<Counts>,
+    metrics: Arc<Metrics>,
+    logged: Mutex<HashMap<&'static str, Instant>>,
+}
+
+impl Gate {
+    pub fn new(
+        files: TlsFiles,
+        limits: LimitsConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Gate>, ListenError> {
+        let tls = RwLock::new(Arc::new(server_config(&files)?));
+        Ok(Arc::new(Gate {
+            files,
+            tls,
+            limits,
+            counts: Mutex::default(),
+            metrics,
+            logged: Mutex::default(),
+        }))
+    }
+
+    /// Re-reads the certificate, key, CA and revocation list. New
+    /// handshakes use them; connections already up are kept. On an error the
+    /// files in force stay.
+    pub fn reload(&self) -> Result<(), ListenError> {
+        let fresh = server_config(&self.files)?;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(())
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot, or None when its limit is reached.
+    fn take(self: &Arc<Self>, slot: Slot) -> Option<Held> {
+        let l = &self.limits;
+        let mut c = self.counts();
+        let ok = match &slot {
+            Slot::Connection => bump(&mut c.connections, l.max_connections),
+            Slot::Unauthenticated => bump(&mut c.unauthenticated, l.max_unauthenticated),
+            Slot::Identity(id) => bump(
+                c.per_identity.entry(id.clone()).or_default(),
+                l.max_connections_per_identity,
+            ),
+        };
+        ok.then(|| Held {
+            gate: self.clone(),
+            slot,
+        })
+    }
+
+    fn give_back(&self, slot: &Slot) {
+        let mut c = self.counts();
+        match slot {
+            Slot::Connection => c.connections = c.connections.saturating_sub(1),
+            Slot::Unauthenticated => c.unauthenticated = c.unauthenticated.saturating_sub(1),
+            Slot::Identity(id) => {
+                if let Some(n) = c.per_identity.get_mut(id) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        c.per_identity.remove(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts a refusal; logs it to the audit target unless one of its kind
+    /// was logged within `LOG_EVERY`.
+    fn refused(&self, reason: &'static str, remote: Option<SocketAddr>, detail: &str) {
+        self.metrics.refused(reason);
+        let now = Instant::now();
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged
+            .get(reason)
+            .is_some_and(|t| now.duration_since(*t) < LOG_EVERY)
+        {
+            return;
+        }
+        logged.insert(reason, now);
+        tracing::warn!(target: AUDIT, remote = ?remote, reason, "refused a connection: {detail}");
+    }
+
+    /// Accepts connections on `listener` until it is dropped, and yields
+    /// those that passed the handshake and the caps.
+    pub fn incoming(self: Arc<Self>, listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
+        let (tx, rx) = mpsc::channel(READY_QUEUE);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of
+                        // spinning on the error.
+                        self.refused("accept-error", None, &e.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Some(slot) = self.take(Slot::Connection) else {
+                    self.refused(
+                        "connections",
+                        Some(remote),
+                        &format!(
+                            "{} connections open, the limit (limits.max_connections)",
+                            self.limits.max_connections
+                        ),
+                    );
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                if tx.is_closed() {
+                    return;
+                }
+                let (gate, ready) = (self.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Some(conn) = gate.handshake(tcp, remote, slot).await {
+                        let _ = ready.send(Ok(conn)).await;
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    async fn handshake(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        connection: Held,
+    ) -> Option<Conn> {
+        let config = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+        let tls = match tokio::time::timeout(self.limits.handshake_timeout, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.refused("handshake", Some(remote), &format!("TLS handshake failed: {e}"));
+                return None;
+            }
+            Err(_) => {
+                self.refused(
+                    "handshake-timeout",
+                    Some(remote),
+                    &format!(
+                        "no TLS handshake within {:?} (limits.handshake_timeout)",
+                        self.limits.handshake_timeout
+                    ),
+                );
+                return None;
+            }
+        };
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|c| Identity::from_der(c));
+        let (slot, deadline) = match &identity {
+            Some(id) => (Slot::Identity(id.to_string()), None),
+            None => (
+                Slot::Unauthenticated,
+                Some(Box::pin(tokio::time::sleep(
+                    self.limits.unauthenticated_lifetime,
+                ))),
+            ),
+        };
+        let Some(held) = self.take(slot) else {
+            let what = match &identity {
+                Some(id) => format!(
+                    "{id} already has {} connections open (limits.max_connections_per_identity)",
+                    self.limits.max_connections_per_identity
+                ),
+                None => format!(
+                    "{} connections without a client certificate are open (limits.max_unauthenticated)",
+                    self.limits.max_unauthenticated
+                ),
+            };
+            self.refused("identity-connections", Some(remote), &what);
+            return None;
+        };
+        Some(Conn {
+            io: tls,
+            _slots: [connection, held],
+            deadline,
+        })
+    }
+}
+
+fn bump(n: &mut usize, limit: usize) -> bool {
+    if *n >= limit {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+/// A slot, given back when the connection closes.
+pub struct Held {
+    gate: Arc<Gate>,
+    slot: Slot,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gate.give_back(&self.slot);
+    }
+}
+
+/// One connection that passed the listener.
+pub struct Conn {
+    io: TlsStream<TcpStream>,
+    _slots: [Held; 2],
+    /// Set for a connection without a client certificate: when it passes,
+    /// reads fail and the connection closes.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(d) = self.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "a connection without a client certificate reached its lifetime",
+                )));
+            }
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
