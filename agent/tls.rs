@@ -246,7 +246,10 @@ pub fn revoke(dir: &Path, identity: &Identity) -> Result<PathBuf, TlsError> {
         let (_, crl) =
             <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&pem.contents)
                 .map_err(|_| not_crl())?;
-        number = crl.crl_number().map_or(0, |n| n.to_u64_digits().first().copied().unwrap_or(0)) + 1;
+        number = crl
+            .crl_number()
+            .map_or(0, |n| n.to_u64_digits().first().copied().unwrap_or(0))
+            + 1;
         for r in crl.iter_revoked_certificates() {
             revoked.push(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(r.raw_serial()),
@@ -290,6 +293,15 @@ pub fn revoke(dir: &Path, identity: &Identity) -> Result<PathBuf, TlsError> {
 /// Issues a client certificate for an agent or an operator, signed by the CA
 /// in `dir`. Files are named `agent-<id>.pem/.key` or `operator-<name>.pem/.key`.
 pub fn issue_client(dir: &Path, identity: &Identity, days: i64) -> Result<Vec<PathBuf>, TlsError> {
+    issue_client_between(dir, identity, validity(days))
+}
+
+/// `issue_client`, valid from `.0` until `.1`.
+pub fn issue_client_between(
+    dir: &Path,
+    identity: &Identity,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+) -> Result<Vec<PathBuf>, TlsError> {
     let stem = stem(identity);
     let name = match identity {
         Identity::Agent(id) | Identity::Operator(id) => id,
@@ -311,7 +323,7 @@ pub fn issue_client(dir: &Path, identity: &Identity, days: i64) -> Result<Vec<Pa
     params.subject_alt_names = vec![SanType::URI(identity.uri().as_str().try_into()?)];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    (params.not_before, params.not_after) = validity(days);
+    (params.not_before, params.not_after) = (not_before, not_after);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     write_file(&pki.cert(&stem), cert.pem().as_bytes(), 0o644)?;

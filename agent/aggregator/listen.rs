@@ -109,7 +109,6 @@ struct Counts {
 
 /// The listener's shared state.
 pub struct Gate {
-    files: TlsFiles,
     tls: RwLock<Arc<ServerConfig>>,
     limits: LimitsConfig,
     counts: Mutex<Counts>,
@@ -125,7 +124,6 @@ impl Gate {
     ) -> Result<Arc<Gate>, ListenError> {
         let tls = RwLock::new(Arc::new(server_config(&files)?));
         Ok(Arc::new(Gate {
-            files,
             tls,
             limits,
             counts: Mutex::default(),
@@ -134,11 +132,11 @@ impl Gate {
         }))
     }
 
-    /// Re-reads the certificate, key, CA and revocation list. New
-    /// handshakes use them; connections already up are kept. On an error the
-    /// files in force stay.
-    pub fn reload(&self) -> Result<(), ListenError> {
-        let fresh = server_config(&self.files)?;
+    /// Reads the certificate, key, CA and revocation list `files` names.
+    /// New handshakes use them; connections already up are kept. On an
+    /// error the files in force stay.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), ListenError> {
+        let fresh = server_config(files)?;
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         Ok(())
     }
@@ -250,7 +248,11 @@ impl Gate {
         let tls = match tokio::time::timeout(self.limits.handshake_timeout, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                self.refused("handshake", Some(remote), &format!("TLS handshake failed: {e}"));
+                self.refused(
+                    "handshake",
+                    Some(remote),
+                    &format!("TLS handshake failed: {e}"),
+                );
                 return None;
             }
             Err(_) => {

@@ -117,11 +117,13 @@ impl Aggregator {
             while reloads.changed().await.is_ok() {
                 let cfg = reloads.borrow_and_update().clone();
                 reloaded.reconfigure(cfg.fleet, &cfg.alerts);
-                // The certificate, key, CA and revocation list are re-read
-                // from the paths the aggregator started with.
-                match reload_gate.reload() {
+                // The certificate, key, CA and revocation list are re-read,
+                // from the paths the new config names.
+                match reload_gate.reload(&cfg.tls) {
                     Ok(()) => tracing::info!("TLS files reloaded; connections kept"),
-                    Err(e) => tracing::error!("TLS files not reloaded, the ones in force stay: {e}"),
+                    Err(e) => {
+                        tracing::error!("TLS files not reloaded, the ones in force stay: {e}")
+                    }
                 }
             }
         });
@@ -235,6 +237,7 @@ async fn scheduled_snapshots(
 pub const LIVE_KEYS: &[&str] = &[
     "fleet",
     "alert",
+    "tls",
     "snapshot.interval",
     "snapshot.keep",
     "snapshot.max_age",

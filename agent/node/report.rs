@@ -227,7 +227,12 @@ fn status_error(s: tonic::Status) -> ReportError {
         | tonic::Code::PermissionDenied
         | tonic::Code::AlreadyExists
         | tonic::Code::InvalidArgument => ReportError::Refused(s.message().to_string()),
-        _ => ReportError::Stream(format!("{}: {}", s.code(), s.message())),
+        // A transport error hides its cause (a TLS alert: a revoked or
+        // expired certificate) in its sources.
+        _ => ReportError::Stream(match std::error::Error::source(&s) {
+            Some(cause) => format!("{}: {}", s.message(), crate::error_chain(cause)),
+            None => format!("{}: {}", s.code(), s.message()),
+        }),
     }
 }
 

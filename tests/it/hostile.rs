@@ -203,3 +203,223 @@ async fn a_second_agent_with_one_node_id_is_refused_and_loses_nothing() {
     let _ = clone.kill();
     let _ = clone.wait();
 }
+
+/// A TLS connection to the aggregator without a client certificate.
+async fn tls_without_cert(
+    world: &World,
+    agg: &Aggregator,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(world.pki().ca_cert()).unwrap();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", agg.port)).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+}
+
+/// Whether the peer closes `io` within `within` (EOF or an error), rather
+/// than sending bytes or keeping quiet.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(io: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, io.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // HTTP/2 settings from the server: read on.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn past_its_connection_limits_the_aggregator_refuses_new_work_and_serves_the_rest() {
+    outpost::tls::install_crypto_provider();
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start_with(
+        &world,
+        "[limits]\nmax_connections = 12\nmax_connections_per_identity = 2\nmax_unauthenticated = 3\nunauthenticated_lifetime = \"2s\"\nhandshake_timeout = \"2s\"\n",
+    )
+    .await;
+    let agent = Agent::start(&world, "node-1", &anvil.url(), &agg, Default::default());
+    let mut q = world.query(&agg).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &agent, &agg).await;
+
+    // Without a certificate: three are held (then closed after their
+    // lifetime), a fourth is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tls_without_cert(&world, &agg).await.unwrap());
+    }
+    let mut fourth = tls_without_cert(&world, &agg).await.unwrap();
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(1)).await,
+        "over max_unauthenticated"
+    );
+    for c in &mut held {
+        assert!(
+            !closed_within(c, Duration::from_millis(300)).await,
+            "within the cap"
+        );
+    }
+    // Idle sockets that never start TLS fill the connection cap; the next
+    // one is closed at once, and the idle ones at the handshake deadline.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", agg.port))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut over = tokio::net::TcpStream::connect(("127.0.0.1", agg.port))
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut over, Duration::from_secs(1)).await,
+        "over max_connections"
+    );
+    // Meanwhile the agent's stream and the operator's queries go on.
+    anvil.mine(3).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    let started = Instant::now();
+    q.list_nodes(ListNodesRequest {}).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    for c in &mut held {
+        assert!(
+            closed_within(c, Duration::from_secs(4)).await,
+            "unauthenticated lifetime"
+        );
+    }
+    for c in &mut idle {
+        assert!(
+            closed_within(c, Duration::from_secs(4)).await,
+            "handshake deadline"
+        );
+    }
+    let metrics = agg.metrics().await;
+    for reason in ["connections", "identity-connections", "handshake-timeout"] {
+        assert!(
+            metrics.contains(&format!(
+                "outpost_ingest_refused_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    let audit = std::fs::read_to_string(&agg.log).unwrap();
+    assert!(audit.contains("limits.max_connections"), "{audit}");
+}
+
+#[tokio::test]
+async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
+    use outpost::proto::{
+        agent_message, ingest_client::IngestClient, AgentMessage, Batch, Event, Hello,
+    };
+    outpost::tls::install_crypto_provider();
+    let world = World::new();
+    let anvil = Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let honest = Agent::start(&world, "node-1", &anvil.url(), &agg, Default::default());
+    let mut q = world.query(&agg).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &honest, &agg).await;
+    let before = agg.rss_bytes();
+
+    world.issue(&outpost::tls::Identity::Agent("bulk".into()));
+    let pki = world.pki();
+    let tls = outpost::tls::TlsFiles {
+        ca: pki.ca_cert(),
+        cert: pki.cert("agent-bulk"),
+        key: pki.key("agent-bulk"),
+        crl: None,
+    }
+    .client_config("localhost")
+    .unwrap();
+    let attack = |body: AgentMessage| {
+        let tls = tls.clone();
+        let port = agg.port;
+        async move {
+            let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let hello = AgentMessage {
+                body: Some(agent_message::Body::Hello(Hello {
+                    node_id: "bulk".into(),
+                    network: "devnet".into(),
+                    chain: "ethereum".into(),
+                    instance_id: "attacker".into(),
+                    ..Default::default()
+                })),
+            };
+            let mut inbound = IngestClient::new(ch)
+                .max_encoding_message_size(usize::MAX)
+                .report(tokio_stream::iter(vec![hello, body]).chain(tokio_stream::pending()))
+                .await
+                .unwrap()
+                .into_inner();
+            loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(s) => return Some(s),
+                }
+            }
+        }
+    };
+    use tokio_stream::StreamExt as _;
+    // 500,000 empty events: about 1 MB on the wire, some 200 MB decoded.
+    let empty = AgentMessage {
+        body: Some(agent_message::Body::Batch(Batch {
+            events: vec![Event::default(); 500_000],
+        })),
+    };
+    let s = attack(empty).await.expect("refused");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("nested messages"), "{}", s.message());
+    // 24 MiB in one message: over the byte limit.
+    let big = AgentMessage {
+        body: Some(agent_message::Body::Batch(Batch {
+            events: vec![Event {
+                seq: 1,
+                kind: Some(outpost::proto::event::Kind::Header(
+                    outpost::proto::Header {
+                        height: 1,
+                        hash: vec![7; 24 << 20],
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+        })),
+    };
+    let s = attack(big).await.expect("refused");
+    assert_ne!(s.code(), tonic::Code::Ok, "{s:?}");
+    // Nothing of either was stored, the honest agent goes on, and the
+    // aggregator's memory did not follow the attack.
+    assert!(node(&mut q, "bulk").await.is_none_or(|n| n.last_seq == 0));
+    anvil.mine(2).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &honest, &agg).await;
+    let after = agg.rss_bytes();
+    assert!(
+        after < before + (64 << 20),
+        "RSS went from {} to {} MiB",
+        before >> 20,
+        after >> 20
+    );
+    let audit = std::fs::read_to_string(&agg.log).unwrap();
+    assert!(audit.contains("refused a message"), "{audit}");
+}

@@ -210,3 +210,129 @@ async fn refuses_missing_foreign_and_wrong_role_certificates() {
         assert!(log.contains(needle), "audit log lacks {needle:?}");
     }
 }
+
+/// Whether a query over `tls` fails: at the handshake or at the call.
+async fn refused(agg: &Aggregator, tls: ClientTlsConfig) -> bool {
+    match channel(agg, Some(tls)).await {
+        Err(_) => true,
+        Ok(ch) => list_nodes(ch).await.is_err(),
+    }
+}
+
+/// Waits until the aggregator's log holds `needle` `n` times.
+async fn logged(agg: &Aggregator, needle: &str, n: usize) {
+    let logs = [agg.log.as_path()];
+    crate::harness::wait_for(
+        &format!("{n} × {needle:?} in the aggregator's log"),
+        Duration::from_secs(10),
+        &logs,
+        || async {
+            let log = std::fs::read_to_string(&agg.log).unwrap_or_default();
+            (log.matches(needle).count() >= n).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn expired_early_revoked_and_odd_certificates_are_refused_and_audited() {
+    use time::{Duration as Days, OffsetDateTime};
+    tls::install_crypto_provider();
+    let world = World::new();
+    let pki = world.pki();
+    let anvil = crate::harness::Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let mut q = world.query(&agg).await;
+    let now = OffsetDateTime::now_utc();
+    let handshake = "refused a connection: TLS handshake failed";
+    let mut expected = 0;
+
+    // Expired, and not yet valid.
+    for (name, from, until) in [
+        ("expired", now - Days::days(10), now - Days::days(1)),
+        ("early", now + Days::days(1), now + Days::days(10)),
+    ] {
+        let id = Identity::Operator(name.into());
+        tls::issue_client_between(&pki.dir, &id, (from, until)).unwrap();
+        assert!(
+            refused(&agg, client_tls(&pki, &format!("operator-{name}"))).await,
+            "{name}"
+        );
+        expected += 1;
+        logged(&agg, handshake, expected).await;
+        // Refusals of one kind are logged at most once a second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // The aggregator's own server certificate used as a client's.
+    assert!(refused(&agg, client_tls(&pki, "aggregator")).await);
+    expected += 1;
+    logged(&agg, handshake, expected).await;
+
+    // Signed by the CA, but without an outpost:// identity: the TLS layer
+    // lets it through, every service refuses it.
+    let ca = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(pki.ca_cert()).unwrap(),
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.ca_key()).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["nobody".into()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    std::fs::write(pki.cert("nobody"), cert.pem()).unwrap();
+    std::fs::write(pki.key("nobody"), key.serialize_pem()).unwrap();
+    let err = list_nodes(
+        channel(&agg, Some(client_tls(&pki, "nobody")))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    logged(&agg, "refused: certificate has no outpost:// identity", 1).await;
+
+    // Revoked: two agents stream; node-2's certificate is revoked and the
+    // list loaded with a reload. node-2 is refused at its next handshake;
+    // node-1's stream is not dropped by the reload.
+    let node1 =
+        crate::harness::Agent::start(&world, "node-1", &anvil.url(), &agg, Default::default());
+    let mut node2 =
+        crate::harness::Agent::start(&world, "node-2", &anvil.url(), &agg, Default::default());
+    crate::spine::wait_at_head(&mut q, &anvil, &node1, &agg).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &node2, &agg).await;
+    let out = std::process::Command::new(crate::harness::outpost_bin())
+        .args(["certs", "revoke", "agent", "node-2", "--dir"])
+        .arg(&pki.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = std::fs::read_to_string(&agg.config).unwrap().replace(
+        "[tls]\n",
+        &format!("[tls]\ncrl = \"{}\"\n", pki.crl().display()),
+    );
+    std::fs::write(&agg.config, config).unwrap();
+    agg.signal("HUP");
+    logged(&agg, "TLS files reloaded; connections kept", 1).await;
+    node2.kill9();
+    node2.restart();
+    let node2_log = node2.log.clone();
+    let logs = [node2_log.as_path(), agg.log.as_path()];
+    crate::harness::wait_for("node-2 refused", Duration::from_secs(20), &logs, || async {
+        let log = std::fs::read_to_string(&node2_log).unwrap_or_default();
+        log.contains("stream broke").then_some(())
+    })
+    .await;
+    logged(&agg, "Revoked", 1).await;
+    anvil.mine(2).await;
+    crate::spine::wait_at_head(&mut q, &anvil, &node1, &agg).await;
+    let log = std::fs::read_to_string(&agg.log).unwrap();
+    let node1_connects = log
+        .lines()
+        .filter(|l| l.contains("agent connected") && l.contains("node-1"))
+        .count();
+    assert_eq!(node1_connects, 1, "node-1's stream survived the reload");
+}
