@@ -151,6 +151,7 @@ impl proto::FindingKind {
             proto::FindingKind::ImplausibleHead => "implausible-head",
             proto::FindingKind::SeqGap => "seq-gap",
             proto::FindingKind::DuplicateAgent => "duplicate-agent",
+            proto::FindingKind::CertExpiry => "cert-expiry",
         }
     }
 
@@ -159,7 +160,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 22] = [
+pub const ALL_KINDS: [proto::FindingKind; 23] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -182,6 +183,7 @@ pub const ALL_KINDS: [proto::FindingKind; 22] = [
     proto::FindingKind::ImplausibleHead,
     proto::FindingKind::SeqGap,
     proto::FindingKind::DuplicateAgent,
+    proto::FindingKind::CertExpiry,
 ];
 
 impl proto::Verdict {

@@ -86,6 +86,37 @@ impl Identity {
     }
 }
 
+/// When a DER certificate stops being valid, in Unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// `not_after` of the first certificate in a PEM file.
+pub fn pem_not_after(path: &Path) -> Option<i64> {
+    let pem = fs::read(path).ok()?;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    not_after(&parsed.contents)
+}
+
+/// Certificates are warned about this long before they expire...
+pub const EXPIRY_WARN_SECS: i64 = 30 * 86_400;
+/// ... and raise a finding this long before.
+pub const EXPIRY_FINDING_SECS: i64 = 7 * 86_400;
+
+/// Logs a certificate's coming expiry: a warning inside 30 days, an error
+/// inside 7 or once it has passed. Returns the days left.
+pub fn log_expiry(what: &str, path: &Path, not_after: i64, now_s: i64) -> i64 {
+    let left = not_after - now_s;
+    let days = left.div_euclid(86_400);
+    if left <= EXPIRY_FINDING_SECS {
+        tracing::error!(certificate = %path.display(), days_left = days, "{what} expires in {days} days: renew it");
+    } else if left <= EXPIRY_WARN_SECS {
+        tracing::warn!(certificate = %path.display(), days_left = days, "{what} expires in {days} days");
+    }
+    days
+}
+
 /// Node ids and operator names: short, printable, safe in file names and keys.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

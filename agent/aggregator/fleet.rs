@@ -498,6 +498,45 @@ impl Fleet {
             }
         }
 
+        // The agent's certificate runs out within a week.
+        for node in members {
+            let key = (node.clone(), FindingKind::CertExpiry as i32);
+            let left = self
+                .live
+                .cert_not_after(node)
+                .map(|t| t - now / 1000)
+                .filter(|left| *left <= crate::tls::EXPIRY_FINDING_SECS);
+            match (left, st.open.contains_key(&key)) {
+                (Some(left), false) => {
+                    let f = new_finding(
+                        FindingKind::CertExpiry,
+                        Severity::Warning,
+                        net,
+                        if left > 0 {
+                            format!(
+                                "the certificate of agent {node} expires in {} days",
+                                left.div_euclid(86_400)
+                            )
+                        } else {
+                            format!("the certificate of agent {node} has expired")
+                        },
+                        Verdict::MonitoringPath,
+                        "when it expires the aggregator refuses the agent, which then buffers: issue a new certificate and reload the agent".into(),
+                        now,
+                        st.nodes[node].head.as_ref().map_or(0, |h| h.0),
+                    );
+                    st.open.insert(key, f.clone());
+                    emits.push((node.clone(), f, true));
+                }
+                (None, true) => {
+                    if let Some(f) = st.open.remove(&key) {
+                        emits.push((node.clone(), resolved(f, now), true));
+                    }
+                }
+                _ => {}
+            }
+        }
+
         // Fleet head and lag, over nodes whose agents report.
         let fleet_head = active
             .iter()
@@ -834,6 +873,7 @@ fn is_fleet_kind(k: FindingKind) -> bool {
             | FindingKind::AgentSilent
             | FindingKind::NetworkStall
             | FindingKind::DuplicateAgent
+            | FindingKind::CertExpiry
     )
 }
 

@@ -41,6 +41,8 @@ struct NodeLive {
     lock: Arc<tokio::sync::Mutex<()>>,
     /// The stream that owns the node id now.
     owner: Option<Owner>,
+    /// When the certificate the node last connected with expires (Unix s).
+    cert_not_after: Option<i64>,
     /// The last second agent refused for this node id.
     refused: Option<Refusal>,
 }
@@ -87,6 +89,11 @@ impl Live {
 
     pub fn last_seen_ms(&self, node: &str) -> i64 {
         self.with(node, |n| n.last_seen_ms)
+    }
+
+    /// When the certificate `node` last connected with expires (Unix s).
+    pub fn cert_not_after(&self, node: &str) -> Option<i64> {
+        self.with(node, |n| n.cert_not_after)
     }
 
     /// The last time a second agent was refused for `node`.
@@ -209,6 +216,9 @@ impl ingest_server::Ingest for IngestService {
                 ));
             }
         };
+        let req_not_after = req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|d| crate::tls::not_after(d)));
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -274,7 +284,9 @@ impl ingest_server::Ingest for IngestService {
                     )));
             }
         };
+        let not_after = req_not_after;
         let lock = self.live.with(&node, |n| {
+            n.cert_not_after = not_after.or(n.cert_not_after);
             n.streams += 1;
             n.last_seen_ms = now_unix_ms();
             n.lock.clone()

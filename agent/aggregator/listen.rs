@@ -114,6 +114,8 @@ pub struct Gate {
     counts: Mutex<Counts>,
     metrics: Arc<Metrics>,
     logged: Mutex<HashMap<&'static str, Instant>>,
+    /// The day each identity was last warned of its certificate's expiry.
+    warned: Mutex<HashMap<String, i64>>,
 }
 
 impl Gate {
@@ -123,13 +125,59 @@ impl Gate {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Gate>, ListenError> {
         let tls = RwLock::new(Arc::new(server_config(&files)?));
-        Ok(Arc::new(Gate {
+        let gate = Arc::new(Gate {
             tls,
             limits,
             counts: Mutex::default(),
             metrics,
             logged: Mutex::default(),
-        }))
+            warned: Mutex::default(),
+        });
+        gate.check_own(&files);
+        Ok(gate)
+    }
+
+    /// Exports and logs the expiry of the aggregator's own certificate and
+    /// of its CA; called at start, on reload and daily.
+    pub fn check_own(&self, files: &TlsFiles) {
+        let now = crate::model::now_unix_ms() / 1000;
+        for (role, path) in [("aggregator", &files.cert), ("ca", &files.ca)] {
+            if let Some(t) = crate::tls::pem_not_after(path) {
+                self.metrics.cert_expiry(role, role, t);
+                crate::tls::log_expiry(&format!("the {role} certificate"), path, t, now);
+            }
+        }
+    }
+
+    /// Exports a client certificate's expiry, and warns once a day per
+    /// identity inside 30 days of it.
+    fn check_client(&self, id: &Identity, der: &[u8]) {
+        let Some(t) = crate::tls::not_after(der) else {
+            return;
+        };
+        let (role, name) = match id {
+            Identity::Agent(n) => ("agent", n),
+            Identity::Operator(n) => ("operator", n),
+        };
+        self.metrics.cert_expiry(role, name, t);
+        let now = crate::model::now_unix_ms() / 1000;
+        let left = t - now;
+        if left > crate::tls::EXPIRY_WARN_SECS {
+            return;
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        let today = now.div_euclid(86_400);
+        if warned.get(&id.to_string()) == Some(&today) {
+            return;
+        }
+        warned.insert(id.to_string(), today);
+        tracing::warn!(
+            target: AUDIT,
+            identity = %id,
+            days_left = left.div_euclid(86_400),
+            "the certificate of {id} expires in {} days",
+            left.div_euclid(86_400)
+        );
     }
 
     /// Reads the certificate, key, CA and revocation list `files` names.
@@ -138,6 +186,7 @@ impl Gate {
     pub fn reload(&self, files: &TlsFiles) -> Result<(), ListenError> {
         let fresh = server_config(files)?;
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        self.check_own(files);
         Ok(())
     }
 
@@ -267,12 +316,15 @@ impl Gate {
                 return None;
             }
         };
-        let identity = tls
+        let first = tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(|c| Identity::from_der(c));
+            .and_then(|certs| certs.first());
+        let identity = first.and_then(|c| Identity::from_der(c));
+        if let (Some(id), Some(der)) = (&identity, first) {
+            self.check_client(id, der);
+        }
         let (slot, deadline) = match &identity {
             Some(id) => (Slot::Identity(id.to_string()), None),
             None => (

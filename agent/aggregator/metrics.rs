@@ -32,6 +32,12 @@ struct QuantileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    role: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -55,6 +61,7 @@ pub struct Metrics {
     agents_connected: Gauge,
     refused: Family<ReasonLabels, Counter>,
     missing: Family<NodeLabels, Counter>,
+    cert_expiry: Family<CertLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -65,6 +72,7 @@ impl Default for Metrics {
         let (events, duplicates) = (Family::default(), Family::default());
         let agents_connected = Gauge::default();
         let (refused, missing) = (Family::default(), Family::default());
+        let cert_expiry = Family::<CertLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("outpost");
         registry.register(
             "node_head_height",
@@ -108,6 +116,11 @@ impl Default for Metrics {
             "Seqs that never arrived and no gap event covered (seq-gap findings)",
             missing.clone(),
         );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each certificate in use stops being valid (Unix time): the aggregator's own, its CA, and every client's seen",
+            cert_expiry.clone(),
+        );
         Metrics {
             registry,
             head,
@@ -121,6 +134,7 @@ impl Default for Metrics {
             agents_connected,
             refused,
             missing,
+            cert_expiry,
         }
     }
 }
@@ -140,6 +154,16 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// `role` is aggregator, ca, agent or operator.
+    pub fn cert_expiry(&self, role: &str, name: &str, not_after_s: i64) {
+        self.cert_expiry
+            .get_or_create(&CertLabels {
+                role: role.into(),
+                name: name.into(),
+            })
+            .set(not_after_s);
     }
 
     pub fn missing(&self, network: &str, node: &str, events: u64) {

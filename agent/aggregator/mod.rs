@@ -112,6 +112,15 @@ impl Aggregator {
             metrics.clone(),
         )?;
         tokio::spawn(fleet.clone().run_clock());
+        let (daily, files) = (gate.clone(), self.cfg.tls.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(86_400));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                daily.check_own(&files);
+            }
+        });
         let (reloaded, reload_gate) = (fleet.clone(), gate.clone());
         tokio::spawn(async move {
             while reloads.changed().await.is_ok() {

@@ -119,6 +119,10 @@ impl Agent {
             }
         })?;
         let (store, recovered) = open_or_recover(cfg)?;
+        if let Some(t) = crate::tls::pem_not_after(&cfg.report.cert) {
+            let now = crate::model::now_unix_ms() / 1000;
+            crate::tls::log_expiry("this agent's certificate", &cfg.report.cert, t, now);
+        }
         // The witness names this run's marker from the start: a snapshot
         // taken before the aggregator is reached carries it too.
         if let Err(e) = store.write_witness() {

@@ -336,3 +336,57 @@ async fn expired_early_revoked_and_odd_certificates_are_refused_and_audited() {
         .count();
     assert_eq!(node1_connects, 1, "node-1's stream survived the reload");
 }
+
+#[tokio::test]
+async fn a_certificate_near_expiry_is_a_metric_a_warning_and_a_finding() {
+    use outpost::proto::{FindingKind, FindingState};
+    use time::{Duration as Days, OffsetDateTime};
+    let world = World::new();
+    let pki = world.pki();
+    let anvil = crate::harness::Anvil::start(&world, "anvil").await;
+    let agg = Aggregator::start(&world).await;
+    let now = OffsetDateTime::now_utc();
+    let id = Identity::Agent("node-1".into());
+    tls::issue_client_between(&pki.dir, &id, (now - Days::days(1), now + Days::days(3))).unwrap();
+    let agent =
+        crate::harness::Agent::start(&world, "node-1", &anvil.url(), &agg, Default::default());
+    let q = world.query(&agg).await;
+    let logs = [agent.log.as_path(), agg.log.as_path()];
+    let f = crate::spine::wait_finding(
+        &q,
+        "node-1",
+        FindingKind::CertExpiry,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert!(
+        f.summary.contains("expires in 2 days") || f.summary.contains("expires in 3 days"),
+        "{}",
+        f.summary
+    );
+    let metrics = agg.metrics().await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("outpost_certificate_expiry_timestamp_seconds{")
+                && l.contains("name=\"node-1\"")
+        })
+        .unwrap_or_else(|| panic!("no expiry metric for node-1: {metrics}"));
+    let t: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        (t - (now + Days::days(3)).unix_timestamp()).abs() < 5,
+        "{line}"
+    );
+    assert!(metrics.contains("role=\"ca\""), "the CA's expiry too");
+    let agent_log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(
+        agent_log.contains("this agent's certificate expires in"),
+        "{agent_log}"
+    );
+    let audit = std::fs::read_to_string(&agg.log).unwrap();
+    assert!(
+        audit.contains("the certificate of agent node-1 expires in"),
+        "{audit}"
+    );
+}
