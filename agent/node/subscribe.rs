@@ -61,6 +61,16 @@ pub async fn follow(sub: Subscription, wake: Recipient<HeadNotice>) {
     }
 }
 
+/// Wakes Ingest. A full mailbox already holds notices that will each poll
+/// the head, so this one is dropped; only an Ingest that is gone ends the
+/// subscription.
+fn deliver(wake: &Recipient<HeadNotice>) -> Result<(), String> {
+    match wake.try_send(HeadNotice) {
+        Ok(()) | Err(SendError::Full(_)) => Ok(()),
+        Err(SendError::Closed(_)) => Err("ingest is gone".into()),
+    }
+}
+
 /// One connection: subscribes, then wakes Ingest at each head notice.
 /// Returns the number of notices when the node closes the connection.
 async fn session(sub: &Subscription, wake: &Recipient<HeadNotice>) -> Result<u64, String> {
@@ -90,9 +100,7 @@ async fn session(sub: &Subscription, wake: &Recipient<HeadNotice>) -> Result<u64
             .map_err(|e| format!("malformed message from the node: {e}"))?;
         if sub.source.is_head_notice(&v) {
             notices += 1;
-            if wake.try_send(HeadNotice).is_err() {
-                return Err("ingest is gone".into());
-            }
+            deliver(wake)?;
         } else if v.get("id") == Some(&id) {
             if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
                 return Err(format!("the node refused the subscription: {err}"));
@@ -104,4 +112,35 @@ async fn session(sub: &Subscription, wake: &Recipient<HeadNotice>) -> Result<u64
         }
     }
     Ok(notices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sleeper;
+    impl Actor for Sleeper {
+        type Context = Context<Self>;
+    }
+    impl Handler<HeadNotice> for Sleeper {
+        type Result = ();
+        fn handle(&mut self, _: HeadNotice, _: &mut Context<Self>) {}
+    }
+
+    #[actix::test]
+    async fn a_burst_of_notices_into_a_full_mailbox_keeps_the_subscription() {
+        // A context that is not run yet: its mailbox only fills.
+        let mut ctx = Context::<Sleeper>::new();
+        ctx.set_mailbox_capacity(1);
+        let wake = ctx.address().recipient();
+        for _ in 0..5 {
+            assert_eq!(deliver(&wake), Ok(()));
+        }
+        assert!(
+            matches!(wake.try_send(HeadNotice), Err(SendError::Full(_))),
+            "the mailbox is full"
+        );
+        drop(ctx);
+        assert!(deliver(&wake).is_err(), "an ingest that is gone ends it");
+    }
 }
