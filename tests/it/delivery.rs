@@ -61,6 +61,14 @@ pub async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &A
             headers.insert(h.height, h.hash.clone());
         }
     }
+    // From the sender's side: an event the agent sent twice under two seqs
+    // (renumbered) passes the aggregator's dedup; the same block twice in
+    // the log shows it. These chains do not reorg.
+    let header_events = log
+        .iter()
+        .filter(|e| matches!(e.kind, Some(Kind::Header(_))))
+        .count();
+    assert_eq!(header_events, headers.len(), "a block delivered twice");
     let first = *headers.keys().next().expect("some header");
     let head = anvil.head().await;
     for height in first..=head {
@@ -70,6 +78,15 @@ pub async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &A
         assert_eq!(hex(got), anvil.hash(height).await, "header at {height}");
     }
     log.len()
+}
+
+/// Rounds of a reliability case: `default` in CI, more from `var` for a soak
+/// (RELIABILITY.md).
+pub fn rounds(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::test]
@@ -92,22 +109,31 @@ async fn kill_9_of_the_agent_loses_and_duplicates_nothing() {
     // Mine a block every 60 ms for the whole test.
     let miner = Miner::start(anvil.clone(), Duration::from_millis(60));
     let mut rng = rand::rng();
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
+    let kills = rounds("OUTPOST_SOAK_AGENT_KILLS", 30);
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..700))).await;
         agent.kill9();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         agent.restart();
     }
     miner.stop().await;
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
-    assert!(agent.running(), "the agent survived 20 kills and restarts");
+    assert!(
+        agent.running(),
+        "the agent survived {kills} kills and restarts"
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(
+        !log.contains("pending events get new seqs"),
+        "no event was renumbered"
+    );
     // A clean stop delivers what is left and emits nothing more, so the
     // aggregator's log can be compared with its last seq exactly.
     let stopped = agent.terminate().expect("agent was running");
     assert!(stopped.success(), "{stopped:?}");
     let n = assert_complete(&mut q, "node-1", &anvil).await;
     assert!(
-        anvil.head().await >= 100,
+        anvil.head().await >= 3 * kills as u64,
         "enough blocks were mined during the kills"
     );
     let detail = q
@@ -149,4 +175,49 @@ async fn backlog_built_while_the_aggregator_is_down_is_delivered() {
     assert_eq!(head, 100);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_complete(&mut q, "node-1", &anvil).await;
+}
+
+#[tokio::test]
+async fn kill_9_of_the_aggregator_while_it_persists_a_backlog_loses_nothing() {
+    let Solo {
+        world,
+        anvil,
+        mut agg,
+        agent,
+        mut q,
+    } = Solo::start(AgentOptions {
+        block_time: "600s",
+        extra_source: "max_headers_per_poll = 1000",
+        ..Default::default()
+    })
+    .await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    agg.kill9();
+    // A backlog of some thousands of events in the agent's outbox.
+    for _ in 0..6 {
+        anvil.mine(500).await;
+    }
+    // Time to read most of it (at 1,000 headers a poll); the checks at the
+    // end hold whatever part of it the kills meet.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut rng = rand::rng();
+    let kills = rounds("OUTPOST_SOAK_AGGREGATOR_KILLS", 10);
+    for _ in 0..kills {
+        agg.restart(&world).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
+        agg.kill9();
+    }
+    agg.restart(&world).await;
+    let mut q = world.query(&agg).await;
+    wait_at_head(&mut q, &anvil, &agent, &agg).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_complete(&mut q, "node-1", &anvil).await;
+    let d = q
+        .get_node(outpost::proto::GetNodeRequest {
+            node_id: "node-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.missing_events, 0);
 }
