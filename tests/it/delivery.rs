@@ -41,6 +41,18 @@ pub async fn event_log(q: &mut QueryClient<Channel>, node: &str) -> Vec<Event> {
 /// head, a header with anvil's hash (the newest header event per height wins,
 /// as after a reorg).
 pub async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &Anvil) -> usize {
+    let head = anvil.head().await;
+    assert_complete_upto(q, node, anvil, head).await
+}
+
+/// `assert_complete` for the heights up to `head`, for a node that keeps
+/// mining.
+pub async fn assert_complete_upto(
+    q: &mut QueryClient<Channel>,
+    node: &str,
+    anvil: &Anvil,
+    head: u64,
+) -> usize {
     let log = event_log(q, node).await;
     assert!(!log.is_empty());
     for (i, e) in log.iter().enumerate() {
@@ -70,7 +82,6 @@ pub async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &A
         .count();
     assert_eq!(header_events, headers.len(), "a block delivered twice");
     let first = *headers.keys().next().expect("some header");
-    let head = anvil.head().await;
     for height in first..=head {
         let got = headers
             .get(&height)

@@ -170,6 +170,10 @@ pub struct Anvil {
     child: Option<Child>,
     pub log: PathBuf,
     http: reqwest::Client,
+    /// Where the test reaches it.
+    host: String,
+    /// A network namespace it runs in, with how it mines there.
+    netns: Option<(String, &'static str)>,
 }
 
 impl Anvil {
@@ -179,33 +183,57 @@ impl Anvil {
             child: None,
             log: world.path().join(format!("{name}.log")),
             http: reqwest::Client::new(),
+            host: "127.0.0.1".into(),
+            netns: None,
+        };
+        a.restart().await;
+        a
+    }
+
+    /// An anvil inside network namespace `netns`, reached from the test at
+    /// `host`, mining a block every `block_time` seconds on its own.
+    pub async fn start_in(
+        world: &World,
+        name: &str,
+        netns: &str,
+        host: &str,
+        block_time: &'static str,
+    ) -> Anvil {
+        let mut a = Anvil {
+            port: free_port(),
+            child: None,
+            log: world.path().join(format!("{name}.log")),
+            http: reqwest::Client::new(),
+            host: host.into(),
+            netns: Some((netns.into(), block_time)),
         };
         a.restart().await;
         a
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// Starts (again) on the same port: a fresh chain with the same genesis.
     pub async fn restart(&mut self) {
         let bin = anvil_bin();
-        let child = spawn_logged(
-            Command::new(&bin).args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--no-mining",
-                "--silent",
-                "--timestamp",
-                "1700000000",
-                "--chain-id",
-                "31337",
-            ]),
-            &self.log,
-        );
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port, "--silent"];
+        args.extend(["--timestamp", "1700000000", "--chain-id", "31337"]);
+        let mut cmd = match &self.netns {
+            None => {
+                args.extend(["--host", "127.0.0.1", "--no-mining"]);
+                Command::new(&bin)
+            }
+            Some((ns, block_time)) => {
+                args.extend(["--host", "0.0.0.0", "--block-time", block_time]);
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+        };
+        let child = spawn_logged(cmd.args(&args), &self.log);
         self.child = Some(child);
         let logs = [self.log.as_path()];
         wait_for(
@@ -319,6 +347,12 @@ impl Aggregator {
 
     /// Starts with extra TOML appended to the config (fleet settings, sinks).
     pub async fn start_with(world: &World, extra: &str) -> Aggregator {
+        Aggregator::start_on(world, "127.0.0.1", extra).await
+    }
+
+    /// `start_with`, listening on `host` (queries still reach it on
+    /// loopback when `host` is 0.0.0.0).
+    pub async fn start_on(world: &World, host: &str, extra: &str) -> Aggregator {
         let port = free_port();
         let metrics_port = free_port();
         let pki = world.pki();
@@ -326,7 +360,7 @@ impl Aggregator {
         fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[store]\ncache_bytes = 16777216\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
+                "listen = \"{host}:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[store]\ncache_bytes = 16777216\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
                 world.path().join("aggregator-data").display(),
                 pki.ca_cert().display(),
                 pki.cert("aggregator").display(),
@@ -415,6 +449,7 @@ pub struct Agent {
     pub log: PathBuf,
     pub data_dir: PathBuf,
     env: Vec<(String, String)>,
+    netns: &'static str,
     child: Option<Child>,
 }
 
@@ -432,6 +467,10 @@ pub struct AgentOptions {
     pub kind: &'static str,
     /// The fleet network the agent reports under.
     pub network: &'static str,
+    /// Where the agent reaches the aggregator.
+    pub aggregator_host: &'static str,
+    /// A network namespace the agent runs in; empty: this one.
+    pub netns: &'static str,
 }
 
 impl Default for AgentOptions {
@@ -445,6 +484,8 @@ impl Default for AgentOptions {
             extra_tables: "",
             kind: "ethereum",
             network: "devnet",
+            aggregator_host: "127.0.0.1",
+            netns: "",
         }
     }
 }
@@ -492,7 +533,7 @@ expected_block_time = "{bt}"
 stall_multiple = {sm}
 {extra_validate}
 [report]
-aggregator = "https://127.0.0.1:{port}"
+aggregator = "https://{agg_host}:{port}"
 server_name = "localhost"
 ca = "{ca}"
 cert = "{cert}"
@@ -511,6 +552,7 @@ reconnect_max = "1s"
                 extra_tables = opts.extra_tables,
                 kind = opts.kind,
                 network = opts.network,
+                agg_host = opts.aggregator_host,
                 port = agg.port,
                 ca = pki.ca_cert().display(),
                 cert = pki.cert(&format!("agent-{node_id}")).display(),
@@ -527,6 +569,7 @@ reconnect_max = "1s"
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: opts.netns,
             child: None,
         };
         a.restart();
@@ -534,8 +577,26 @@ reconnect_max = "1s"
     }
 
     pub fn restart(&mut self) {
+        let mut cmd = if self.netns.is_empty() {
+            agent_command(&self.config)
+        } else {
+            // `ip netns exec` execs the agent: the child is the agent.
+            let mut c = Command::new("ip");
+            c.args([
+                "netns",
+                "exec",
+                self.netns,
+                outpost_bin(),
+                "agent",
+                "--config",
+            ])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env("OUTPOST_LOG_TARGET", "stderr");
+            c
+        };
         self.child = Some(spawn_logged(
-            agent_command(&self.config).envs(self.env.iter().map(|(k, v)| (k, v))),
+            cmd.envs(self.env.iter().map(|(k, v)| (k, v))),
             &self.log,
         ));
     }

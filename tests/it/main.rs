@@ -12,6 +12,7 @@ mod hostile;
 mod journal;
 mod levels;
 mod mtls;
+mod network;
 mod prometheus;
 mod rpc_health;
 mod snapshots;
