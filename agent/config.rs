@@ -257,6 +257,10 @@ pub struct AgentStoreConfig {
     /// Headers kept below the head.
     pub retain_headers: u64,
     pub durability: Durability,
+    /// Below this many free bytes on the store's filesystem the agent stops
+    /// writing (and reading its node) until there is room again: a full
+    /// disk would leave the store unwritable until a restart.
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -445,6 +449,9 @@ pub struct AggregatorStoreConfig {
     pub durability: Durability,
     /// Events kept per node in the event log.
     pub event_log_keep: u64,
+    /// Below this many free bytes on the store's filesystem the aggregator
+    /// takes in no batch (agents keep them) until there is room again.
+    pub min_free_bytes: u64,
 }
 
 mod defaults {
@@ -524,6 +531,7 @@ impl Default for AgentStoreConfig {
             outbox_quota_bytes: 64 << 20,
             retain_headers: 10_000,
             durability: Durability::ProcessCrash,
+            min_free_bytes: 16 << 20,
         }
     }
 }
@@ -534,6 +542,7 @@ impl Default for AggregatorStoreConfig {
             cache_bytes: 256 << 20,
             durability: Durability::ProcessCrash,
             event_log_keep: 100_000,
+            min_free_bytes: 64 << 20,
         }
     }
 }

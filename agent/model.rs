@@ -152,6 +152,7 @@ impl proto::FindingKind {
             proto::FindingKind::SeqGap => "seq-gap",
             proto::FindingKind::DuplicateAgent => "duplicate-agent",
             proto::FindingKind::CertExpiry => "cert-expiry",
+            proto::FindingKind::StorePaused => "store-paused",
         }
     }
 
@@ -160,7 +161,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 23] = [
+pub const ALL_KINDS: [proto::FindingKind; 24] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -184,6 +185,7 @@ pub const ALL_KINDS: [proto::FindingKind; 23] = [
     proto::FindingKind::SeqGap,
     proto::FindingKind::DuplicateAgent,
     proto::FindingKind::CertExpiry,
+    proto::FindingKind::StorePaused,
 ];
 
 impl proto::Verdict {

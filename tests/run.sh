@@ -21,9 +21,10 @@ if ! pkg-config --exists libsystemd 2>/dev/null || [ ! -x /usr/bin/prometheus ] 
         systemd util-linux >/dev/null
 fi
 
-log "ops tools: podman and runc (hosts with systemd), iptables (netavark's bridge network), debootstrap, lintian, rpm"
+log "ops tools: podman and runc (hosts with systemd), iptables (netavark's bridge network), debootstrap, lintian, rpm, iproute2 (network namespaces for the cut tests)"
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null \
-    || ! command -v lintian >/dev/null || ! command -v rpm >/dev/null || ! command -v iptables >/dev/null; then
+    || ! command -v lintian >/dev/null || ! command -v rpm >/dev/null || ! command -v iptables >/dev/null \
+    || ! command -v ip >/dev/null; then
     as_root apt-get update -qq
     # With podman's recommends: the tests run it as it is usually installed.
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq \

@@ -159,6 +159,9 @@ impl Live {
 }
 
 pub struct IngestService {
+    /// Below this many free bytes on the store's filesystem no batch is
+    /// taken in.
+    min_free: u64,
     store: CentralStore,
     live: Arc<Live>,
     fleet: Arc<Fleet>,
@@ -166,6 +169,13 @@ pub struct IngestService {
 }
 
 impl IngestService {
+    /// Takes in no batch while the store's filesystem has fewer than
+    /// `bytes` free.
+    pub fn min_free(mut self, bytes: u64) -> Self {
+        self.min_free = bytes;
+        self
+    }
+
     pub fn new(
         store: CentralStore,
         live: Arc<Live>,
@@ -173,6 +183,7 @@ impl IngestService {
         metrics: Arc<Metrics>,
     ) -> Self {
         IngestService {
+            min_free: 0,
             store,
             live,
             fleet,
@@ -183,6 +194,7 @@ impl IngestService {
 
 /// What a stream's tasks share.
 struct StreamCtx {
+    min_free: u64,
     node: String,
     network: String,
     chain: String,
@@ -293,6 +305,7 @@ impl ingest_server::Ingest for IngestService {
         });
         self.metrics.connected(1);
         let ctx = StreamCtx {
+            min_free: self.min_free,
             node,
             network: hello.network.clone(),
             chain: hello.chain.clone(),
@@ -446,6 +459,16 @@ async fn serve_stream(
             live.touch(node);
             match msg.body {
                 Some(agent_message::Body::Batch(batch)) => {
+                    // A full disk would leave sled unwritable until a
+                    // restart: refuse before, and the agent keeps the batch.
+                    if let Some(free) = store.free_bytes().filter(|f| *f < ctx.min_free) {
+                        tracing::warn!(target: AUDIT, node_id = %node, free_bytes = free, "refused a batch: the store's disk is nearly full");
+                        ctx.metrics.refused("disk");
+                        return Err(Status::unavailable(format!(
+                            "the aggregator's disk has {free} bytes free, under its store.min_free_bytes ({}); the batch stays with the agent",
+                            ctx.min_free
+                        )));
+                    }
                     if let Err(why) = check_batch(&batch) {
                         tracing::warn!(target: AUDIT, node_id = %node, "refused a batch: {why}");
                         ctx.metrics.refused("bad-batch");

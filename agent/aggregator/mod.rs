@@ -157,12 +157,10 @@ impl Aggregator {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(
-                IngestServer::new(IngestService::new(
-                    self.store.clone(),
-                    live.clone(),
-                    fleet.clone(),
-                    metrics,
-                ))
+                IngestServer::new(
+                    IngestService::new(self.store.clone(), live.clone(), fleet.clone(), metrics)
+                        .min_free(self.cfg.store.min_free_bytes),
+                )
                 .max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES),
             )
             .add_service(tonic::service::interceptor::InterceptedService::new(

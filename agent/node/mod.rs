@@ -152,6 +152,7 @@ impl Agent {
             "agent starting"
         );
 
+        let (fatal_tx, fatal) = tokio::sync::watch::channel(None);
         let (vstore, checks, vcfg, retain, vspan, hcfg) = (
             store.clone(),
             source.clone(),
@@ -160,10 +161,12 @@ impl Agent {
             span("validate"),
             cfg.host.clone(),
         );
+        let (min_free, vfatal) = (cfg.store.min_free_bytes, fatal_tx.clone());
         let validate = Supervisor::start(move |_| {
             Validate::new(vstore, checks, vcfg, retain, timings, vspan)
                 .host(hcfg)
                 .recovered(recovered)
+                .disk(min_free, vfatal)
         });
         let (hcfg, hdir, v, hspan) = (
             cfg.host.clone(),
@@ -181,7 +184,6 @@ impl Agent {
         );
         let snapshots = Supervisor::start(move |_| Snapshots::new(v, snapcfg, snapdir, id, sspan));
 
-        let (fatal_tx, fatal) = tokio::sync::watch::channel(None);
         let (istore, scfg, depth, ispan, v) = (
             store.clone(),
             cfg.source.clone(),

@@ -130,6 +130,13 @@ pub struct Validate {
     last_advance: Instant,
     reachable: bool,
     status: NodeStatus,
+    /// Below this many free bytes on the store's filesystem nothing is
+    /// judged or written.
+    min_free: u64,
+    /// Since when (Unix ms), and with how few bytes free, writing paused.
+    paused: Option<(i64, u64)>,
+    /// Told when the store can no longer be written (the process exits).
+    fatal: Option<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl Validate {
@@ -159,6 +166,9 @@ impl Validate {
             last_advance: Instant::now(),
             reachable: true,
             status: NodeStatus::default(),
+            min_free: 0,
+            paused: None,
+            fatal: None,
         };
         v.reload();
         v
@@ -567,8 +577,7 @@ impl Validate {
                 }
             }
             Err(e) => {
-                tracing::error!("store commit failed: {e}; validate restarts");
-                ctx.stop();
+                self.write_failed("commit", &e, ctx);
                 return Box::pin(actix::fut::ready(()));
             }
         }
@@ -582,8 +591,7 @@ impl Validate {
         Box::pin(flush.into_actor(self).map(|res, act, ctx| {
             let _g = act.span.clone().entered();
             if let Err(e) = res {
-                tracing::error!("store flush failed: {e}; validate restarts");
-                ctx.stop();
+                act.write_failed("flush", &e, ctx);
                 return;
             }
             if act.witness_at.is_none_or(|t| t.elapsed() >= WITNESS_EVERY) {
@@ -601,6 +609,12 @@ impl Validate {
             return;
         }
         if !self.reachable || self.open.contains_key(&(FindingKind::Stall as i32)) {
+            return;
+        }
+        // While the store is paused the head does not move: no stall of
+        // the node's.
+        if self.paused.is_some() {
+            self.last_advance = Instant::now();
             return;
         }
         let waited = self.last_advance.elapsed();
@@ -693,6 +707,73 @@ impl Validate {
             .events
             .extend(findings.iter().cloned().map(Kind::Finding));
         commit.findings.extend(findings);
+    }
+
+    /// Pauses below `min_free` free bytes; a store that failed on the disk
+    /// is reported on `fatal`.
+    pub fn disk(
+        mut self,
+        min_free: u64,
+        fatal: tokio::sync::watch::Sender<Option<String>>,
+    ) -> Validate {
+        self.min_free = min_free;
+        self.fatal = Some(fatal);
+        self
+    }
+
+    /// Whether the store's filesystem has room to write. While it has not,
+    /// observations are dropped unjudged: the store's head does not move,
+    /// so the node's blocks of that time are read again afterwards. When
+    /// room returns, `commit` gets the `store-paused` finding.
+    fn room(&mut self, commit: &mut Commit, now_ms: i64) -> bool {
+        let free = self.store.free_bytes().unwrap_or(u64::MAX);
+        if free < self.min_free {
+            if self.paused.is_none() {
+                self.paused = Some((now_ms, free));
+                tracing::error!(
+                    free_bytes = free,
+                    min_free_bytes = self.min_free,
+                    "only {free} bytes free on {}: the store is not written until there are {} (store.min_free_bytes)",
+                    self.store.dir().display(),
+                    self.min_free
+                );
+            }
+            return false;
+        }
+        if let Some((since, low)) = self.paused.take() {
+            let f = self.occurred(
+                FindingKind::StorePaused,
+                Severity::Critical,
+                self.head.as_ref().map_or(0, |h| h.height),
+                format!(
+                    "the store was not written for {}s: only {low} bytes were free on {} (store.min_free_bytes {}); the node's blocks of that time were read again",
+                    (now_ms - since) / 1000,
+                    self.store.dir().display(),
+                    self.min_free
+                ),
+                now_ms,
+            );
+            commit.events.push(Kind::Finding(f.clone()));
+            commit.findings.push(f);
+        }
+        true
+    }
+
+    /// A write failed. One that failed on the disk leaves sled's store
+    /// unwritable until it is reopened, so the agent exits for systemd to
+    /// restart it; any other failure restarts this actor.
+    fn write_failed(&self, what: &str, e: &crate::store::StoreError, ctx: &mut Context<Self>) {
+        match (&self.fatal, e.is_io()) {
+            (Some(fatal), true) => {
+                let msg = format!("store {what} failed on the disk: {e}; exiting so that a restart reopens the store");
+                tracing::error!("{msg}");
+                fatal.send_replace(Some(msg));
+            }
+            _ => {
+                tracing::error!("store {what} failed: {e}; validate restarts");
+                ctx.stop();
+            }
+        }
     }
 
     /// Raises `store-recovered` once the actor runs.
@@ -832,6 +913,9 @@ impl Handler<Observation> for Validate {
         let _g = self.span.clone().entered();
         let now_ms = now_unix_ms();
         let mut commit = Commit::default();
+        if !self.room(&mut commit, now_ms) {
+            return Box::pin(actix::fut::ready(()));
+        }
         match obs {
             Observation::Polled {
                 chain,

@@ -45,6 +45,7 @@ pub struct CentralStore {
     /// holds it alone, so no batch is half in a snapshot (sled's iterators
     /// are not a point-in-time view).
     gate: Arc<tokio::sync::RwLock<()>>,
+    dir: PathBuf,
 }
 
 /// Many streams share one flush: each caller waits for the first flush that
@@ -121,7 +122,13 @@ impl CentralStore {
             commit,
             writer,
             gate: Arc::default(),
+            dir: dir.to_path_buf(),
         })
+    }
+
+    /// Bytes free on the store's filesystem.
+    pub fn free_bytes(&self) -> Option<u64> {
+        super::free_bytes(&self.dir)
     }
 
     /// Hold this while persisting a batch of events.

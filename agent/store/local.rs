@@ -221,6 +221,15 @@ impl LocalStore {
         &self.db
     }
 
+    /// Bytes free on the store's filesystem.
+    pub fn free_bytes(&self) -> Option<u64> {
+        super::free_bytes(&self.dir)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The highest seq ever assigned (0 for a new store).
     pub fn last_seq(&self) -> u64 {
         self.counters().next_seq - 1

@@ -36,6 +36,20 @@ impl StoreError {
         matches!(self, StoreError::Open { source, .. }
             if source.to_string().contains("could not acquire lock"))
     }
+
+    /// True for a write that failed on the disk (full, I/O error). sled
+    /// 0.34 keeps such an error and returns it for every later write of the
+    /// open store, even once the disk has room again: only reopening
+    /// (restarting the process) recovers.
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Io(_)))
+    }
+}
+
+/// Bytes free to unprivileged writers on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// What a flush promises.

@@ -5,6 +5,7 @@ mod bad_input;
 mod bitcoin;
 mod cometbft;
 mod delivery;
+mod disk;
 mod fleet;
 mod harness;
 mod host;
