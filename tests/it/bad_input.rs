@@ -78,8 +78,20 @@ fn malformed_configs_fail_with_one_clear_line_each() {
     }
 }
 
-/// A fake node on loopback that answers every request with `reply`.
-async fn garbage_node(reply: Arc<Vec<u8>>) -> String {
+/// How a fake node answers.
+#[derive(Clone)]
+enum Answer {
+    /// All of it at once, with its length.
+    Whole(Arc<Vec<u8>>),
+    /// This many bytes of JSON-looking text with no length, until the
+    /// connection closes.
+    Endless(usize),
+    /// One byte a second, forever.
+    Trickle,
+}
+
+/// A fake node on loopback that answers every request as `answer` says.
+async fn hostile_node(answer: Answer) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -87,16 +99,40 @@ async fn garbage_node(reply: Arc<Vec<u8>>) -> String {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
-            let reply = reply.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let _ = s.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    reply.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&reply).await;
+                match answer {
+                    Answer::Whole(reply) => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            reply.len()
+                        );
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let _ = s.write_all(&reply).await;
+                    }
+                    Answer::Endless(total) => {
+                        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":\"";
+                        let _ = s.write_all(head.as_bytes()).await;
+                        let chunk = vec![b'a'; 1 << 20];
+                        for _ in 0..total / chunk.len() {
+                            if s.write_all(&chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Answer::Trickle => {
+                        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n";
+                        let _ = s.write_all(head.as_bytes()).await;
+                        loop {
+                            if s.write_all(b" ").await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
             });
         }
     });
@@ -128,7 +164,7 @@ async fn garbage_and_oversized_replies_do_not_crash_the_agent() {
     ];
     let mut agents = Vec::new();
     for (name, reply, _) in &cases {
-        let url = garbage_node(Arc::new(reply.clone())).await;
+        let url = hostile_node(Answer::Whole(Arc::new(reply.clone()))).await;
         agents.push(Agent::start(
             &world,
             name,
@@ -140,8 +176,43 @@ async fn garbage_and_oversized_replies_do_not_crash_the_agent() {
             },
         ));
     }
+    // Hostile answers: nesting past any parser's depth, 100 MB with no
+    // length, and a byte a second. Each is refused within the call's
+    // timeout and the reply cap, and the agent stays up.
+    let deep = {
+        let mut v = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":".to_vec();
+        v.extend(std::iter::repeat_n(b'[', 200_000));
+        v.extend(std::iter::repeat_n(b']', 200_000));
+        v.push(b'}');
+        v
+    };
+    let hostile = [
+        ("deep", Answer::Whole(Arc::new(deep)), "malformed reply"),
+        ("endless", Answer::Endless(100 << 20), "larger than"),
+        ("trickle", Answer::Trickle, "did not answer within"),
+    ];
+    let mut hostile_agents = Vec::new();
+    for (name, answer, _) in &hostile {
+        let url = hostile_node(answer.clone()).await;
+        hostile_agents.push(Agent::start(
+            &world,
+            name,
+            &url,
+            &agg,
+            AgentOptions {
+                extra_source: "max_reply_bytes = 1048576",
+                ..Default::default()
+            },
+        ));
+    }
     let q = world.query(&agg).await;
-    for ((name, _, needle), agent) in cases.iter().zip(agents.iter_mut()) {
+    let cases: Vec<(&str, &str)> = cases
+        .iter()
+        .map(|(n, _, needle)| (*n, *needle))
+        .chain(hostile.iter().map(|(n, _, needle)| (*n, *needle)))
+        .collect();
+    let mut agents: Vec<Agent> = agents.into_iter().chain(hostile_agents).collect();
+    for ((name, needle), agent) in cases.iter().zip(agents.iter_mut()) {
         let logs = [agent.log.as_path(), agg.log.as_path()];
         let f = wait_for(
             &format!("{name}: an unreachable finding"),
