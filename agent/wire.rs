@@ -52,6 +52,15 @@ fn pool() -> &'static DescriptorPool {
     })
 }
 
+/// How many nested messages an encoded `AgentMessage` holds (at most one
+/// past the limit), or why it cannot be read.
+pub fn agent_message_elements(bytes: &[u8]) -> Result<u64, String> {
+    let desc = pool()
+        .get_message_by_name("outpost.v1.AgentMessage")
+        .ok_or("the descriptor set lacks AgentMessage")?;
+    count_elements(&desc, bytes, MAX_AGENT_MESSAGE_ELEMENTS)
+}
+
 /// How many nested messages `bytes`, an encoded `desc`, holds, or why it
 /// cannot be read. Stops counting past `limit`.
 pub fn count_elements(desc: &MessageDescriptor, bytes: &[u8], limit: u64) -> Result<u64, String> {

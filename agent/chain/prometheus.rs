@@ -213,9 +213,7 @@ impl PrometheusSource {
     }
 
     async fn scrape(&self) -> Result<Scrape, SourceError> {
-        let text = self.api.get_text("scrape").await?;
-        Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-            .map_err(|e| SourceError::Malformed(format!("scrape: {e}")))
+        parse_scrape(&self.api.get_text("scrape").await?)
     }
 
     async fn height(&self) -> Result<u64, SourceError> {
@@ -231,6 +229,12 @@ impl PrometheusSource {
 
 /// A scrape has no hashes: headers carry empty ones, which every check that
 /// compares hashes treats as equal.
+/// A scrape in the text exposition format.
+pub fn parse_scrape(text: &str) -> Result<Scrape, SourceError> {
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .map_err(|e| SourceError::Malformed(format!("scrape: {e}")))
+}
+
 fn unhashed(height: u64) -> Header {
     Header {
         height,
