@@ -459,18 +459,18 @@ impl Fleet {
             }
         }
 
-        // A second agent with this node id was refused lately.
+        // A second agent with this node id was refused lately; the agent's
+        // certificate runs out within a week.
         for node in members {
-            let key = (node.clone(), FindingKind::DuplicateAgent as i32);
+            let head = st.nodes[node].head.as_ref().map_or(0, |h| h.0);
             let refusal = self
                 .live
                 .last_refusal(node)
                 .filter(|r| now - r.at_ms <= DUPLICATE_AGENT_FOR_MS);
-            match (refusal, st.open.contains_key(&key)) {
-                (Some(r), false) => {
-                    let addr =
-                        |a: Option<std::net::SocketAddr>| a.map_or("-".into(), |a| a.to_string());
-                    let f = new_finding(
+            let duplicate = refusal.map(|r| {
+                let addr = |a: Option<std::net::SocketAddr>| a.map_or("-".into(), |a| a.to_string());
+                move || {
+                    new_finding(
                         FindingKind::DuplicateAgent,
                         Severity::Critical,
                         net,
@@ -484,31 +484,26 @@ impl Fleet {
                         Verdict::MonitoringPath,
                         "two agent processes hold one node's certificate (a cloned host, or an old and a new deployment)".into(),
                         now,
-                        st.nodes[node].head.as_ref().map_or(0, |h| h.0),
-                    );
-                    st.open.insert(key, f.clone());
-                    emits.push((node.clone(), f, true));
+                        head,
+                    )
                 }
-                (None, true) => {
-                    if let Some(f) = st.open.remove(&key) {
-                        emits.push((node.clone(), resolved(f, now), true));
-                    }
-                }
-                _ => {}
-            }
-        }
-
-        // The agent's certificate runs out within a week.
-        for node in members {
-            let key = (node.clone(), FindingKind::CertExpiry as i32);
+            });
+            keep_open(
+                &mut st.open,
+                emits,
+                node,
+                FindingKind::DuplicateAgent,
+                now,
+                duplicate,
+            );
             let left = self
                 .live
                 .cert_not_after(node)
                 .map(|t| t - now / 1000)
                 .filter(|left| *left <= crate::tls::EXPIRY_FINDING_SECS);
-            match (left, st.open.contains_key(&key)) {
-                (Some(left), false) => {
-                    let f = new_finding(
+            let expiring = left.map(|left| {
+                move || {
+                    new_finding(
                         FindingKind::CertExpiry,
                         Severity::Warning,
                         net,
@@ -523,18 +518,18 @@ impl Fleet {
                         Verdict::MonitoringPath,
                         "when it expires the aggregator refuses the agent, which then buffers: issue a new certificate and reload the agent".into(),
                         now,
-                        st.nodes[node].head.as_ref().map_or(0, |h| h.0),
-                    );
-                    st.open.insert(key, f.clone());
-                    emits.push((node.clone(), f, true));
+                        head,
+                    )
                 }
-                (None, true) => {
-                    if let Some(f) = st.open.remove(&key) {
-                        emits.push((node.clone(), resolved(f, now), true));
-                    }
-                }
-                _ => {}
-            }
+            });
+            keep_open(
+                &mut st.open,
+                emits,
+                node,
+                FindingKind::CertExpiry,
+                now,
+                expiring,
+            );
         }
 
         // Fleet head and lag, over nodes whose agents report.
@@ -946,6 +941,33 @@ fn occurred_reason(k: FindingKind) -> &'static str {
         FindingKind::Reorg => "the chain reorganised under the node",
         FindingKind::EventsDropped => "the agent's outbox was full",
         _ => "reported by the node's own agent",
+    }
+}
+
+/// Keeps `node`'s fleet finding of `kind` open while `holds` is Some: opens
+/// it, with what `holds` makes, when it is not open yet; resolves it once
+/// `holds` is None.
+fn keep_open(
+    open: &mut HashMap<(String, i32), Finding>,
+    emits: &mut Vec<(String, Finding, bool)>,
+    node: &str,
+    kind: FindingKind,
+    now: i64,
+    holds: Option<impl FnOnce() -> Finding>,
+) {
+    let key = (node.to_string(), kind as i32);
+    match holds {
+        Some(make) if !open.contains_key(&key) => {
+            let f = make();
+            open.insert(key, f.clone());
+            emits.push((node.to_string(), f, true));
+        }
+        None => {
+            if let Some(f) = open.remove(&key) {
+                emits.push((node.to_string(), resolved(f, now), true));
+            }
+        }
+        Some(_) => {}
     }
 }
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for SECONDS each (default 20), starting from the
+# seeds in seeds/<target> and the corpus kept in corpus/<target>. A crash
+# stops the run with libFuzzer's report and leaves the input in
+# artifacts/<target>/. The long runs in RELIABILITY.md use the same script:
+#   bash fuzz/run.sh 600
+set -euo pipefail
+cd "$(dirname "$0")"
+secs=${1:-20}
+# cargo fuzz passes the sanitizer flags that only nightly compilers take by
+# default; the toolchain on these machines is stable.
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build -O
+for target in $(cargo fuzz list); do
+    mkdir -p "corpus/$target" "seeds/$target"
+    printf '\n== fuzz %s for %s s\n' "$target" "$secs"
+    log="artifacts/$target.log"
+    mkdir -p artifacts
+    if ! cargo fuzz run -O "$target" "corpus/$target" "seeds/$target" -- \
+        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+        tail -n 80 "$log"
+        echo "fuzz target $target failed; the input is in fuzz/artifacts/$target/" >&2
+        exit 1
+    fi
+    grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|Done)' "$log" || true
+done
