@@ -13,13 +13,14 @@ pub struct Hash(pub Vec<u8>);
 
 impl Hash {
     pub fn from_hex(s: &str) -> Option<Hash> {
-        let s = s.strip_prefix("0x").unwrap_or(s);
+        let s = s.strip_prefix("0x").unwrap_or(s).as_bytes();
         if s.len() % 2 != 0 || s.is_empty() {
             return None;
         }
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        // By bytes: a node's text may hold characters of several bytes.
+        let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        s.chunks_exact(2)
+            .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
             .collect::<Option<Vec<u8>>>()
             .map(Hash)
     }
@@ -232,6 +233,10 @@ mod tests {
         assert_eq!(h.to_string(), "0x00ff10");
         assert!(Hash::from_hex("0x0").is_none());
         assert!(Hash::from_hex("zz").is_none());
+        // Found by fuzzing (chain_replies): a two-byte character across a
+        // digit pair aborted the agent.
+        assert!(Hash::from_hex("0x(\u{70a}\n\u{70a}").is_none());
+        assert!(Hash::from_hex("\u{e9}a").is_none());
     }
 
     #[test]

@@ -10,13 +10,13 @@ secs=${1:-20}
 # cargo fuzz passes the sanitizer flags that only nightly compilers take by
 # default; the toolchain on these machines is stable.
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -O
+cargo fuzz build
 for target in $(cargo fuzz list); do
     mkdir -p "corpus/$target" "seeds/$target"
     printf '\n== fuzz %s for %s s\n' "$target" "$secs"
     log="artifacts/$target.log"
     mkdir -p artifacts
-    if ! cargo fuzz run -O "$target" "corpus/$target" "seeds/$target" -- \
+    if ! cargo fuzz run "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         tail -n 80 "$log"
         echo "fuzz target $target failed; the input is in fuzz/artifacts/$target/" >&2

@@ -4,6 +4,7 @@
 //! quantities, and the WebSocket head notices.
 #![no_main]
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -16,6 +17,18 @@ fn client() -> JsonRpcClient {
     JsonRpcClient::new("http://127.0.0.1:9", Duration::from_secs(1), 1 << 20, RpcTimings::new())
 }
 
+/// Made once: an HTTP client reads the system's root certificates.
+fn sources() -> &'static (ethereum::EthereumSource, cometbft::CometBftSource) {
+    static SOURCES: OnceLock<(ethereum::EthereumSource, cometbft::CometBftSource)> =
+        OnceLock::new();
+    SOURCES.get_or_init(|| {
+        (
+            ethereum::EthereumSource::new(client()),
+            cometbft::CometBftSource::new(client()),
+        )
+    })
+}
+
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(text) = std::str::from_utf8(bytes) {
         if let Some(raw) = bitcoin::RawHeader::from_hex(text.trim()) {
@@ -26,7 +39,7 @@ fuzz_target!(|bytes: &[u8]| {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return;
     };
-    let eth = ethereum::EthereumSource::new(client());
+    let (eth, comet) = sources();
     if let Ok(h) = ethereum::parse_block(&v) {
         let _ = eth.verify(&h);
         let _ = eth.check_fields(&h);
@@ -36,5 +49,5 @@ fuzz_target!(|bytes: &[u8]| {
     let _ = bitcoin::competing_tips(&v);
     let _ = parse_quantity(&v, "fuzz");
     let _ = eth.is_head_notice(&v);
-    let _ = cometbft::CometBftSource::new(client()).is_head_notice(&v);
+    let _ = comet.is_head_notice(&v);
 });
