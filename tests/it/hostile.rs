@@ -423,3 +423,88 @@ async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
     let audit = std::fs::read_to_string(&agg.log).unwrap();
     assert!(audit.contains("refused a message"), "{audit}");
 }
+
+#[tokio::test]
+async fn a_seq_gap_is_a_finding_a_counter_and_a_figure_of_the_node() {
+    use outpost::proto::{
+        agent_message, ingest_client::IngestClient, AgentMessage, Batch, Event, Hello,
+    };
+    use tokio_stream::StreamExt as _;
+    let world = World::new();
+    let agg = Aggregator::start(&world).await;
+    world.issue(&outpost::tls::Identity::Agent("gappy".into()));
+    let pki = world.pki();
+    let tls = outpost::tls::TlsFiles {
+        ca: pki.ca_cert(),
+        cert: pki.cert("agent-gappy"),
+        key: pki.key("agent-gappy"),
+        crl: None,
+    }
+    .client_config("localhost")
+    .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agg.port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header = |seq: u64| Event {
+        seq,
+        kind: Some(outpost::proto::event::Kind::Header(
+            outpost::proto::Header {
+                height: seq,
+                hash: vec![seq as u8; 32],
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    let msg = |body| AgentMessage { body: Some(body) };
+    let hello = msg(agent_message::Body::Hello(Hello {
+        node_id: "gappy".into(),
+        network: "devnet".into(),
+        chain: "ethereum".into(),
+        instance_id: "one".into(),
+        ..Default::default()
+    }));
+    // Seqs 1, 2, then 5: 3 and 4 never come, and no gap event covers them.
+    let batch = msg(agent_message::Body::Batch(Batch {
+        events: vec![header(1), header(2), header(5)],
+    }));
+    let mut inbound = IngestClient::new(ch)
+        .report(tokio_stream::iter(vec![hello, batch]).chain(tokio_stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    // Welcome, then the ack of seq 5.
+    inbound.message().await.unwrap();
+    inbound.message().await.unwrap();
+    let q = world.query(&agg).await;
+    let logs = [agg.log.as_path()];
+    let f = wait_finding(
+        &q,
+        "gappy",
+        FindingKind::SeqGap,
+        FindingState::Occurred,
+        &logs,
+    )
+    .await;
+    assert!(f.summary.contains("events 3..=4"), "{}", f.summary);
+    assert_eq!(f.verdict(), outpost::proto::Verdict::MonitoringPath);
+    let d = q
+        .clone()
+        .get_node(GetNodeRequest {
+            node_id: "gappy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.missing_events, 2);
+    let metrics = agg.metrics().await;
+    assert!(
+        metrics
+            .contains("outpost_ingest_missing_events_total{network=\"devnet\",node=\"gappy\"} 2"),
+        "{metrics}"
+    );
+}
