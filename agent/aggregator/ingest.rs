@@ -296,9 +296,8 @@ impl ingest_server::Ingest for IngestService {
                     )));
             }
         };
-        let not_after = req_not_after;
         let lock = self.live.with(&node, |n| {
-            n.cert_not_after = not_after.or(n.cert_not_after);
+            n.cert_not_after = req_not_after.or(n.cert_not_after);
             n.streams += 1;
             n.last_seen_ms = now_unix_ms();
             n.lock.clone()
