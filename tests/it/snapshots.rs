@@ -11,7 +11,7 @@ use outpost::proto::{FindingKind, FindingState, GetNodeRequest};
 use outpost::store::local::LocalStore;
 use outpost::store::Durability;
 
-use crate::delivery::assert_complete;
+use crate::delivery::assert_complete_after_restore;
 use crate::harness::{hex, outpost_bin, wait_for, AgentOptions, Miner, Solo};
 use crate::spine::{wait_at_head, wait_finding};
 
@@ -169,8 +169,9 @@ async fn snapshots_of_a_running_agent_restore_and_rescue_a_damaged_store() {
     );
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
     assert!(agent.terminate().unwrap().success());
-    // Every seq once, every height with anvil's hash, nothing taken as a duplicate.
-    let n = assert_complete(&mut q, "node-1", &anvil).await;
+    // Every seq once, every height with anvil's hash, nothing taken as a
+    // duplicate; the blocks after the snapshot were read again.
+    let n = assert_complete_after_restore(&mut q, "node-1", &anvil).await;
     let d = q
         .get_node(GetNodeRequest {
             node_id: "node-1".into(),
