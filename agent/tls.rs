@@ -230,7 +230,7 @@ fn issue_server(
 }
 
 /// The file stem of an identity's certificate and key.
-fn stem(identity: &Identity) -> String {
+pub fn stem(identity: &Identity) -> String {
     match identity {
         Identity::Agent(id) => format!("agent-{id}"),
         Identity::Operator(n) => format!("operator-{n}"),

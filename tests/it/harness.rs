@@ -133,11 +133,7 @@ impl World {
 
     /// Issues a two-day certificate for `id`, unless a test issued one first.
     pub fn issue(&self, id: &Identity) {
-        let stem = match id {
-            Identity::Agent(n) => format!("agent-{n}"),
-            Identity::Operator(n) => format!("operator-{n}"),
-        };
-        if !self.pki().cert(&stem).exists() {
+        if !self.pki().cert(&tls::stem(id)).exists() {
             tls::issue_client(&self.pki().dir, id, 2).expect("issue cert");
         }
     }
