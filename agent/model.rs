@@ -154,6 +154,7 @@ impl proto::FindingKind {
             proto::FindingKind::DuplicateAgent => "duplicate-agent",
             proto::FindingKind::CertExpiry => "cert-expiry",
             proto::FindingKind::StorePaused => "store-paused",
+            proto::FindingKind::AgentPaused => "agent-paused",
         }
     }
 
@@ -162,7 +163,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 24] = [
+pub const ALL_KINDS: [proto::FindingKind; 25] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -187,6 +188,7 @@ pub const ALL_KINDS: [proto::FindingKind; 24] = [
     proto::FindingKind::DuplicateAgent,
     proto::FindingKind::CertExpiry,
     proto::FindingKind::StorePaused,
+    proto::FindingKind::AgentPaused,
 ];
 
 impl proto::Verdict {

@@ -16,7 +16,7 @@ use outpost::chain::ethereum::{parse_block, EthereumSource};
 use outpost::chain::rpc::JsonRpcClient;
 use outpost::config::ValidationLevel;
 use outpost::latency::RpcTimings;
-use outpost::node::validate::header_problems;
+use outpost::node::judge::header_problems;
 
 const BLOCK: &str = include_str!("../agent/chain/testdata/anvil-prague-block.json");
 

@@ -69,6 +69,9 @@ pub fn build(cfg: &SourceConfig, timings: RpcTimings) -> Result<Arc<dyn ChainSou
 pub enum SourceError {
     #[error("node unreachable: {0}")]
     Unreachable(String),
+    /// Nothing accepted the connection at the RPC address.
+    #[error("node refused the connection: {0}")]
+    Refused(String),
     #[error("node did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("reply larger than the {limit}-byte cap")]
@@ -90,6 +93,35 @@ impl SourceError {
     pub fn is_method_not_found(&self) -> bool {
         matches!(self, SourceError::Rpc { code: -32601, .. })
     }
+
+    /// What kind of failure this is, for telling whose fault an
+    /// unreachable node is.
+    pub fn cause(&self) -> Cause {
+        match self {
+            SourceError::Refused(_) => Cause::Refused,
+            SourceError::Timeout(_) => Cause::TimedOut,
+            // REST sources carry the HTTP status as the code of an error reply.
+            SourceError::Http(s @ (401 | 403)) => Cause::Denied(*s),
+            SourceError::Rpc {
+                code: c @ (401 | 403),
+                ..
+            } => Cause::Denied(*c as u16),
+            _ => Cause::Other,
+        }
+    }
+}
+
+/// The kinds of RPC failure whose fault can be told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Nothing listens at the RPC address.
+    Refused,
+    /// The connection was made but no answer came in time.
+    TimedOut,
+    /// The node refused the agent's credentials (HTTP 401 or 403).
+    Denied(u16),
+    /// Anything else: a name that does not resolve, a reset, a bad reply.
+    Other,
 }
 
 /// Whether a header's served hash matches its contents (validation level

@@ -186,10 +186,13 @@ impl JsonRpcClient {
             Some(Credentials::Header(name, value)) => req = req.header(name, value),
             None => {}
         }
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| SourceError::Unreachable(crate::error_chain(&e)))?;
+        let mut resp = req.send().await.map_err(|e| {
+            if refused(&e) {
+                SourceError::Refused(crate::error_chain(&e))
+            } else {
+                SourceError::Unreachable(crate::error_chain(&e))
+            }
+        })?;
         let status = resp.status();
         if status.is_redirection() {
             let to = resp
@@ -279,6 +282,20 @@ pub fn parse_quantity(v: &Value, what: &str) -> Result<u64, SourceError> {
         .map_err(|_| SourceError::Malformed(format!("{what}: {s:?} is not a hex quantity")))
 }
 
+/// Whether a request failed because nothing accepted the connection.
+fn refused(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +365,47 @@ mod tests {
         assert!(e.to_string().contains(&elsewhere.to_string()), "{e}");
         let leaked = seen_elsewhere.lock().unwrap().clone();
         assert!(leaked.is_empty(), "the other host got: {leaked:?}");
+    }
+
+    #[tokio::test]
+    async fn failures_say_whether_nothing_listens_the_credentials_were_refused_or_time_ran_out() {
+        use crate::chain::Cause;
+        let client = |addr: String, timeout_ms| {
+            JsonRpcClient::new(
+                &format!("http://{addr}"),
+                Duration::from_millis(timeout_ms),
+                1 << 20,
+                RpcTimings::new(),
+            )
+        };
+        // A port nothing listens on: bound, then closed.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let e = client(addr, 2000)
+            .call("eth_blockNumber", json!([]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), Cause::Refused, "{e}");
+
+        let (denied, _) = raw_server(
+            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+        )
+        .await;
+        let e = client(denied.to_string(), 2000)
+            .call("eth_blockNumber", json!([]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), Cause::Denied(401), "{e}");
+
+        // Accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let e = client(addr, 200)
+            .call("eth_blockNumber", json!([]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), Cause::TimedOut, "{e}");
+        drop(silent);
     }
 }

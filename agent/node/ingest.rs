@@ -9,6 +9,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, Transition};
+use super::judge::ChainStep;
 use super::subscribe::{self, HeadNotice, Subscription};
 use super::validate::{Observation, Validate};
 use super::Ping;
@@ -338,6 +339,7 @@ impl Handler<Tick> for Ingest {
                     if t == Transition::Opened {
                         act.validate.do_send(Observation::Unreachable {
                             error: e.to_string(),
+                            cause: e.cause(),
                         });
                     }
                     (t, d)
@@ -360,15 +362,6 @@ impl Handler<Tick> for Ingest {
 enum Polled {
     Done { read_status: bool },
     WrongNetwork { actual: String, expected: String },
-}
-
-/// New canonical headers since the store's head, ascending and linked to
-/// each other. `linked` is false when the walk-back hit `max_depth` without
-/// reaching a header the store agrees with.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChainStep {
-    pub headers: Vec<Header>,
-    pub linked: bool,
 }
 
 /// One poll at level `minimal`: the node's head header, when it differs

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod breaker;
 pub mod host;
 pub mod ingest;
+pub mod judge;
 pub mod report;
 pub mod snapshot;
 pub mod subscribe;
@@ -162,9 +163,11 @@ impl Agent {
             cfg.host.clone(),
         );
         let (min_free, vfatal) = (cfg.store.min_free_bytes, fatal_tx.clone());
+        let poll_interval = cfg.source.poll_interval;
         let validate = Supervisor::start(move |_| {
             Validate::new(vstore, checks, vcfg, retain, timings, vspan)
                 .host(hcfg)
+                .poll_interval(poll_interval)
                 .recovered(recovered)
                 .disk(min_free, vfatal)
         });
@@ -238,6 +241,7 @@ impl Agent {
                 cfg: cfg.validate.clone(),
                 retain_headers: cfg.store.retain_headers,
                 host: cfg.host.clone(),
+                poll_interval: cfg.source.poll_interval,
             })
             .await;
         let _ = self

@@ -155,6 +155,9 @@ pub struct Commit {
     pub headers: Vec<Header>,
     /// Drop indexed headers above this height (the node's chain got shorter).
     pub truncate_above: Option<u64>,
+    /// Replaces the headers kept from a branch the node gave up (see
+    /// `retracted`); None leaves them as they are.
+    pub retracted: Option<Vec<Header>>,
     pub findings: Vec<proto::Finding>,
     pub status: Option<proto::NodeStatus>,
 }
@@ -315,6 +318,29 @@ impl LocalStore {
         }
     }
 
+    /// The indexed headers from `from` up, lowest first.
+    pub fn headers_from(&self, from: u64) -> Result<Vec<Header>, StoreError> {
+        self.tree
+            .range(key_u64(b"h", from)..=key_u64(b"h", u64::MAX))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(Header::from_proto(&decode::<proto::Header>(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// Headers of a branch the node gave up when its head went lower, kept
+    /// until the node shows what replaced them.
+    pub fn retracted(&self) -> Result<Vec<Header>, StoreError> {
+        self.tree
+            .scan_prefix(b"r")
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok(Header::from_proto(&decode::<proto::Header>(&k, &v)?))
+            })
+            .collect()
+    }
+
     /// The highest indexed header.
     pub fn head(&self) -> Result<Option<Header>, StoreError> {
         match self.tree.scan_prefix(b"h").next_back() {
@@ -371,6 +397,14 @@ impl LocalStore {
         }
         for h in &commit.headers {
             batch.insert(key_u64(b"h", h.height), h.to_proto().encode_to_vec());
+        }
+        if let Some(kept) = &commit.retracted {
+            for kv in self.tree.scan_prefix(b"r") {
+                batch.remove(kv?.0);
+            }
+            for h in kept {
+                batch.insert(key_u64(b"r", h.height), h.to_proto().encode_to_vec());
+            }
         }
         for f in &commit.findings {
             let kind_key = [b"k".as_slice(), f.kind().label().as_bytes()].concat();
