@@ -119,16 +119,47 @@ fn subject(nf: &NodeFinding, f: &Finding) -> String {
     }
 }
 
+/// The version of the webhook body's shape; README.md documents it. A
+/// change that renames or removes a field raises it.
+pub const WEBHOOK_VERSION: u32 = 1;
+
+/// The generic webhook's body: its own shape, kept apart from what
+/// `outpost query --json` prints so that neither changes the other.
+fn webhook_body(nf: &NodeFinding, f: &Finding) -> Value {
+    json!({
+        "version": WEBHOOK_VERSION,
+        "id": f.id,
+        "kind": f.kind().label(),
+        "severity": f.severity().label(),
+        "state": f.state().label(),
+        "network": f.network,
+        "node_id": nf.node_id,
+        "height": f.height,
+        "opened_at": rfc3339(f.opened_at_unix_ms),
+        "resolved_at": (f.resolved_at_unix_ms != 0).then(|| rfc3339(f.resolved_at_unix_ms)),
+        "summary": f.summary,
+        "verdict": f.verdict().label(),
+        "verdict_reason": f.verdict_reason,
+        "fork_point": f.fork_point,
+        "depth": f.depth,
+        "replaced_hash": (!f.replaced_hash.is_empty()).then(|| hex(&f.replaced_hash)),
+        "new_hash": (!f.new_hash.is_empty()).then(|| hex(&f.new_hash)),
+        "groups": f.groups.iter().map(|g| json!({
+            "hash": hex(&g.hash),
+            "node_ids": g.node_ids,
+            "canonical": g.canonical,
+        })).collect::<Vec<_>>(),
+        "nodes": f.nodes,
+        "cause_id": (!f.cause_id.is_empty()).then_some(&f.cause_id),
+    })
+}
+
 pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
     let Some(f) = &nf.finding else {
         return Value::Null;
     };
     match kind {
-        AlertSinkKind::Webhook => {
-            let mut v = crate::operator::finding_json(f);
-            v["node_id"] = json!(nf.node_id);
-            v
-        }
+        AlertSinkKind::Webhook => webhook_body(nf, f),
         AlertSinkKind::Slack => {
             let (mark, word) = match f.state() {
                 FindingState::Resolved => (":white_check_mark:", "RESOLVED"),
@@ -161,6 +192,7 @@ pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
                 "annotations": {
                     "summary": f.summary,
                     "verdict_reason": f.verdict_reason,
+                    "nodes": f.nodes.join(", "),
                 },
                 "startsAt": rfc3339(f.opened_at_unix_ms),
                 "generatorURL": format!("outpost://aggregator/findings/{}", f.id),
@@ -183,5 +215,41 @@ pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
             }
             json!([alert])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{FindingKind, Verdict};
+
+    #[test]
+    fn the_webhook_body_has_its_own_versioned_shape() {
+        let nf = NodeFinding {
+            node_id: "node-2".into(),
+            finding: Some(Finding {
+                id: "reorg-9-1".into(),
+                kind: FindingKind::Reorg as i32,
+                state: FindingState::Occurred as i32,
+                opened_at_unix_ms: 1_700_000_000_000,
+                resolved_at_unix_ms: 1_700_000_000_000,
+                verdict: Verdict::Network as i32,
+                cause_id: "reorg:@devnet:f7:aa".into(),
+                replaced_hash: vec![0xaa, 0xbb],
+                network: "devnet".into(),
+                ..Default::default()
+            }),
+        };
+        let v = payload(AlertSinkKind::Webhook, &nf);
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["node_id"], "node-2");
+        assert_eq!(v["kind"], "reorg");
+        assert_eq!(v["opened_at"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(v["replaced_hash"], "0xaabb");
+        assert_eq!(v["new_hash"], Value::Null);
+        assert_eq!(v["cause_id"], "reorg:@devnet:f7:aa");
+        assert_eq!(v["verdict"], "network");
+        // The query printer's field names are not part of it.
+        assert_eq!(v.get("opened_at_unix_ms"), None);
     }
 }

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{self, AUDIT};
 use super::fleet::Fleet;
+use super::judge::{Refusal, Sightings};
 use super::metrics::Metrics;
 use crate::model::{now_unix_ms, MAX_HEIGHT};
 use crate::proto::{
@@ -56,14 +57,16 @@ struct Owner {
     stream: u64,
 }
 
-/// A second agent process refused because another streams as the node.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Refusal {
-    pub at_ms: i64,
-    pub instance: String,
-    pub remote: Option<SocketAddr>,
-    pub owner_instance: String,
-    pub owner_remote: Option<SocketAddr>,
+impl Sightings for Live {
+    fn last_seen_ms(&self, node: &str) -> i64 {
+        Live::last_seen_ms(self, node)
+    }
+    fn last_refusal(&self, node: &str) -> Option<Refusal> {
+        Live::last_refusal(self, node)
+    }
+    fn cert_not_after(&self, node: &str) -> Option<i64> {
+        Live::cert_not_after(self, node)
+    }
 }
 
 /// What `Live::claim` decided about a new stream.

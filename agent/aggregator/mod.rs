@@ -5,6 +5,7 @@ pub mod alert;
 pub mod auth;
 pub mod fleet;
 pub mod ingest;
+pub mod judge;
 pub mod listen;
 pub mod metrics;
 pub mod query;

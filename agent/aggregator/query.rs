@@ -37,7 +37,7 @@ impl QueryService {
     fn summary(&self, rec: &NodeRecord, open: &[Finding]) -> NodeSummary {
         let connected = self.live.connected(&rec.node_id);
         let status = if connected {
-            super::fleet::own_status(|k| open.iter().any(|f| f.kind() == k))
+            super::judge::own_status(|k| open.iter().any(|f| f.kind() == k))
         } else {
             "disconnected"
         };

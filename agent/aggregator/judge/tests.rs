@@ -1,0 +1,670 @@
+//! The fleet's rules, tried on recorded sequences of agent reports: chains
+//! of several nodes, forks, reorgs, regressions and silences, with the time
+//! passed in.
+
+use super::*;
+use proptest::prelude::*;
+
+const NET: &str = "devnet";
+
+/// Every agent reports; none was refused; no certificate runs out.
+struct AllSeen(i64);
+
+impl Sightings for AllSeen {
+    fn last_seen_ms(&self, _: &str) -> i64 {
+        self.0
+    }
+    fn last_refusal(&self, _: &str) -> Option<Refusal> {
+        None
+    }
+    fn cert_not_after(&self, _: &str) -> Option<i64> {
+        None
+    }
+}
+
+fn hash(branch: u8, height: u64) -> Vec<u8> {
+    let mut v = vec![branch; 24];
+    v.extend_from_slice(&height.to_be_bytes());
+    v
+}
+
+fn header(branch: u8, height: u64) -> proto::Event {
+    proto::Event {
+        kind: Some(Kind::Header(proto::Header {
+            height,
+            hash: hash(branch, height),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn finding(f: Finding) -> proto::Event {
+    proto::Event {
+        kind: Some(Kind::Finding(f)),
+        ..Default::default()
+    }
+}
+
+/// The agent's reorg finding: blocks `fork+1..=old_top` of `from` replaced
+/// by `to`'s.
+fn reorg(from: u8, to: u8, fork: u64, old_top: u64) -> proto::Event {
+    finding(Finding {
+        id: format!("reorg-{old_top}-{from}-{to}"),
+        kind: FindingKind::Reorg as i32,
+        state: FindingState::Occurred as i32,
+        height: old_top,
+        fork_point: Some(fork),
+        depth: Some(old_top - fork),
+        replaced_hash: hash(from, fork + 1),
+        new_hash: hash(to, fork + 1),
+        ..Default::default()
+    })
+}
+
+fn status(height: u64, branch: u8) -> proto::Event {
+    proto::Event {
+        kind: Some(Kind::Status(proto::NodeStatus {
+            head_height: height,
+            head_hash: hash(branch, height),
+            reachable: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn regression(to: u64) -> proto::Event {
+    finding(Finding {
+        id: format!("height-regression-{to}"),
+        kind: FindingKind::HeightRegression as i32,
+        state: FindingState::Occurred as i32,
+        height: to,
+        ..Default::default()
+    })
+}
+
+/// A fleet under test: the rules, a clock, and everything they emitted.
+struct Fleet {
+    st: FleetState,
+    cfg: FleetConfig,
+    now: i64,
+    emitted: Vec<Emit>,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        Fleet {
+            st: FleetState::new(0),
+            cfg: FleetConfig::default(),
+            now: 1_000,
+            emitted: Vec::new(),
+        }
+    }
+
+    fn batch(&mut self, node: &str, events: Vec<proto::Event>) {
+        let e = self
+            .st
+            .on_batch(node, NET, "ethereum", &events, self.now, 256);
+        self.emitted.extend(e);
+    }
+
+    /// Lets `ms` pass with an evaluation every second.
+    fn wait(&mut self, ms: i64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += 1000.min(end - self.now);
+            let ev = self.st.evaluate(self.now, &self.cfg, &AllSeen(self.now));
+            self.emitted.extend(ev.emits);
+        }
+    }
+
+    /// Mines blocks `heights` of `branch` on `nodes`.
+    fn mine(&mut self, nodes: &[&str], branch: u8, heights: std::ops::RangeInclusive<u64>) {
+        for n in nodes {
+            self.batch(n, heights.clone().map(|h| header(branch, h)).collect());
+        }
+    }
+
+    fn of(&self, kind: FindingKind) -> Vec<&Emit> {
+        self.emitted
+            .iter()
+            .filter(|e| e.finding.kind() == kind)
+            .collect()
+    }
+
+    fn alerted(&self) -> Vec<(String, FindingKind, FindingState)> {
+        self.emitted
+            .iter()
+            .filter(|e| e.alert)
+            .map(|e| (e.scope.clone(), e.finding.kind(), e.finding.state()))
+            .collect()
+    }
+}
+
+const FOUR: [&str; 4] = ["node-1", "node-2", "node-3", "node-4"];
+
+fn four_at(height: u64) -> Fleet {
+    let mut f = Fleet::new();
+    f.mine(&FOUR, 0, 1..=height);
+    f.wait(3_000);
+    f
+}
+
+#[test]
+fn a_quiet_fleet_emits_nothing() {
+    let mut f = four_at(10);
+    for h in 11..=70 {
+        f.mine(&FOUR, 0, h..=h);
+        f.wait(1_000);
+    }
+    assert_eq!(f.emitted, vec![]);
+}
+
+#[test]
+fn a_node_that_sat_on_a_side_branch_alone_and_rejoined_is_the_nodes_reorg() {
+    let mut f = four_at(7);
+    // node-2 alone mines blocks 8..=9 of its own; the others go on.
+    f.mine(&["node-2"], 2, 8..=9);
+    f.mine(&["node-1", "node-3", "node-4"], 0, 8..=9);
+    f.wait(3_000);
+    let div = f.of(FindingKind::Divergence);
+    assert_eq!(div.len(), 1, "{div:?}");
+    assert_eq!(
+        (div[0].scope.as_str(), div[0].finding.verdict()),
+        ("node-2", Verdict::Node)
+    );
+    // It reorgs back onto the others' chain.
+    f.batch(
+        "node-2",
+        vec![header(0, 8), header(0, 9), header(0, 10), reorg(2, 0, 7, 9)],
+    );
+    f.mine(&["node-1", "node-3", "node-4"], 0, 10..=10);
+    f.wait(4_000);
+    let r = f.of(FindingKind::Reorg);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].scope, "node-2");
+    assert_eq!(
+        r[0].finding.verdict(),
+        Verdict::Node,
+        "{}",
+        r[0].finding.verdict_reason
+    );
+    assert!(
+        r[0].finding.verdict_reason.contains("alone held"),
+        "{}",
+        r[0].finding.verdict_reason
+    );
+    assert!(r[0].alert);
+    assert_eq!(
+        f.alerted(),
+        vec![
+            ("node-2".into(), FindingKind::Divergence, FindingState::Open),
+            (
+                "node-2".into(),
+                FindingKind::Divergence,
+                FindingState::Resolved
+            ),
+            ("node-2".into(), FindingKind::Reorg, FindingState::Occurred),
+        ]
+    );
+}
+
+#[test]
+fn one_node_that_reorged_while_its_peers_kept_the_old_blocks_is_the_nodes() {
+    let mut f = four_at(10);
+    f.batch(
+        "node-3",
+        vec![
+            header(3, 8),
+            header(3, 9),
+            header(3, 10),
+            reorg(0, 3, 7, 10),
+        ],
+    );
+    f.wait(4_000);
+    let r = f.of(FindingKind::Reorg);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].finding.verdict(), Verdict::Node);
+    assert!(
+        r[0].finding
+            .verdict_reason
+            .contains("3 of 4 nodes still hold"),
+        "{}",
+        r[0].finding.verdict_reason
+    );
+}
+
+#[test]
+fn a_reorg_of_the_whole_network_is_one_network_finding_alerted_once() {
+    let mut f = four_at(10);
+    for (i, n) in FOUR.iter().enumerate() {
+        f.batch(
+            n,
+            vec![
+                header(5, 8),
+                header(5, 9),
+                header(5, 10),
+                header(5, 11),
+                reorg(0, 5, 7, 10),
+            ],
+        );
+        f.wait(if i % 2 == 0 { 400 } else { 700 });
+    }
+    f.wait(5_000);
+    let r = f.of(FindingKind::Reorg);
+    let network: Vec<&&Emit> = r.iter().filter(|e| e.scope == "@devnet").collect();
+    assert_eq!(network.len(), 1, "{r:?}");
+    let nf = &network[0].finding;
+    assert_eq!(nf.verdict(), Verdict::Network);
+    assert_eq!(nf.nodes.len(), 4, "{nf:?}");
+    assert!(network[0].alert);
+    let nodes: Vec<&&Emit> = r.iter().filter(|e| e.scope != "@devnet").collect();
+    assert_eq!(nodes.len(), 4);
+    for e in nodes {
+        assert_eq!(
+            e.finding.verdict(),
+            Verdict::Network,
+            "{}",
+            e.finding.verdict_reason
+        );
+        assert_eq!(e.finding.cause_id, nf.id);
+        assert!(!e.alert, "a node's part of a network reorg is not alerted");
+    }
+    assert_eq!(
+        f.alerted(),
+        vec![("@devnet".into(), FindingKind::Reorg, FindingState::Occurred)]
+    );
+}
+
+#[test]
+fn a_two_against_two_split_is_one_network_finding_naming_both_groups() {
+    let mut f = four_at(7);
+    f.mine(&["node-1", "node-2"], 1, 8..=10);
+    f.mine(&["node-3", "node-4"], 2, 8..=10);
+    f.wait(4_000);
+    let split: Vec<Emit> = f
+        .of(FindingKind::Divergence)
+        .into_iter()
+        .filter(|e| e.scope == "@devnet")
+        .cloned()
+        .collect();
+    assert_eq!(split.len(), 1);
+    let s = &split[0].finding;
+    assert_eq!(s.verdict(), Verdict::Network);
+    assert_eq!(s.groups.len(), 2);
+    assert_eq!(s.fork_point, Some(7));
+    assert!(
+        s.summary.contains("node-1, node-2") && s.summary.contains("node-3, node-4"),
+        "{}",
+        s.summary
+    );
+    assert_eq!(
+        f.alerted(),
+        vec![(
+            "@devnet".into(),
+            FindingKind::Divergence,
+            FindingState::Open
+        )]
+    );
+    // Every node shows as diverged, linked to the split.
+    let view = f.st.view("", f.now, &f.cfg, &AllSeen(f.now));
+    assert!(
+        view[0].nodes.iter().all(|n| n.status == "diverged"),
+        "{view:?}"
+    );
+    for e in f
+        .of(FindingKind::Divergence)
+        .into_iter()
+        .filter(|e| e.scope != "@devnet")
+    {
+        assert_eq!(e.finding.cause_id, s.id);
+    }
+    // node-3 and node-4 switch to the other branch: the split resolves,
+    // alerted once; the linked node findings close silently, and the two
+    // reorgs that ended it are part of it.
+    for n in ["node-3", "node-4"] {
+        f.batch(
+            n,
+            vec![
+                header(1, 8),
+                header(1, 9),
+                header(1, 10),
+                reorg(2, 1, 7, 10),
+            ],
+        );
+    }
+    f.wait(5_000);
+    assert_eq!(
+        f.alerted(),
+        vec![
+            (
+                "@devnet".into(),
+                FindingKind::Divergence,
+                FindingState::Open
+            ),
+            (
+                "@devnet".into(),
+                FindingKind::Divergence,
+                FindingState::Resolved
+            ),
+        ]
+    );
+    let reorgs = f.of(FindingKind::Reorg);
+    assert_eq!(reorgs.len(), 2);
+    for r in reorgs {
+        assert_eq!(r.finding.verdict(), Verdict::Network);
+        assert_eq!(r.finding.cause_id, s.id);
+    }
+    let open: Vec<String> = FOUR
+        .iter()
+        .flat_map(|n| f.st.open_findings(n))
+        .map(|f| f.id)
+        .collect();
+    assert_eq!(open, Vec::<String>::new());
+}
+
+#[test]
+fn a_network_that_went_back_and_built_other_blocks_is_one_alert_for_one_reorg() {
+    // Every node rolled back to 7 and built blocks 8 and 9 of another
+    // branch: each agent saw a lower head, then the replaced blocks.
+    let mut f = four_at(10);
+    for n in FOUR {
+        f.batch(n, vec![status(7, 0), regression(7)]);
+    }
+    f.wait(400);
+    for n in FOUR {
+        f.batch(n, vec![header(4, 8), header(4, 9), reorg(0, 4, 7, 10)]);
+    }
+    f.wait(8_000);
+    assert_eq!(
+        f.alerted(),
+        vec![("@devnet".into(), FindingKind::Reorg, FindingState::Occurred)]
+    );
+    let network = &f.of(FindingKind::Reorg)[0].finding;
+    let regressions = f.of(FindingKind::HeightRegression);
+    assert_eq!(regressions.len(), 4);
+    for r in regressions {
+        assert_eq!(r.finding.cause_id, network.id, "{:?}", r.finding);
+        assert_eq!(r.finding.verdict(), Verdict::Network);
+    }
+}
+
+#[test]
+fn a_network_that_went_back_at_once_is_one_network_regression() {
+    let mut f = four_at(10);
+    for n in FOUR {
+        f.batch(n, vec![status(6, 0), regression(6)]);
+        f.wait(300);
+    }
+    f.wait(4_000);
+    let r = f.of(FindingKind::HeightRegression);
+    let network: Vec<&&Emit> = r.iter().filter(|e| e.scope == "@devnet").collect();
+    assert_eq!(network.len(), 1, "{r:?}");
+    assert!(r.iter().all(|e| e.finding.verdict() == Verdict::Network));
+    assert_eq!(
+        f.alerted(),
+        vec![(
+            "@devnet".into(),
+            FindingKind::HeightRegression,
+            FindingState::Occurred
+        )]
+    );
+}
+
+#[test]
+fn one_node_that_went_back_alone_is_the_nodes() {
+    let mut f = four_at(10);
+    f.batch("node-4", vec![status(6, 0), regression(6)]);
+    f.wait(4_000);
+    let r = f.of(FindingKind::HeightRegression);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (r[0].scope.as_str(), r[0].finding.verdict()),
+        ("node-4", Verdict::Node)
+    );
+    assert!(
+        r[0].finding.verdict_reason.contains("heads up to 10"),
+        "{}",
+        r[0].finding.verdict_reason
+    );
+}
+
+#[test]
+fn a_verdict_the_agent_gave_from_its_own_evidence_stands() {
+    let mut f = four_at(5);
+    f.batch(
+        "node-1",
+        vec![finding(Finding {
+            id: "unreachable-1".into(),
+            kind: FindingKind::Unreachable as i32,
+            state: FindingState::Open as i32,
+            verdict: Verdict::Node as i32,
+            verdict_reason: "the node's process is not running".into(),
+            ..Default::default()
+        })],
+    );
+    let e = f.of(FindingKind::Unreachable);
+    assert_eq!(e[0].finding.verdict(), Verdict::Node);
+    assert_eq!(
+        e[0].finding.verdict_reason,
+        "the node's process is not running"
+    );
+    // Without one, an unreachable RPC is the monitoring path's.
+    f.batch(
+        "node-2",
+        vec![finding(Finding {
+            id: "unreachable-2".into(),
+            kind: FindingKind::Unreachable as i32,
+            state: FindingState::Open as i32,
+            ..Default::default()
+        })],
+    );
+    assert_eq!(
+        f.of(FindingKind::Unreachable)[1].finding.verdict(),
+        Verdict::MonitoringPath
+    );
+}
+
+#[test]
+fn a_reorg_with_no_peer_to_compare_is_undecided_not_blamed() {
+    let mut f = Fleet::new();
+    f.mine(&["solo"], 0, 1..=10);
+    f.batch(
+        "solo",
+        vec![header(1, 9), header(1, 10), reorg(0, 1, 8, 10)],
+    );
+    f.wait(4_000);
+    let r = f.of(FindingKind::Reorg);
+    assert_eq!(
+        r[0].finding.verdict(),
+        Verdict::Unspecified,
+        "{}",
+        r[0].finding.verdict_reason
+    );
+}
+
+/// Plays one scenario and returns the emitted fleet finding ids, for two
+/// aggregators fed the same reports at slightly different times.
+fn ids_of(offset_ms: i64) -> Vec<(String, String)> {
+    let mut f = Fleet::new();
+    f.now += offset_ms;
+    f.mine(&FOUR, 0, 1..=7);
+    f.wait(3_000);
+    f.mine(&["node-1", "node-2"], 1, 8..=10);
+    f.mine(&["node-3", "node-4"], 2, 8..=10);
+    f.wait(4_000);
+    for n in FOUR {
+        f.batch(
+            n,
+            vec![
+                header(9, 8),
+                header(9, 9),
+                header(9, 10),
+                header(9, 11),
+                reorg(if n < "node-3" { 1 } else { 2 }, 9, 7, 10),
+            ],
+        );
+    }
+    f.wait(5_000);
+    f.emitted
+        .iter()
+        .filter(|e| e.scope.starts_with('@') || is_fleet_kind(e.finding.kind()))
+        .map(|e| (e.scope.clone(), e.finding.id.clone()))
+        .collect()
+}
+
+#[test]
+fn two_aggregators_fed_the_same_reports_name_fleet_findings_alike() {
+    let a = ids_of(0);
+    let b = ids_of(370);
+    assert!(a.len() >= 4, "{a:?}");
+    assert_eq!(a, b);
+    assert!(
+        a.iter()
+            .any(|(s, id)| s == "@devnet" && id == "divergence:@devnet:f7"),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn a_restart_in_the_middle_of_an_open_finding_neither_reopens_nor_forgets_it() {
+    let mut f = four_at(7);
+    f.mine(&["node-2"], 2, 8..=9);
+    f.mine(&["node-1", "node-3", "node-4"], 0, 8..=9);
+    f.wait(3_000);
+    let open = f.of(FindingKind::Divergence)[0].finding.clone();
+    // What the store holds: every node's head, headers and findings.
+    let mut after = Fleet::new();
+    after.now = f.now;
+    for n in FOUR {
+        let branch = if n == "node-2" { 2 } else { 0 };
+        let hashes: Vec<(u64, Vec<u8>)> = (1..=9)
+            .map(|h| (h, hash(if h >= 8 { branch } else { 0 }, h)))
+            .collect();
+        let findings = if n == "node-2" {
+            vec![open.clone()]
+        } else {
+            vec![]
+        };
+        after.st.load_node(
+            n,
+            NET,
+            "ethereum",
+            Some((9, hash(branch, 9))),
+            hashes,
+            findings,
+        );
+    }
+    after.wait(5_000);
+    assert_eq!(after.emitted, vec![], "nothing reopens");
+    after.batch(
+        "node-2",
+        vec![header(0, 8), header(0, 9), reorg(2, 0, 7, 9)],
+    );
+    after.wait(5_000);
+    let div = after.of(FindingKind::Divergence);
+    assert_eq!(div.len(), 1);
+    assert_eq!(
+        (div[0].finding.state(), &div[0].finding.id),
+        (FindingState::Resolved, &open.id)
+    );
+}
+
+/// One node's blocks, each reaching the fleet `delay` ms after the block
+/// is made.
+fn arrivals() -> impl Strategy<Value = (usize, Vec<Vec<u16>>)> {
+    (2usize..6).prop_flat_map(|n| {
+        (
+            Just(n),
+            prop::collection::vec(prop::collection::vec(0u16..900, n), 5..30),
+        )
+    })
+}
+
+proptest! {
+    #[test]
+    fn nodes_that_report_identical_chains_never_open_a_finding((n, blocks) in arrivals()) {
+        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
+        let mut f = Fleet::new();
+        for (i, delays) in blocks.iter().enumerate() {
+            let h = i as u64 + 1;
+            let mut order: Vec<(u16, &String)> = delays.iter().copied().zip(&nodes).collect();
+            order.sort();
+            let start = f.now;
+            for (d, node) in order {
+                let at = start + i64::from(d);
+                if at > f.now {
+                    f.wait(at - f.now);
+                }
+                f.batch(node, vec![header(0, h)]);
+            }
+            let next = start + 1000;
+            if next > f.now {
+                f.wait(next - f.now);
+            }
+        }
+        f.wait(10_000);
+        prop_assert_eq!(&f.emitted, &vec![]);
+    }
+
+    #[test]
+    fn a_reorg_of_every_node_is_never_blamed_on_one((n, back, delays) in (2usize..7, 1u64..6, prop::collection::vec(0i64..2500, 7))) {
+        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
+        let mut f = Fleet::new();
+        for node in &nodes {
+            f.batch(node, (1..=20).map(|h| header(0, h)).collect());
+        }
+        f.wait(3_000);
+        let fork = 20 - back;
+        let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
+        order.sort();
+        let start = f.now;
+        for (d, node) in order {
+            if start + d > f.now {
+                f.wait(start + d - f.now);
+            }
+            let mut events: Vec<proto::Event> = (fork + 1..=21).map(|h| header(7, h)).collect();
+            events.push(reorg(0, 7, fork, 20));
+            f.batch(node, events);
+        }
+        f.wait(6_000);
+        let reorgs = f.of(FindingKind::Reorg);
+        prop_assert!(reorgs.iter().all(|e| e.finding.verdict() == Verdict::Network), "{:?}", reorgs);
+        prop_assert_eq!(reorgs.iter().filter(|e| e.scope == "@devnet").count(), 1);
+        prop_assert_eq!(f.alerted().len(), 1, "{:?}", f.alerted());
+    }
+
+    #[test]
+    fn every_fleet_finding_opens_once_and_resolves_at_most_once(
+        forks in prop::collection::vec((0usize..4, 1u8..4, 1u64..4), 0..8)
+    ) {
+        // Nodes leave for side branches and come back, in any order.
+        let mut f = four_at(10);
+        let mut top = 10;
+        for (node, branch, len) in forks {
+            let n = FOUR[node];
+            let others: Vec<&str> = FOUR.iter().copied().filter(|x| *x != n).collect();
+            f.mine(&[n], branch, top + 1..=top + len);
+            f.mine(&others, 0, top + 1..=top + len);
+            f.wait(3_000);
+            let mut back: Vec<proto::Event> = (top + 1..=top + len + 1).map(|h| header(0, h)).collect();
+            back.push(reorg(branch, 0, top, top + len));
+            f.batch(n, back);
+            f.mine(&others, 0, top + len + 1..=top + len + 1);
+            top += len + 1;
+            f.wait(4_000);
+        }
+        let mut state: HashMap<(String, String), Vec<FindingState>> = HashMap::new();
+        for e in &f.emitted {
+            state.entry((e.scope.clone(), e.finding.id.clone())).or_default().push(e.finding.state());
+        }
+        for (key, states) in state {
+            let ok = matches!(
+                states.as_slice(),
+                [FindingState::Occurred] | [FindingState::Open] | [FindingState::Open, FindingState::Resolved]
+            );
+            prop_assert!(ok, "{:?}: {:?}", key, states);
+        }
+    }
+}
