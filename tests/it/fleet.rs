@@ -1,23 +1,20 @@
 //! Fleet truth across several real anvil nodes: divergence, lag, a network
 //! stall, a silent agent, alert sinks and Prometheus.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use outpost::proto::{
     query_client::QueryClient, Finding, FindingKind, FindingState, ListFindingsRequest, Verdict,
 };
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::harness::{free_port, hex, wait_for, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::harness::{
+    free_port, hex, wait_for, Agent, AgentOptions, Aggregator, Anvil, Recorder, World,
+};
 use crate::spine::wait_at_head;
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -227,59 +224,6 @@ async fn a_node_that_falls_behind_lags_and_recovers() {
         fleet.findings(FindingKind::Divergence).await.is_empty(),
         "a lagging node is not a fork"
     );
-}
-
-/// An HTTP server that records every request body.
-#[derive(Clone, Default)]
-struct Recorder {
-    got: Arc<Mutex<Vec<(String, Value)>>>,
-}
-
-impl Recorder {
-    async fn start() -> (Recorder, String) {
-        let rec = Recorder::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let r = rec.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = listener.accept().await else {
-                    return;
-                };
-                let r = r.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let r = r.clone();
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            r.got.lock().unwrap().push((path, v));
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        (rec, url)
-    }
-
-    fn bodies(&self) -> Vec<Value> {
-        self.got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
 }
 
 /// Debian's prometheus-alertmanager, on loopback, from its package.
