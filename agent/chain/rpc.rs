@@ -235,6 +235,10 @@ impl JsonRpcClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         let (status, buf) = self.send(self.http.post(&self.url).json(&body)).await?;
+        // Refused credentials, whatever the body says.
+        if matches!(status.as_u16(), 401 | 403) {
+            return Err(SourceError::Http(status.as_u16()));
+        }
         let reply: Value = match serde_json::from_slice(&buf) {
             Ok(v) => v,
             Err(e) if status.is_success() => {
@@ -389,7 +393,7 @@ mod tests {
         assert_eq!(e.cause(), Cause::Refused, "{e}");
 
         let (denied, _) = raw_server(
-            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 24\r\nconnection: close\r\n\r\n{\"error\":\"unauthorized\"}".into(),
         )
         .await;
         let e = client(denied.to_string(), 2000)

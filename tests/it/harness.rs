@@ -103,6 +103,9 @@ fn signal(child: &Child, sig: &str) {
         .status();
 }
 
+/// How long the certificates of a test's PKI are valid.
+const CERT_DAYS: i64 = 30;
+
 /// One test's world: a temp dir with a PKI.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -119,7 +122,9 @@ impl World {
         if std::env::var_os("OUTPOST_IT_KEEP").is_some() {
             dir.disable_cleanup(true);
         }
-        tls::init_pki(&dir.path().join("pki"), &[], 2).expect("CA");
+        // Past the seven days inside which the aggregator raises
+        // cert-expiry, so that a quiet fleet is quiet.
+        tls::init_pki(&dir.path().join("pki"), &[], CERT_DAYS).expect("CA");
         World { dir }
     }
 
@@ -134,7 +139,7 @@ impl World {
     /// Issues a two-day certificate for `id`, unless a test issued one first.
     pub fn issue(&self, id: &Identity) {
         if !self.pki().cert(&tls::stem(id)).exists() {
-            tls::issue_client(&self.pki().dir, id, 2).expect("issue cert");
+            tls::issue_client(&self.pki().dir, id, CERT_DAYS).expect("issue cert");
         }
     }
 

@@ -20,3 +20,4 @@ mod snapshots;
 mod spine;
 mod subscribe;
 mod ton;
+mod verdicts;
