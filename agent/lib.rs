@@ -7,6 +7,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod fuzz;
 pub mod latency;
 pub mod logging;
 pub mod manual;

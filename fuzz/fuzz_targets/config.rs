@@ -2,12 +2,4 @@
 //! error lines (which point at a line and column of the text).
 #![no_main]
 
-use std::io::Write;
-
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|bytes: &[u8]| {
-    let mut f = tempfile::NamedTempFile::new().expect("temp file");
-    f.write_all(bytes).expect("write");
-    let _ = outpost::config::load_any(f.path());
-});
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| outpost::fuzz::config(bytes));

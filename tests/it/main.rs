@@ -7,6 +7,7 @@ mod cometbft;
 mod delivery;
 mod disk;
 mod fleet;
+mod fuzz_seeds;
 mod harness;
 mod host;
 mod hostile;
