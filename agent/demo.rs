@@ -22,6 +22,10 @@ use crate::tls::{self, Identity, PkiLayout, TlsFiles};
 
 const BLOCK_TIME: Duration = Duration::from_secs(1);
 
+/// The demo's certificates outlast the week inside which the aggregator
+/// warns of expiry.
+const CERT_DAYS: i64 = 30;
+
 fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentConfig {
     let pki = PkiLayout::new(dir.join("pki"));
     AgentConfig {
@@ -74,7 +78,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("outpost-demo-").tempdir()?;
     let dir = tmp.path();
     let pki_dir = dir.join("pki");
-    tls::init_pki(&pki_dir, &[], 2).context("making demo certificates")?;
+    tls::init_pki(&pki_dir, &[], CERT_DAYS).context("making demo certificates")?;
     let nodes = [
         ("node-1", Behaviour::Steady),
         (
@@ -87,9 +91,9 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
         ("node-3", Behaviour::Lag { factor: 3 }),
     ];
     for (node, _) in &nodes {
-        tls::issue_client(&pki_dir, &Identity::Agent((*node).into()), 2)?;
+        tls::issue_client(&pki_dir, &Identity::Agent((*node).into()), CERT_DAYS)?;
     }
-    tls::issue_client(&pki_dir, &Identity::Operator("demo".into()), 2)?;
+    tls::issue_client(&pki_dir, &Identity::Operator("demo".into()), CERT_DAYS)?;
     let pki = PkiLayout::new(&pki_dir);
 
     let agg = Aggregator::bind(AggregatorConfig {
@@ -159,7 +163,9 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
     };
     let mut client = operator::connect(&conn).await?;
     let started = tokio::time::Instant::now();
-    let mut since = 0i64;
+    // Each finding change is printed once its verdict is decided (a reorg's
+    // waits for the peers), or once it is older than that wait.
+    let mut printed = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(3));
     loop {
         tokio::select! {
@@ -169,18 +175,22 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
         if duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
+        let now = crate::model::now_unix_ms();
         let findings = client
             .list_findings(ListFindingsRequest {
-                since_unix_ms: since,
+                since_unix_ms: now - 60_000,
                 ..Default::default()
             })
             .await?
             .into_inner()
             .findings;
         for nf in &findings {
-            if let Some(f) = &nf.finding {
+            let Some(f) = &nf.finding else { continue };
+            let changed = f.opened_at_unix_ms.max(f.resolved_at_unix_ms);
+            let settled = f.verdict() != crate::proto::Verdict::Unspecified
+                || now - changed > crate::aggregator::judge::CORROBORATE_MS + 2_000;
+            if settled && printed.insert((nf.node_id.clone(), f.id.clone(), f.state)) {
                 println!("  finding: {}", operator::finding_line(&nf.node_id, f));
-                since = since.max(f.opened_at_unix_ms.max(f.resolved_at_unix_ms) + 1);
             }
         }
         let nodes = client
