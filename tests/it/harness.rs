@@ -17,8 +17,13 @@ use outpost::tls::{self, Identity, PkiLayout};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
+/// The binary under test: this build's, or `OUTPOST_BIN` (an installed
+/// package, an older build to compare with).
 pub fn outpost_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_outpost")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("OUTPOST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outpost").into())
+    })
 }
 
 /// anvil from `OUTPOST_ANVIL`, the repo's node_modules, or PATH.

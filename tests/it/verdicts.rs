@@ -354,6 +354,13 @@ async fn the_whole_network_going_back_and_building_other_blocks_is_one_network_r
         )],
         "one alert for one cause"
     );
+    let body = &f.hook.bodies()[0];
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["nodes"].as_array().map(Vec::len), Some(4));
+    println!(
+        "webhook body: {}",
+        serde_json::to_string_pretty(body).unwrap()
+    );
 }
 
 #[tokio::test]
