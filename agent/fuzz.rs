@@ -14,8 +14,11 @@ use crate::chain::{bitcoin, cometbft, ethereum, ton, ChainSource};
 use crate::latency::RpcTimings;
 use crate::proto::{agent_message::Body, AgentMessage};
 
+/// What one target runs on one input.
+pub type Target = fn(&[u8]);
+
 /// The targets, by name, as `cargo fuzz list` shows them.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("agent_message", agent_message),
     ("chain_replies", chain_replies),
     ("config", config),
