@@ -173,6 +173,13 @@ impl Fleet {
     pub fn evaluate(&self, now: i64) {
         let cfg = self.cfg();
         let ev = self.lock().evaluate(now, &cfg, self.live.as_ref());
+        if let Some(ms) = ev.paused_ms {
+            tracing::warn!(
+                paused_ms = ms,
+                "the aggregator did not run for {:.1}s; agents get fleet.silent_after from now before their silence counts",
+                ms as f64 / 1000.0
+            );
+        }
         for (net, node, behind) in &ev.lags {
             self.metrics.lag(net, node, *behind);
         }

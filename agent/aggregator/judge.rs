@@ -76,7 +76,14 @@ pub struct Evaluation {
     pub emits: Vec<Emit>,
     /// (network, node, blocks behind the fleet head)
     pub lags: Vec<(String, String, u64)>,
+    /// The aggregator itself did not run for this long before this
+    /// evaluation: the agents' silence over it is not theirs.
+    pub paused_ms: Option<i64>,
 }
+
+/// Evaluations run every second; a gap this long means the aggregator
+/// was not running (suspended, stopped, starved).
+const AGGREGATOR_PAUSE_MS: i64 = 5_000;
 
 pub fn network_scope(network: &str) -> String {
     format!("@{network}")
@@ -97,6 +104,10 @@ struct NodeView {
     regressed_ms: Option<i64>,
     /// The node's last decided reorg.
     last_reorg: Option<ReorgSeen>,
+    /// The reorgs the node's agent reported lately: the first replaced
+    /// height, the hash replaced there, and when (Unix ms). Evidence for
+    /// its peers' reorgs that does not depend on the window of hashes.
+    reorgs_reported: Vec<(u64, Vec<u8>, i64)>,
     /// Open agent findings by kind, with the verdicts given to them.
     agent_open: HashMap<i32, Finding>,
     /// Agent stalls whose verdict waits on what the peers do.
@@ -164,8 +175,10 @@ pub struct FleetState {
     /// Every network taken in, for `fleet.max_networks`.
     networks: BTreeSet<String>,
     /// Agents get `silent_after` from the aggregator's start to reconnect
-    /// before their silence counts.
+    /// before their silence counts; also from the end of a pause of the
+    /// aggregator's own.
     started_ms: i64,
+    last_evaluated_ms: Option<i64>,
 }
 
 impl FleetState {
@@ -198,6 +211,25 @@ impl FleetState {
             view.recent.insert(height, shared(pool, height, &hash));
         }
         for f in findings {
+            // An agent's reorg or regression stored but never judged (the
+            // aggregator stopped while it waited for the peers) is judged
+            // now; a judged one carries its network.
+            let undecided = f.state() == FindingState::Occurred
+                && matches!(f.kind(), FindingKind::Reorg | FindingKind::HeightRegression)
+                && f.network.is_empty();
+            if undecided {
+                if f.kind() == FindingKind::Reorg {
+                    view.reorgs_reported.push(reorg_report(&f, self.started_ms));
+                }
+                let mut f = f;
+                f.network = network.to_string();
+                self.pending.push(Pending {
+                    node: node.to_string(),
+                    finding: f,
+                    at_ms: self.started_ms,
+                });
+                continue;
+            }
             if f.state() != FindingState::Open {
                 continue;
             }
@@ -367,6 +399,9 @@ impl FleetState {
                         {
                             if f.kind() == FindingKind::HeightRegression {
                                 view.regressed_ms = Some(now);
+                            } else {
+                                view.reorgs_reported.retain(|r| now - r.2 <= CAUSE_JOINS_MS);
+                                view.reorgs_reported.push(reorg_report(&f, now));
                             }
                             self.pending.push(Pending {
                                 node: node.to_string(),
@@ -449,6 +484,13 @@ impl FleetState {
     /// Re-judges every network; called every second.
     pub fn evaluate(&mut self, now: i64, cfg: &FleetConfig, seen: &dyn Sightings) -> Evaluation {
         let mut ev = Evaluation::default();
+        if let Some(last) = self.last_evaluated_ms.replace(now) {
+            if now - last > AGGREGATOR_PAUSE_MS {
+                ev.paused_ms = Some(now - last);
+                // Every agent gets silent_after again, as after a start.
+                self.started_ms = now;
+            }
+        }
         let mut networks: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (node, v) in &self.nodes {
             networks
@@ -1274,6 +1316,7 @@ fn reorg_verdict(
     let had_old = |v: &NodeView| {
         v.recent.get(&h).is_some_and(|x| **x == *old)
             || v.given_up.get(&h).is_some_and(|x| **x == *old)
+            || v.reorgs_reported.iter().any(|r| r.0 == h && r.1 == old)
     };
     let kept_old: Vec<&str> = peers
         .iter()
@@ -1366,6 +1409,15 @@ fn reorg_verdict(
             replaced.len(),
             replaced.join(", ")
         ),
+    )
+}
+
+/// What a reorg report says was replaced: the first height and its old hash.
+fn reorg_report(f: &Finding, at_ms: i64) -> (u64, Vec<u8>, i64) {
+    (
+        f.fork_point.map_or(0, |x| x + 1),
+        f.replaced_hash.clone(),
+        at_ms,
     )
 }
 

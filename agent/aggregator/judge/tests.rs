@@ -4,6 +4,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use std::time::Duration;
 
 const NET: &str = "devnet";
 
@@ -667,4 +668,89 @@ proptest! {
             prop_assert!(ok, "{:?}: {:?}", key, states);
         }
     }
+}
+
+/// Agents last seen at a fixed time.
+struct SeenAt(i64);
+
+impl Sightings for SeenAt {
+    fn last_seen_ms(&self, _: &str) -> i64 {
+        self.0
+    }
+    fn last_refusal(&self, _: &str) -> Option<Refusal> {
+        None
+    }
+    fn cert_not_after(&self, _: &str) -> Option<i64> {
+        None
+    }
+}
+
+#[test]
+fn a_pause_of_the_aggregator_is_not_the_agents_silence() {
+    let mut f = four_at(5);
+    f.cfg.silent_after = Duration::from_secs(10);
+    let last = f.now;
+    f.st.evaluate(last + 1_000, &f.cfg, &SeenAt(last));
+    // Frozen for 40 s: no evaluation, no agent message taken in.
+    let ev = f.st.evaluate(last + 41_000, &f.cfg, &SeenAt(last));
+    assert_eq!(ev.paused_ms, Some(40_000));
+    assert_eq!(
+        ev.emits,
+        vec![],
+        "nobody is silent for the aggregator's pause"
+    );
+    // Agents that stay away are silent, counted from the thaw.
+    let mut emits = Vec::new();
+    for t in (42_000..=52_000).step_by(1000) {
+        let ev = f.st.evaluate(last + t, &f.cfg, &SeenAt(last));
+        assert_eq!(ev.paused_ms, None);
+        emits.extend(ev.emits);
+    }
+    assert_eq!(emits.len(), 4, "{emits:#?}");
+    assert!(emits
+        .iter()
+        .all(|e| e.finding.kind() == FindingKind::AgentSilent));
+}
+
+#[test]
+fn reorgs_stored_but_not_yet_judged_when_the_aggregator_stopped_are_judged_after_it_starts() {
+    // Four agents reported the same reorg; the aggregator stopped before
+    // it decided. What the store holds: the headers, and each agent's
+    // report as it came (no network, no verdict).
+    let mut after = FleetState::new(50_000);
+    for n in FOUR {
+        let hashes: Vec<(u64, Vec<u8>)> = (1..=10)
+            .map(|h| (h, hash(if h >= 8 { 5 } else { 0 }, h)))
+            .collect();
+        let Some(Kind::Finding(report)) = reorg(0, 5, 7, 10).kind else {
+            unreachable!()
+        };
+        after.load_node(
+            n,
+            NET,
+            "ethereum",
+            Some((10, hash(5, 10))),
+            hashes,
+            vec![report],
+        );
+    }
+    let mut emitted = Vec::new();
+    for t in (51_000..=56_000).step_by(1000) {
+        emitted.extend(
+            after
+                .evaluate(t, &FleetConfig::default(), &AllSeen(t))
+                .emits,
+        );
+    }
+    let network: Vec<&Emit> = emitted.iter().filter(|e| e.scope == "@devnet").collect();
+    assert_eq!(network.len(), 1, "{emitted:#?}");
+    assert_eq!(network[0].finding.verdict(), Verdict::Network);
+    assert_eq!(emitted.iter().filter(|e| e.alert).count(), 1);
+    assert_eq!(
+        emitted
+            .iter()
+            .filter(|e| e.scope != "@devnet" && e.finding.kind() == FindingKind::Reorg)
+            .count(),
+        4
+    );
 }
