@@ -251,7 +251,7 @@ async fn scraped_heights_grow_stall_sync_vanish_and_die() {
     )
     .await;
     assert!(
-        gone.summary.contains("node unreachable"),
+        gone.summary.contains("refused the connection"),
         "{}",
         gone.summary
     );
