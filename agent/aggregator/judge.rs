@@ -169,9 +169,9 @@ pub struct FleetState {
     pending: Vec<Pending>,
     /// Network reorgs and regressions decided lately, by (network, kind).
     causes: HashMap<(String, i32), Vec<Cause>>,
-    /// The last anchor of each (scope, kind)'s ids and how often it was
-    /// used, so a second episode at the same anchor gets its own id.
-    ids: HashMap<(String, i32), (String, u32)>,
+    /// How often each id base (`kind:scope:anchor`) was used, so a second
+    /// episode at the same anchor gets its own id; rebuilt from the store.
+    ids: HashMap<String, u32>,
     /// Every network taken in, for `fleet.max_networks`.
     networks: BTreeSet<String>,
     /// Agents get `silent_after` from the aggregator's start to reconnect
@@ -230,6 +230,9 @@ impl FleetState {
                 });
                 continue;
             }
+            if is_fleet_kind(f.kind()) {
+                self.remember_id(&f.id);
+            }
             if f.state() != FindingState::Open {
                 continue;
             }
@@ -243,8 +246,9 @@ impl FleetState {
         self.nodes.insert(node.to_string(), view);
     }
 
-    /// Takes in a stored open network finding.
+    /// Takes in a stored network finding.
     pub fn load_network_finding(&mut self, network: &str, f: Finding) {
+        self.remember_id(&f.id);
         if f.state() == FindingState::Open {
             self.open.insert((network_scope(network), f.kind), f);
         }
@@ -292,18 +296,30 @@ impl FleetState {
     /// with the same anchor gets a number.
     fn id(&mut self, kind: FindingKind, scope: &str, anchor: String) -> String {
         let base = format!("{}:{scope}:{anchor}", kind.label());
-        let (last, n) = self
-            .ids
-            .entry((scope.to_string(), kind as i32))
-            .or_insert_with(|| (String::new(), 0));
-        if *last == anchor {
-            *n += 1;
-            format!("{base}:{n}")
-        } else {
-            *last = anchor;
-            *n = 1;
-            base
+        let n = self.ids.entry(base.clone()).or_default();
+        *n += 1;
+        match *n {
+            1 => base,
+            n => format!("{base}:{n}"),
         }
+    }
+
+    /// Counts a stored fleet finding's id, so that no later episode takes it.
+    fn remember_id(&mut self, id: &str) {
+        // `kind:scope:anchor`, with `:n` from the second episode on.
+        if id.split(':').count() < 3 {
+            return;
+        }
+        let (base, n) = match id.rsplit_once(':') {
+            Some((base, n))
+                if base.split(':').count() >= 3 && n.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                (base, n.parse().unwrap_or(1))
+            }
+            _ => (id, 1),
+        };
+        let count = self.ids.entry(base.to_string()).or_default();
+        *count = (*count).max(n);
     }
 
     /// Takes in what one persisted batch of a node brought.

@@ -754,3 +754,53 @@ fn reorgs_stored_but_not_yet_judged_when_the_aggregator_stopped_are_judged_after
         4
     );
 }
+
+#[test]
+fn a_second_episode_at_the_same_anchor_gets_its_own_id_even_after_a_restart() {
+    let mut st = FleetState::new(0);
+    assert_eq!(
+        st.id(FindingKind::Lag, "node-3", "h120".into()),
+        "lag:node-3:h120"
+    );
+    assert_eq!(
+        st.id(FindingKind::Lag, "node-3", "h120".into()),
+        "lag:node-3:h120:2"
+    );
+    assert_eq!(
+        st.id(FindingKind::Lag, "node-3", "h130".into()),
+        "lag:node-3:h130"
+    );
+    // A restarted aggregator learns the ids from the findings it stored.
+    let mut after = FleetState::new(0);
+    let stored = |id: &str| Finding {
+        id: id.into(),
+        kind: FindingKind::Lag as i32,
+        state: FindingState::Resolved as i32,
+        ..Default::default()
+    };
+    after.load_node(
+        "node-3",
+        NET,
+        "ethereum",
+        None,
+        vec![],
+        vec![stored("lag:node-3:h120"), stored("lag:node-3:h120:2")],
+    );
+    after.load_network_finding(
+        NET,
+        Finding {
+            id: "reorg:@devnet:f5:0xfd88f18b782b".into(),
+            kind: FindingKind::Reorg as i32,
+            state: FindingState::Occurred as i32,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        after.id(FindingKind::Lag, "node-3", "h120".into()),
+        "lag:node-3:h120:3"
+    );
+    assert_eq!(
+        after.id(FindingKind::Reorg, "@devnet", "f5:0xfd88f18b782b".into()),
+        "reorg:@devnet:f5:0xfd88f18b782b:2"
+    );
+}
