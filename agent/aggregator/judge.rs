@@ -211,23 +211,10 @@ impl FleetState {
             view.recent.insert(height, shared(pool, height, &hash));
         }
         for f in findings {
-            // An agent's reorg or regression stored but never judged (the
-            // aggregator stopped while it waited for the peers) is judged
-            // now; a judged one carries its network.
-            let undecided = f.state() == FindingState::Occurred
+            if f.state() == FindingState::Occurred
                 && matches!(f.kind(), FindingKind::Reorg | FindingKind::HeightRegression)
-                && f.network.is_empty();
-            if undecided {
-                if f.kind() == FindingKind::Reorg {
-                    view.reorgs_reported.push(reorg_report(&f, self.started_ms));
-                }
-                let mut f = f;
-                f.network = network.to_string();
-                self.pending.push(Pending {
-                    node: node.to_string(),
-                    finding: f,
-                    at_ms: self.started_ms,
-                });
+            {
+                self.reload_report(node, &mut view, network, f);
                 continue;
             }
             if is_fleet_kind(f.kind()) {
@@ -246,9 +233,73 @@ impl FleetState {
         self.nodes.insert(node.to_string(), view);
     }
 
+    /// Takes in an agent's stored reorg or regression: recent ones are
+    /// evidence for the peers' (as they were before the restart), and one
+    /// stored but never judged (the aggregator stopped while it waited for
+    /// the peers; a judged one carries its network) is judged once the
+    /// agents have had `CORROBORATE_MS` to reconnect. The receipt times are
+    /// gone: what is restored counts as received at the start.
+    fn reload_report(&mut self, node: &str, view: &mut NodeView, network: &str, mut f: Finding) {
+        let at = self.started_ms;
+        let judged = !f.network.is_empty();
+        // Still evidence: a recent report, or one that waits for its verdict.
+        let recent = self.started_ms - f.opened_at_unix_ms <= CAUSE_JOINS_MS || !judged;
+        match f.kind() {
+            FindingKind::Reorg if recent => {
+                view.reorgs_reported.push(reorg_report(&f, at));
+                if judged && view.last_reorg.as_ref().is_none_or(|r| r.at_ms <= at) {
+                    view.last_reorg = Some(ReorgSeen {
+                        at_ms: at,
+                        id: if f.cause_id.is_empty() {
+                            f.id.clone()
+                        } else {
+                            f.cause_id.clone()
+                        },
+                        verdict: f.verdict(),
+                    });
+                }
+            }
+            FindingKind::HeightRegression if recent => {
+                view.regressed_ms = view.regressed_ms.max(Some(at));
+            }
+            _ => {}
+        }
+        if !judged {
+            f.network = network.to_string();
+            self.pending.push(Pending {
+                node: node.to_string(),
+                finding: f,
+                at_ms: at,
+            });
+        }
+    }
+
     /// Takes in a stored network finding.
     pub fn load_network_finding(&mut self, network: &str, f: Finding) {
         self.remember_id(&f.id);
+        // Late reports join a recent network reorg, regression or an open split.
+        let joinable = match (f.kind(), f.state()) {
+            (FindingKind::Reorg | FindingKind::HeightRegression, FindingState::Occurred) => {
+                self.started_ms - f.opened_at_unix_ms <= CAUSE_JOINS_MS
+            }
+            (FindingKind::Divergence, FindingState::Open) => true,
+            _ => false,
+        };
+        if joinable {
+            let (from, to) = match f.kind() {
+                FindingKind::HeightRegression => (f.height, f.height),
+                _ => (f.fork_point.map_or(0, |x| x + 1), f.height),
+            };
+            self.causes
+                .entry((network.to_string(), f.kind))
+                .or_default()
+                .push(Cause {
+                    id: f.id.clone(),
+                    from,
+                    to,
+                    at_ms: f.opened_at_unix_ms.max(self.started_ms - CAUSE_JOINS_MS),
+                });
+        }
         if f.state() == FindingState::Open {
             self.open.insert((network_scope(network), f.kind), f);
         }

@@ -804,3 +804,126 @@ fn a_second_episode_at_the_same_anchor_gets_its_own_id_even_after_a_restart() {
         "reorg:@devnet:f5:0xfd88f18b782b:2"
     );
 }
+
+/// What the aggregator's store holds: each node's head and headers, and
+/// every finding as last written, the agents' reports as ingest stores
+/// them (before the fleet judges them) and the fleet's emits over them.
+#[derive(Default)]
+struct Store {
+    heads: BTreeMap<String, (u64, Vec<u8>)>,
+    headers: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
+    findings: BTreeMap<String, BTreeMap<String, Finding>>,
+}
+
+impl Store {
+    fn batch(&mut self, node: &str, events: &[proto::Event]) {
+        for e in events {
+            match &e.kind {
+                Some(Kind::Header(h)) => {
+                    self.headers
+                        .entry(node.into())
+                        .or_default()
+                        .insert(h.height, h.hash.clone());
+                    self.heads.insert(node.into(), (h.height, h.hash.clone()));
+                }
+                Some(Kind::Finding(f)) => {
+                    self.findings
+                        .entry(node.into())
+                        .or_default()
+                        .insert(f.id.clone(), f.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn emits(&mut self, emits: &[Emit]) {
+        for e in emits {
+            self.findings
+                .entry(e.scope.clone())
+                .or_default()
+                .insert(e.finding.id.clone(), e.finding.clone());
+        }
+    }
+
+    /// The fleet's state as a start at `now` loads it.
+    fn load(&self, now: i64) -> FleetState {
+        let mut st = FleetState::new(now);
+        for (node, head) in &self.heads {
+            let headers = self.headers[node].iter().map(|(h, x)| (*h, x.clone()));
+            let findings = self
+                .findings
+                .get(node)
+                .into_iter()
+                .flat_map(|m| m.values().cloned());
+            st.load_node(node, NET, "ethereum", Some(head.clone()), headers, findings);
+        }
+        for f in self
+            .findings
+            .get("@devnet")
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            st.load_network_finding(NET, f.clone());
+        }
+        st
+    }
+}
+
+proptest! {
+    #[test]
+    fn a_restart_anywhere_in_a_network_reorg_changes_no_verdict_and_no_alert(
+        (n, back, delays, restart) in (2usize..6, 1u64..5, prop::collection::vec(0i64..2500, 6), 0usize..7)
+    ) {
+        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
+        let mut f = Fleet::new();
+        let mut store = Store::default();
+        let feed = |f: &mut Fleet, store: &mut Store, node: &str, events: Vec<proto::Event>| {
+            store.batch(node, &events);
+            let before = f.emitted.len();
+            f.batch(node, events);
+            store.emits(&f.emitted[before..]);
+        };
+        let wait = |f: &mut Fleet, store: &mut Store, ms: i64| {
+            let before = f.emitted.len();
+            f.wait(ms);
+            store.emits(&f.emitted[before..]);
+        };
+        for node in &nodes {
+            feed(&mut f, &mut store, node, (1..=12).map(|h| header(0, h)).collect());
+        }
+        wait(&mut f, &mut store, 3_000);
+        let fork = 12 - back;
+        let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
+        order.sort();
+        let start = f.now;
+        for (i, (d, node)) in order.iter().enumerate() {
+            if i == restart {
+                f.st = store.load(f.now);
+            }
+            let ahead = start + d - f.now;
+            if ahead > 0 {
+                wait(&mut f, &mut store, ahead);
+            }
+            let mut events: Vec<proto::Event> = (fork + 1..=13).map(|h| header(7, h)).collect();
+            events.push(reorg(0, 7, fork, 12));
+            feed(&mut f, &mut store, node, events);
+        }
+        if restart >= n {
+            f.st = store.load(f.now);
+        }
+        wait(&mut f, &mut store, 6_000);
+        let reorgs = f.of(FindingKind::Reorg);
+        // A node late by more than the divergence grace diverges meanwhile;
+        // of the reorg, one alert.
+        prop_assert_eq!(reorgs.iter().filter(|e| e.alert).count(), 1, "{:#?}", reorgs);
+        prop_assert_eq!(reorgs.iter().filter(|e| e.scope == "@devnet").count(), 1);
+        let decided: BTreeSet<&str> = reorgs
+            .iter()
+            .filter(|e| e.scope != "@devnet")
+            .map(|e| e.scope.as_str())
+            .collect();
+        prop_assert_eq!(decided.len(), n, "every node's reorg is judged: {:#?}", reorgs);
+        prop_assert!(reorgs.iter().all(|e| e.finding.verdict() == Verdict::Network), "{:#?}", reorgs);
+    }
+}
