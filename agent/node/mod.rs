@@ -14,6 +14,7 @@ pub mod report;
 pub mod snapshot;
 pub mod subscribe;
 pub mod validate;
+pub mod writer;
 
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
 //! Validate: the shell around the agent's rules (`judge`). It feeds them
 //! what Ingest saw, host samples and a clock, with the time read here, and
-//! hands what they decide to the store writer (`StoreWriter`), which
-//! commits headers, findings and status with their events in one atomic
-//! store commit and then makes them durable.
+//! hands what they decide to the store writer (`writer::StoreWriter`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +9,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use super::judge::{ChainStep, Input, Judge, Now, Outcome, Room, Rules, State};
+use super::writer::StoreWriter;
 use super::Ping;
 use crate::chain::{Cause, ChainSource};
 use crate::config::{HostConfig, ValidateConfig, ValidationLevel};
@@ -19,9 +18,6 @@ use crate::model::{now_unix_ms, NodeStatus};
 use crate::proto::{self, event::Kind, FindingState};
 use crate::store::local::{Commit, LocalStore};
 use crate::store::StoreError;
-
-/// How often the store's witness file is rewritten while events flow.
-const WITNESS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -61,70 +57,6 @@ impl From<Observation> for Input {
     }
 }
 
-/// Writes what the rules decided: one atomic commit, then a flush, and now
-/// and then the store's witness file. A write that fails on the disk
-/// leaves sled's store unwritable until it is reopened, so the agent exits
-/// for systemd to restart it.
-pub struct StoreWriter {
-    store: LocalStore,
-    retain_headers: u64,
-    /// When the store's witness file was last written.
-    witness_at: Option<Instant>,
-    /// Told when the store can no longer be written (the process exits).
-    fatal: Option<tokio::sync::watch::Sender<Option<String>>>,
-}
-
-impl StoreWriter {
-    /// Commits `commit`; the flush is the returned future, to run off the
-    /// actor's thread.
-    fn commit(
-        &self,
-        commit: Commit,
-    ) -> Result<impl std::future::Future<Output = Result<(), StoreError>>, (&'static str, StoreError)>
-    {
-        let head = commit.headers.last().map(|h| h.height);
-        match self.store.commit(commit, now_unix_ms()) {
-            Ok(done) if done.dropped > 0 => {
-                tracing::warn!(dropped = done.dropped, "outbox full: telemetry dropped")
-            }
-            Ok(_) => {}
-            Err(e) => return Err(("commit", e)),
-        }
-        if let Some(h) = head {
-            if let Err(e) = self.store.prune_headers(h, self.retain_headers) {
-                tracing::warn!("header retention failed: {e}");
-            }
-        }
-        let store = self.store.clone();
-        Ok(async move { store.flush().await })
-    }
-
-    fn flushed(&mut self) {
-        if self.witness_at.is_none_or(|t| t.elapsed() >= WITNESS_EVERY) {
-            self.witness_at = Some(Instant::now());
-            if let Err(e) = self.store.write_witness() {
-                tracing::warn!("store witness not written: {e}");
-            }
-        }
-    }
-
-    /// Whether a failure ends the process (true) or only the actor.
-    fn failed(&self, what: &str, e: &StoreError) -> bool {
-        match (&self.fatal, e.is_io()) {
-            (Some(fatal), true) => {
-                let msg = format!("store {what} failed on the disk: {e}; exiting so that a restart reopens the store");
-                tracing::error!("{msg}");
-                fatal.send_replace(Some(msg));
-                true
-            }
-            _ => {
-                tracing::error!("store {what} failed: {e}; validate restarts");
-                false
-            }
-        }
-    }
-}
-
 pub struct Validate {
     judge: Judge,
     writer: StoreWriter,
@@ -157,12 +89,7 @@ impl Validate {
         };
         let mut v = Validate {
             judge: Judge::new(rules, State::default()),
-            writer: StoreWriter {
-                store,
-                retain_headers,
-                witness_at: None,
-                fatal: None,
-            },
+            writer: StoreWriter::new(store, retain_headers),
             checks,
             timings,
             span,
@@ -184,7 +111,7 @@ impl Validate {
     /// (Re)builds the rules' state from what the store holds, so a restart
     /// neither re-opens nor forgets a finding, nor a branch the node gave up.
     fn reload(&mut self) {
-        let store = &self.writer.store;
+        let store = self.writer.store();
         let depth = self.judge.rules.validate.max_reorg_depth;
         let read = || -> Result<State, StoreError> {
             let top = store.head()?.map_or(0, |h| h.height);
@@ -222,7 +149,7 @@ impl Validate {
         fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Validate {
         self.min_free = min_free;
-        self.writer.fatal = Some(fatal);
+        self.writer.exit_on_disk_failure(fatal);
         self
     }
 
@@ -247,8 +174,8 @@ impl Validate {
 
     /// Whether the store's filesystem has room to write; see `Judge::room`.
     fn room(&mut self, now: Now, out: &mut Outcome) -> bool {
-        let free = self.writer.store.free_bytes().unwrap_or(u64::MAX);
-        let dir = self.writer.store.dir().display().to_string();
+        let free = self.writer.store().free_bytes().unwrap_or(u64::MAX);
+        let dir = self.writer.store().dir().display().to_string();
         match self.judge.room(free, self.min_free, &dir, now, out) {
             Room::Write => true,
             Room::Paused { newly } => {
@@ -302,7 +229,7 @@ impl Validate {
             proto::NodeStatus {
                 validate_latency: Some(self.timings.validate.take_summary()),
                 round_trip: Some(self.timings.round_trip.take_summary()),
-                dropped_events: self.writer.store.dropped_events(),
+                dropped_events: self.writer.store().dropped_events(),
                 ..s
             }
         });
@@ -414,7 +341,7 @@ impl Handler<Reconfigure> for Validate {
             host: msg.host,
             poll_interval: msg.poll_interval,
         };
-        self.writer.retain_headers = msg.retain_headers;
+        self.writer.retain(msg.retain_headers);
         self.announce_level();
     }
 }
@@ -437,10 +364,10 @@ impl Handler<TakeSnapshot> for Validate {
         let meta = Meta {
             store: "agent".into(),
             node_id: Some(msg.node_id),
-            last_seq: Some(self.writer.store.last_seq()),
+            last_seq: Some(self.writer.store().last_seq()),
             head_height: self.judge.state.head().map(|h| h.height),
         };
-        let store = self.writer.store.clone();
+        let store = self.writer.store().clone();
         let dir = msg.dir;
         let started = Instant::now();
         let (tx, rx) = tokio::sync::oneshot::channel();
