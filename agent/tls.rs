@@ -92,6 +92,34 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+/// A certificate's serial number, as its DER encoding holds it.
+pub fn serial(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.raw_serial().to_vec())
+}
+
+/// The serials every revocation list in a PEM file revokes.
+pub fn revoked_serials(path: &Path) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
+    let pem = fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let not_crl = || TlsError::NotPem {
+        path: path.to_path_buf(),
+        what: "a revocation list".into(),
+    };
+    let mut serials = std::collections::HashSet::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(&pem) {
+        let block = block.map_err(|_| not_crl())?;
+        let (_, crl) = x509_parser::parse_x509_crl(&block.contents).map_err(|_| not_crl())?;
+        serials.extend(
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec()),
+        );
+    }
+    Ok(serials)
+}
+
 /// `not_after` of the first certificate in a PEM file.
 pub fn pem_not_after(path: &Path) -> Option<i64> {
     let pem = fs::read(path).ok()?;
@@ -459,4 +487,32 @@ impl TlsFiles {
 /// Call once at start-up: rustls needs exactly one process-wide crypto provider.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serial_of(path: &Path) -> Vec<u8> {
+        let pem = fs::read(path).unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        serial(&parsed.contents).unwrap()
+    }
+
+    #[test]
+    fn a_revocation_list_names_the_serials_it_revokes() {
+        let dir = tempfile::tempdir().unwrap();
+        init_pki(dir.path(), &[], 30).unwrap();
+        let pki = PkiLayout::new(dir.path());
+        for node in ["node-1", "node-2"] {
+            issue_client(dir.path(), &Identity::Agent(node.into()), 30).unwrap();
+        }
+        let crl = revoke(dir.path(), &Identity::Agent("node-2".into())).unwrap();
+        let revoked = revoked_serials(&crl).unwrap();
+        assert!(revoked.contains(&serial_of(&pki.cert("agent-node-2"))));
+        assert!(!revoked.contains(&serial_of(&pki.cert("agent-node-1"))));
+        // Not a revocation list: a one-line error naming the file.
+        let e = revoked_serials(&pki.cert("agent-node-1")).unwrap_err();
+        assert!(e.to_string().contains("agent-node-1"), "{e}");
+    }
 }

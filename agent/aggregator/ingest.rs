@@ -44,6 +44,11 @@ struct NodeLive {
     owner: Option<Owner>,
     /// When the certificate the node last connected with expires (Unix s).
     cert_not_after: Option<i64>,
+    /// That certificate's serial, to end the stream if it is revoked.
+    cert_serial: Option<Vec<u8>>,
+    /// Set when the owner's stream is told to end because its certificate
+    /// was revoked (rather than replaced by a newer stream).
+    revoked: bool,
     /// The last second agent refused for this node id.
     refused: Option<Refusal>,
 }
@@ -102,6 +107,23 @@ impl Live {
     /// The last time a second agent was refused for `node`.
     pub fn last_refusal(&self, node: &str) -> Option<Refusal> {
         self.with(node, |n| n.refused.clone())
+    }
+
+    /// Ends the streams whose certificate's serial is in `revoked`, between
+    /// messages; returns their node ids. A reloaded revocation list then
+    /// refuses them at their next handshake.
+    pub fn end_revoked(&self, revoked: &std::collections::HashSet<Vec<u8>>) -> Vec<String> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = Vec::new();
+        for (node, n) in map.iter_mut() {
+            let hit = n.cert_serial.as_ref().is_some_and(|s| revoked.contains(s));
+            if let (true, Some(owner)) = (hit, &n.owner) {
+                n.revoked = true;
+                owner.replaced.notify_one();
+                ended.push(node.clone());
+            }
+        }
+        ended
     }
 
     fn touch(&self, node: &str) {
@@ -231,9 +253,9 @@ impl ingest_server::Ingest for IngestService {
                 ));
             }
         };
-        let req_not_after = req
-            .peer_certs()
-            .and_then(|c| c.first().and_then(|d| crate::tls::not_after(d)));
+        let peer = req.peer_certs().and_then(|c| c.first().cloned());
+        let req_not_after = peer.as_ref().and_then(|d| crate::tls::not_after(d));
+        let req_serial = peer.as_ref().and_then(|d| crate::tls::serial(d));
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
@@ -301,6 +323,8 @@ impl ingest_server::Ingest for IngestService {
         };
         let lock = self.live.with(&node, |n| {
             n.cert_not_after = req_not_after.or(n.cert_not_after);
+            n.cert_serial = req_serial.clone().or(n.cert_serial.take());
+            n.revoked = false;
             n.streams += 1;
             n.last_seen_ms = now_unix_ms();
             n.lock.clone()
@@ -443,6 +467,10 @@ async fn serve_stream(
             let msg = tokio::select! {
                 msg = inbound.message() => msg,
                 _ = replaced.notified() => {
+                    if live.with(node, |n| std::mem::take(&mut n.revoked)) {
+                        tracing::warn!(target: AUDIT, node_id = %node, "stream ended: its certificate is revoked");
+                        return Err(Status::permission_denied("this agent's certificate is revoked"));
+                    }
                     tracing::info!(node_id = %node, "stream replaced by a newer one of the same agent");
                     return Err(Status::already_exists("replaced by a newer stream of this agent"));
                 }

@@ -122,7 +122,7 @@ impl Aggregator {
                 daily.check_own(&files);
             }
         });
-        let (reloaded, reload_gate) = (fleet.clone(), gate.clone());
+        let (reloaded, reload_gate, reload_live) = (fleet.clone(), gate.clone(), live.clone());
         tokio::spawn(async move {
             while reloads.changed().await.is_ok() {
                 let cfg = reloads.borrow_and_update().clone();
@@ -132,7 +132,19 @@ impl Aggregator {
                 match reload_gate.reload(&cfg.tls) {
                     Ok(()) => tracing::info!("TLS files reloaded; connections kept"),
                     Err(e) => {
-                        tracing::error!("TLS files not reloaded, the ones in force stay: {e}")
+                        tracing::error!("TLS files not reloaded, the ones in force stay: {e}");
+                        continue;
+                    }
+                }
+                // Streams already open on a certificate now revoked end.
+                if let Some(crl) = &cfg.tls.crl {
+                    match crate::tls::revoked_serials(crl) {
+                        Ok(serials) => {
+                            for node in reload_live.end_revoked(&serials) {
+                                tracing::warn!(target: auth::AUDIT, node_id = %node, "ending the stream of {node}: its certificate is revoked");
+                            }
+                        }
+                        Err(e) => tracing::error!("revocation list not read for open streams: {e}"),
                     }
                 }
             }

@@ -12,7 +12,13 @@ impl FleetState {
     /// the peers; a judged one carries its network) is judged once the
     /// agents have had `CORROBORATE_MS` to reconnect. The receipt times are
     /// gone: what is restored counts as received at the start.
-    pub(super) fn reload_report(&mut self, node: &str, view: &mut NodeView, network: &str, mut f: Finding) {
+    pub(super) fn reload_report(
+        &mut self,
+        node: &str,
+        view: &mut NodeView,
+        network: &str,
+        mut f: Finding,
+    ) {
         let at = self.started_ms;
         let judged = !f.network.is_empty();
         // Still evidence: a recent report, or one that waits for its verdict.
