@@ -92,10 +92,14 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
-/// A certificate's serial number, as its DER encoding holds it.
-pub fn serial(der: &[u8]) -> Option<Vec<u8>> {
+/// When a certificate expires (Unix s) and its serial number, from one
+/// parse of its DER encoding.
+pub fn expiry_and_serial(der: &[u8]) -> Option<(i64, Vec<u8>)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(cert.raw_serial().to_vec())
+    Some((
+        cert.validity().not_after.timestamp(),
+        cert.raw_serial().to_vec(),
+    ))
 }
 
 /// The serials every revocation list in a PEM file revokes.
@@ -496,7 +500,7 @@ mod tests {
     fn serial_of(path: &Path) -> Vec<u8> {
         let pem = fs::read(path).unwrap();
         let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
-        serial(&parsed.contents).unwrap()
+        expiry_and_serial(&parsed.contents).unwrap().1
     }
 
     #[test]

@@ -253,9 +253,10 @@ impl ingest_server::Ingest for IngestService {
                 ));
             }
         };
-        let peer = req.peer_certs().and_then(|c| c.first().cloned());
-        let req_not_after = peer.as_ref().and_then(|d| crate::tls::not_after(d));
-        let req_serial = peer.as_ref().and_then(|d| crate::tls::serial(d));
+        let (req_not_after, req_serial) = req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|d| crate::tls::expiry_and_serial(d)))
+            .unzip();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {

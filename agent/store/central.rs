@@ -45,7 +45,8 @@ pub struct CentralStore {
     /// holds it alone, so no batch is half in a snapshot (sled's iterators
     /// are not a point-in-time view).
     gate: Arc<tokio::sync::RwLock<()>>,
-    dir: PathBuf,
+    /// Read at most every 100 ms: every batch asks.
+    free: Arc<super::FreeSpace>,
 }
 
 /// Many streams share one flush: each caller waits for the first flush that
@@ -122,13 +123,16 @@ impl CentralStore {
             commit,
             writer,
             gate: Arc::default(),
-            dir: dir.to_path_buf(),
+            free: Arc::new(super::FreeSpace::new(
+                dir,
+                std::time::Duration::from_millis(100),
+            )),
         })
     }
 
-    /// Bytes free on the store's filesystem.
+    /// Bytes free on the store's filesystem, as of at most 100 ms ago.
     pub fn free_bytes(&self) -> Option<u64> {
-        super::free_bytes(&self.dir)
+        self.free.get()
     }
 
     /// Hold this while persisting a batch of events.

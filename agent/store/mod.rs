@@ -52,6 +52,44 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
     Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
+/// `free_bytes` of one directory's filesystem, read at most once per
+/// `every`: it is asked on every batch, and the disk does not fill up
+/// between two batches a millisecond apart.
+pub struct FreeSpace {
+    dir: PathBuf,
+    every_ms: u64,
+    epoch: std::time::Instant,
+    /// When it was last read, in ms since `epoch`, plus one (0: never).
+    read_at: std::sync::atomic::AtomicU64,
+    /// What it read; `u64::MAX` when the read failed.
+    free: std::sync::atomic::AtomicU64,
+}
+
+impl FreeSpace {
+    pub fn new(dir: &Path, every: std::time::Duration) -> FreeSpace {
+        FreeSpace {
+            dir: dir.to_path_buf(),
+            every_ms: every.as_millis() as u64,
+            epoch: std::time::Instant::now(),
+            read_at: Default::default(),
+            free: Default::default(),
+        }
+    }
+
+    /// Bytes free, as of at most `every` ago; None when it cannot be read.
+    pub fn get(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let at = self.read_at.load(Relaxed);
+        if at == 0 || now.saturating_sub(at) >= self.every_ms {
+            let free = free_bytes(&self.dir).unwrap_or(u64::MAX);
+            self.free.store(free, Relaxed);
+            self.read_at.store(now, Relaxed);
+        }
+        Some(self.free.load(Relaxed)).filter(|f| *f != u64::MAX)
+    }
+}
+
 /// What a flush promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -152,5 +190,19 @@ mod tests {
         assert!(a < b && b < c);
         assert_eq!(key_tail_u64(&c), Some(256));
         assert_eq!(key_tail_u64(b"abc"), None);
+    }
+
+    #[test]
+    fn free_space_is_read_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let cached = FreeSpace::new(&path, std::time::Duration::from_secs(3600));
+        let fresh = FreeSpace::new(&path, std::time::Duration::ZERO);
+        assert!(cached.get().is_some());
+        assert!(fresh.get().is_some());
+        drop(dir);
+        // The directory is gone: a read fails, a cached value stands.
+        assert!(cached.get().is_some(), "read again within the interval");
+        assert_eq!(fresh.get(), None, "read each time");
     }
 }
