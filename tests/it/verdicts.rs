@@ -321,10 +321,10 @@ async fn the_whole_network_going_back_and_building_other_blocks_is_one_network_r
             .into_iter()
             .filter(|nf| {
                 !nf.node_id.is_empty()
-                    && nf
-                        .finding
-                        .as_ref()
-                        .is_some_and(|x| x.kind() == FindingKind::Reorg)
+                    && nf.finding.as_ref().is_some_and(|x| {
+                        // Judged, not only reported.
+                        x.kind() == FindingKind::Reorg && x.verdict() != Verdict::Unspecified
+                    })
             })
             .collect();
         (r.len() == 4).then_some(r)
@@ -335,14 +335,24 @@ async fn the_whole_network_going_back_and_building_other_blocks_is_one_network_r
         assert_eq!(x.verdict(), Verdict::Network, "{x:?}");
         assert_eq!(x.cause_id, n.id, "{x:?}");
     }
-    // Regressions seen on the way are part of it.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    for nf in f.findings().await {
-        let x = nf.finding.unwrap();
-        if x.kind() == FindingKind::HeightRegression {
-            assert_eq!(x.cause_id, n.id, "{x:?}");
-        }
+    // Regressions seen on the way are part of it, once judged.
+    let regressions = wait_for("the regressions judged", WAIT, &logs, || async {
+        let r: Vec<_> = f
+            .findings()
+            .await
+            .into_iter()
+            .filter_map(|nf| nf.finding)
+            .filter(|x| x.kind() == FindingKind::HeightRegression)
+            .collect();
+        r.iter()
+            .all(|x| x.verdict() != Verdict::Unspecified)
+            .then_some(r)
+    })
+    .await;
+    for x in regressions {
+        assert_eq!(x.cause_id, n.id, "{x:?}");
     }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let alerts = f.alerts();
     assert_eq!(
         alerts,
@@ -411,7 +421,20 @@ async fn a_two_against_two_split_is_one_network_finding_and_one_alert() {
         .await;
     detected("two against two: split resolved", healed);
     assert_eq!(r.id, s.id);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    for node in ["node-3", "node-4"] {
+        let x = f
+            .wait(
+                "the reorg that ended the split",
+                FindingKind::Reorg,
+                node,
+                FindingState::Occurred,
+            )
+            .await;
+        assert_eq!(x.cause_id, s.id, "{x:?}");
+        assert_eq!(x.verdict(), Verdict::Network, "{x:?}");
+    }
+    // Time for a late alert to arrive before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let alerts = f.alerts();
     assert_eq!(
         alerts,
@@ -431,13 +454,6 @@ async fn a_two_against_two_split_is_one_network_finding_and_one_alert() {
         ],
         "the split, alerted once and resolved once; the nodes' parts are not alerted"
     );
-    for nf in f.findings().await {
-        let x = nf.finding.unwrap();
-        if x.kind() == FindingKind::Reorg {
-            assert_eq!(x.cause_id, s.id, "{x:?}");
-            assert_eq!(x.verdict(), Verdict::Network, "{x:?}");
-        }
-    }
 }
 
 /// One anvil, mined every 500 ms, with its agent and an aggregator.
