@@ -408,13 +408,23 @@ pub struct MetricsConfig {
     /// Where Prometheus scrapes `/metrics`.
     pub listen: SocketAddr,
     pub enabled: bool,
+    /// Labels put on every series, so that the series of several
+    /// aggregators (an HA pair, shards) stay apart when merged
+    /// (`labels = { aggregator = "agg-eu-1" }`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
+
+/// Label names the series use themselves, and Prometheus' own.
+pub const SERIES_LABELS: [&str; 9] = [
+    "network", "node", "quantile", "kind", "reason", "role", "name", "instance", "job",
+];
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             enabled: true,
+            labels: Default::default(),
         }
     }
 }
@@ -932,6 +942,24 @@ impl AggregatorConfig {
             "metrics.listen",
             "must differ from listen",
         );
+        for name in self.metrics.labels.keys() {
+            let well_formed = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with("__");
+            p.check(
+                well_formed,
+                &format!("metrics.labels.{name}"),
+                "a label name is letters, digits and _, not starting with a digit or __",
+            );
+            p.check(
+                !SERIES_LABELS.contains(&name.as_str()),
+                &format!("metrics.labels.{name}"),
+                format!(
+                    "is a label of the series themselves or of Prometheus ({})",
+                    SERIES_LABELS.join(", ")
+                ),
+            );
+        }
         for (i, sink) in self.alerts.iter().enumerate() {
             if let Err(e) = http_url(&sink.url, &["http", "https"]) {
                 p.check(false, &format!("alert[{i}].url"), e);
@@ -1045,6 +1073,21 @@ key = "/nonexistent/k.pem"
         assert!(e.contains("source.network_id: kind prometheus"), "{e}");
         let e = config("prometheus", "[source.metrics]\nheight = \"h\"\n");
         assert!(!e.contains("source."), "a good map is accepted: {e}");
+    }
+
+    #[test]
+    fn metric_labels_must_not_take_a_name_the_series_use() {
+        let mut cfg: AggregatorConfig = toml::from_str(
+            "[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[metrics]\nlabels = { aggregator = \"a1\", node = \"x\", \"9x\" = \"y\" }\n",
+        )
+        .unwrap();
+        let e = cfg.problems(Path::new("agg.toml")).join("\n");
+        assert!(e.contains("metrics.labels.node"), "{e}");
+        assert!(e.contains("metrics.labels.9x"), "{e}");
+        assert!(!e.contains("metrics.labels.aggregator"), "{e}");
+        cfg.metrics.labels.retain(|k, _| k == "aggregator");
+        let e = cfg.problems(Path::new("agg.toml")).join("\n");
+        assert!(!e.contains("metrics.labels"), "{e}");
     }
 
     #[test]

@@ -11,14 +11,14 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-log "system packages: libsystemd-dev (the systemd crate links it), prometheus and alertmanager (fleet tests), node exporter (Prometheus source tests), systemd's journald (log tests)"
+log "system packages: libsystemd-dev (the systemd crate links it), prometheus and alertmanager (fleet tests), node exporter (Prometheus source tests), victoria-metrics (the shards' global view), systemd's journald (log tests)"
 if ! pkg-config --exists libsystemd 2>/dev/null || [ ! -x /usr/bin/prometheus ] \
     || [ ! -x /usr/bin/prometheus-alertmanager ] || [ ! -x /usr/bin/prometheus-node-exporter ] \
-    || [ ! -x /lib/systemd/systemd-journald ]; then
+    || [ ! -x /usr/bin/victoria-metrics ] || [ ! -x /lib/systemd/systemd-journald ]; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
         libsystemd-dev pkg-config prometheus prometheus-alertmanager prometheus-node-exporter \
-        systemd util-linux >/dev/null
+        victoria-metrics systemd util-linux >/dev/null
 fi
 
 log "ops tools: podman and runc (hosts with systemd), iptables (netavark's bridge network), debootstrap, lintian, rpm, iproute2 (network namespaces for the cut tests)"

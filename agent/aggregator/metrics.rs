@@ -66,6 +66,13 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(&Default::default())
+    }
+}
+
+impl Metrics {
+    /// The registry, with `labels` on every series (`metrics.labels`).
+    pub fn new(labels: &BTreeMap<String, String>) -> Self {
         let (head, lag, peers) = (Family::default(), Family::default(), Family::default());
         let rpc_latency = Family::<QuantileLabels, Gauge<f64, AtomicU64>>::default();
         let findings_open = Family::default();
@@ -73,7 +80,12 @@ impl Default for Metrics {
         let agents_connected = Gauge::default();
         let (refused, missing) = (Family::default(), Family::default());
         let cert_expiry = Family::<CertLabels, Gauge>::default();
-        let mut registry = Registry::with_prefix("outpost");
+        let mut registry = Registry::with_prefix_and_labels(
+            "outpost",
+            labels
+                .iter()
+                .map(|(k, v)| (k.clone().into(), v.clone().into())),
+        );
         registry.register(
             "node_head_height",
             "Head height each node reports",
@@ -363,5 +375,20 @@ mod tests {
                 rest = &rest[i + token.len()..];
             }
         }
+    }
+
+    #[test]
+    fn configured_labels_are_on_every_series() {
+        let labels = [("aggregator".to_string(), "agg-eu-1".to_string())].into();
+        let m = Metrics::new(&labels);
+        m.head("devnet", "n1", 7);
+        m.connected(1);
+        let text = m.encode();
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with("outpost_")).collect();
+        assert!(!series.is_empty());
+        for l in series {
+            assert!(l.contains("aggregator=\"agg-eu-1\""), "{l}");
+        }
+        assert!(text.contains("outpost_node_head_height{"), "{text}");
     }
 }

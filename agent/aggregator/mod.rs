@@ -97,7 +97,7 @@ impl Aggregator {
     ) -> anyhow::Result<()> {
         let snapshot_cfg = reloads.clone();
         let live = Arc::new(Live::default());
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(&self.cfg.metrics.labels));
         let gate = listen::Gate::new(
             self.cfg.tls.clone(),
             self.cfg.limits.clone(),

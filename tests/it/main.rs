@@ -17,6 +17,7 @@ mod mtls;
 mod network;
 mod prometheus;
 mod rpc_health;
+mod shards;
 mod snapshots;
 mod spine;
 mod subscribe;
