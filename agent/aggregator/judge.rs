@@ -123,7 +123,8 @@ impl NodeView {
     }
 }
 
-/// A node's decided reorg, for the regression that came before it.
+/// A node's decided reorg, for the regression that came before it and
+/// for peers that report the same reorg later.
 #[derive(Clone)]
 struct ReorgSeen {
     /// When the reorg was reported.
@@ -131,6 +132,23 @@ struct ReorgSeen {
     /// The network finding it is part of, else its own id.
     id: String,
     verdict: Verdict,
+    /// The finding as emitted.
+    finding: Finding,
+}
+
+impl ReorgSeen {
+    fn of(at_ms: i64, f: &Finding) -> ReorgSeen {
+        ReorgSeen {
+            at_ms,
+            id: if f.cause_id.is_empty() {
+                f.id.clone()
+            } else {
+                f.cause_id.clone()
+            },
+            verdict: f.verdict(),
+            finding: f.clone(),
+        }
+    }
 }
 
 /// An agent finding whose verdict waits on the peers.

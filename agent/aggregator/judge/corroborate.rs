@@ -27,15 +27,7 @@ impl FleetState {
             FindingKind::Reorg if recent => {
                 view.reorgs_reported.push(reorg_report(&f, at));
                 if judged && view.last_reorg.as_ref().is_none_or(|r| r.at_ms <= at) {
-                    view.last_reorg = Some(ReorgSeen {
-                        at_ms: at,
-                        id: if f.cause_id.is_empty() {
-                            f.id.clone()
-                        } else {
-                            f.cause_id.clone()
-                        },
-                        verdict: f.verdict(),
-                    });
+                    view.last_reorg = Some(ReorgSeen::of(at, &f));
                 }
             }
             FindingKind::HeightRegression if recent => {
@@ -152,22 +144,61 @@ impl FleetState {
                 };
             }
             if f.kind() == FindingKind::Reorg {
+                if !alert {
+                    self.join_earlier(&p.node, &net, &f, &judged, now, emits);
+                }
                 if let Some(v) = self.nodes.get_mut(&p.node) {
-                    v.last_reorg = Some(ReorgSeen {
-                        at_ms: p.at_ms,
-                        id: if f.cause_id.is_empty() {
-                            f.id.clone()
-                        } else {
-                            f.cause_id.clone()
-                        },
-                        verdict: f.verdict(),
-                    });
+                    v.last_reorg = Some(ReorgSeen::of(p.at_ms, &f));
                 }
             }
             emits.push(Emit {
                 scope: p.node,
                 finding: f,
                 alert,
+            });
+        }
+    }
+
+    /// Peers that replaced the same block but were judged before the
+    /// others reported (more than `CORROBORATE_MS` earlier) are judged
+    /// again: their reorg joins the network finding `f` names. The alert
+    /// they raised stays sent; the stored finding, queries and watchers get
+    /// the verdict.
+    #[allow(clippy::too_many_arguments)]
+    fn join_earlier(
+        &mut self,
+        node: &str,
+        net: &str,
+        f: &Finding,
+        judged: &Judged,
+        now: i64,
+        emits: &mut Vec<Emit>,
+    ) {
+        for (peer, v) in self.nodes.iter_mut() {
+            if peer == node || v.network != net {
+                continue;
+            }
+            let Some(seen) = v.last_reorg.as_mut() else {
+                continue;
+            };
+            let same_block = seen.finding.fork_point == f.fork_point
+                && seen.finding.replaced_hash == f.replaced_hash;
+            if seen.verdict == Verdict::Network || !same_block || now - seen.at_ms > CAUSE_JOINS_MS
+            {
+                continue;
+            }
+            let mut again = seen.finding.clone();
+            again.verdict = Verdict::Network as i32;
+            again.verdict_reason = format!(
+                "{}; judged again once the later nodes reported",
+                judged.reason
+            );
+            again.cause_id = f.cause_id.clone();
+            *seen = ReorgSeen::of(seen.at_ms, &again);
+            emits.push(Emit {
+                scope: peer.clone(),
+                finding: again,
+                alert: false,
             });
         }
     }

@@ -633,7 +633,9 @@ proptest! {
         let reorgs = f.of(FindingKind::Reorg);
         prop_assert!(reorgs.iter().all(|e| e.finding.verdict() == Verdict::Network), "{:?}", reorgs);
         prop_assert_eq!(reorgs.iter().filter(|e| e.scope == "@devnet").count(), 1);
-        prop_assert_eq!(f.alerted().len(), 1, "{:?}", f.alerted());
+        // A node later than the divergence grace diverges meanwhile (its own
+        // finding); of the reorg, one alert.
+        prop_assert_eq!(reorgs.iter().filter(|e| e.alert).count(), 1, "{:?}", f.alerted());
     }
 
     #[test]
@@ -925,5 +927,89 @@ proptest! {
             .collect();
         prop_assert_eq!(decided.len(), n, "every node's reorg is judged: {:#?}", reorgs);
         prop_assert!(reorgs.iter().all(|e| e.finding.verdict() == Verdict::Network), "{:#?}", reorgs);
+    }
+}
+
+#[test]
+fn a_node_judged_before_its_late_peers_reported_is_judged_again_with_them() {
+    let mut f = four_at(10);
+    let reorged = |f: &mut Fleet, n: &str| {
+        f.batch(
+            n,
+            vec![
+                header(5, 8),
+                header(5, 9),
+                header(5, 10),
+                reorg(0, 5, 7, 10),
+            ],
+        )
+    };
+    reorged(&mut f, "node-1");
+    // The others take longer than the wait for peers.
+    f.wait(3_500);
+    let early: Vec<Emit> = f.of(FindingKind::Reorg).into_iter().cloned().collect();
+    assert_eq!(early.len(), 1);
+    assert_eq!(early[0].finding.verdict(), Verdict::Node, "alone so far");
+    assert!(early[0].alert);
+    for n in ["node-2", "node-3", "node-4"] {
+        reorged(&mut f, n);
+    }
+    f.wait(5_000);
+    let network = f
+        .of(FindingKind::Reorg)
+        .into_iter()
+        .find(|e| e.scope == "@devnet")
+        .expect("a network reorg")
+        .finding
+        .clone();
+    // The last word on node-1's reorg is the network's.
+    let last = f
+        .of(FindingKind::Reorg)
+        .into_iter()
+        .rev()
+        .find(|e| e.scope == "node-1")
+        .unwrap()
+        .clone();
+    assert_eq!(last.finding.id, early[0].finding.id);
+    assert_eq!(
+        last.finding.verdict(),
+        Verdict::Network,
+        "{:?}",
+        last.finding
+    );
+    assert_eq!(last.finding.cause_id, network.id);
+    assert!(!last.alert, "the correction is not alerted again");
+}
+
+proptest! {
+    #[test]
+    fn however_late_the_peers_the_last_word_on_a_network_reorg_is_the_networks(
+        (n, delays) in (2usize..6, prop::collection::vec(0i64..10_000, 6))
+    ) {
+        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
+        let mut f = four_at(0);
+        for node in &nodes {
+            f.batch(node, (1..=12).map(|h| header(0, h)).collect());
+        }
+        f.wait(3_000);
+        let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
+        order.sort();
+        let start = f.now;
+        for (d, node) in order {
+            let ahead = start + d - f.now;
+            if ahead > 0 {
+                f.wait(ahead);
+            }
+            f.batch(node, vec![header(7, 11), header(7, 12), header(7, 13), reorg(0, 7, 10, 12)]);
+        }
+        f.wait(6_000);
+        // The cause is one network reorg, or a split the late nodes ended
+        // (two nodes apart for longer than the divergence grace).
+        let reorgs = f.of(FindingKind::Reorg);
+        prop_assert!(reorgs.iter().filter(|e| e.scope == "@devnet").count() <= 1, "{:#?}", reorgs);
+        for node in &nodes {
+            let last = reorgs.iter().rev().find(|e| &e.scope == node).expect("judged");
+            prop_assert_eq!(last.finding.verdict(), Verdict::Network, "{:#?}", reorgs);
+        }
     }
 }
