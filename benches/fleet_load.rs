@@ -247,7 +247,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[metrics]\nenabled = false\n[fleet]\nsilent_after = \"60s\"\n[log]\nlevel = \"warn\"\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[metrics]\nenabled = false\n[fleet]\nsilent_after = \"60s\"\nmax_networks = 128\n[log]\nlevel = \"warn\"\n",
             dir.path().join("data").display(),
             pki.ca_cert().display(),
             pki.cert("aggregator").display(),
