@@ -174,8 +174,8 @@ pub enum QueryCommand {
     Findings {
         #[arg(long)]
         node: Option<String>,
-        /// reorg, stall, unreachable, syncing, linkage, height-regression, events-dropped,
-        /// divergence, lag, agent-silent, network-stall
+        /// A finding kind as the findings print it: reorg, stall, unreachable, divergence,
+        /// lag, agent-silent, agent-paused, … (README.md, "Findings", lists them all)
         #[arg(long)]
         kind: Option<String>,
         /// RFC 3339 time (2026-01-02T03:04:05Z) or an age (10m, 2h).
