@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use actix::prelude::*;
 use sysinfo::{Disks, Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
+use super::judge::Input;
 use super::validate::{Observation, Validate};
 use super::Ping;
 use crate::config::HostConfig;
@@ -55,7 +56,7 @@ impl HostProbe {
         if !self.cfg.interval.is_zero() {
             self.schedule = Some(ctx.run_interval(self.cfg.interval, |act, _| {
                 if let Some(sample) = act.sample() {
-                    act.validate.do_send(Observation::Host(sample));
+                    act.validate.do_send(Observation(Input::Host(sample)));
                 }
             }));
         }

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, Transition};
-use super::judge::ChainStep;
+use super::judge::{ChainStep, Input};
 use super::subscribe::{self, HeadNotice, Subscription};
 use super::validate::{Observation, Validate};
 use super::Ping;
@@ -267,7 +267,10 @@ impl Handler<Tick> for Ingest {
             if let Some(why) =
                 implausible_head(known.as_ref(), head.height, now_s, walk.block_time, slack)
             {
-                validate.send(Observation::Implausible { why }).await.ok();
+                validate
+                    .send(Observation(Input::Implausible { why }))
+                    .await
+                    .ok();
                 return Ok(Polled::Done { read_status: false });
             }
             // Without hashes there is no chain to walk, only the head.
@@ -294,11 +297,11 @@ impl Handler<Tick> for Ingest {
             };
             // Validate answers once the observation is committed and durable.
             if validate
-                .send(Observation::Polled {
+                .send(Observation(Input::Polled {
                     chain,
                     status,
                     status_due: want_status,
-                })
+                }))
                 .await
                 .is_err()
             {
@@ -337,10 +340,10 @@ impl Handler<Tick> for Ingest {
                         "poll failed: {e}"
                     );
                     if t == Transition::Opened {
-                        act.validate.do_send(Observation::Unreachable {
+                        act.validate.do_send(Observation(Input::Unreachable {
                             error: e.to_string(),
                             cause: e.cause(),
-                        });
+                        }));
                     }
                     (t, d)
                 }

@@ -8,54 +8,21 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tracing::Instrument;
 
-use super::judge::{ChainStep, Input, Judge, Now, Outcome, Room, Rules, State};
+use super::judge::{Input, Judge, Now, Outcome, Room, Rules, State};
 use super::writer::StoreWriter;
 use super::Ping;
-use crate::chain::{Cause, ChainSource};
+use crate::chain::ChainSource;
 use crate::config::{HostConfig, ValidateConfig, ValidationLevel};
 use crate::latency::Timings;
-use crate::model::{now_unix_ms, NodeStatus};
+use crate::model::now_unix_ms;
 use crate::proto::{self, event::Kind, FindingState};
 use crate::store::local::{Commit, LocalStore};
 use crate::store::StoreError;
 
+/// What Ingest and the host probe saw, for the rules to judge.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub enum Observation {
-    /// A successful poll: new headers (if any) and the node's status (if read).
-    Polled {
-        chain: Option<ChainStep>,
-        status: Option<NodeStatus>,
-        /// A status interval ended with this poll: its report goes out even
-        /// when the status read failed (with the last status the node gave).
-        status_due: bool,
-    },
-    /// The circuit breaker opened: the node stopped answering.
-    Unreachable { error: String, cause: Cause },
-    /// The node reported a head that cannot be real; it was not stored.
-    Implausible { why: String },
-    /// A host probe sample.
-    Host(proto::HostSample),
-}
-
-impl From<Observation> for Input {
-    fn from(o: Observation) -> Input {
-        match o {
-            Observation::Polled {
-                chain,
-                status,
-                status_due,
-            } => Input::Polled {
-                chain,
-                status,
-                status_due,
-            },
-            Observation::Unreachable { error, cause } => Input::Unreachable { error, cause },
-            Observation::Implausible { why } => Input::Implausible { why },
-            Observation::Host(s) => Input::Host(s),
-        }
-    }
-}
+pub struct Observation(pub Input);
 
 pub struct Validate {
     judge: Judge,
@@ -416,6 +383,6 @@ impl Handler<Observation> for Validate {
     type Result = ResponseActFuture<Self, ()>;
 
     fn handle(&mut self, obs: Observation, ctx: &mut Context<Self>) -> Self::Result {
-        self.judge(obs.into(), ctx)
+        self.judge(obs.0, ctx)
     }
 }
