@@ -8,10 +8,11 @@ use std::time::Duration;
 
 const NET: &str = "devnet";
 
-/// Every agent reports; none was refused; no certificate runs out.
-struct AllSeen(i64);
+/// Every agent last seen at this time (Unix ms); none refused; no
+/// certificate runs out.
+struct SeenAt(i64);
 
-impl Sightings for AllSeen {
+impl Sightings for SeenAt {
     fn last_seen_ms(&self, _: &str) -> i64 {
         self.0
     }
@@ -85,12 +86,79 @@ fn regression(to: u64) -> proto::Event {
     })
 }
 
-/// A fleet under test: the rules, a clock, and everything they emitted.
+/// What the aggregator's store holds: each node's head and headers, and
+/// every finding as last written, the agents' reports as ingest stores
+/// them (before the fleet judges them) and the fleet's emits over them.
+#[derive(Default)]
+struct Store {
+    heads: BTreeMap<String, (u64, Vec<u8>)>,
+    headers: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
+    findings: BTreeMap<String, BTreeMap<String, Finding>>,
+}
+
+impl Store {
+    fn batch(&mut self, node: &str, events: &[proto::Event]) {
+        for e in events {
+            match &e.kind {
+                Some(Kind::Header(h)) => {
+                    self.headers
+                        .entry(node.into())
+                        .or_default()
+                        .insert(h.height, h.hash.clone());
+                    self.heads.insert(node.into(), (h.height, h.hash.clone()));
+                }
+                Some(Kind::Finding(f)) => {
+                    self.findings
+                        .entry(node.into())
+                        .or_default()
+                        .insert(f.id.clone(), f.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn emits(&mut self, emits: &[Emit]) {
+        for e in emits {
+            self.findings
+                .entry(e.scope.clone())
+                .or_default()
+                .insert(e.finding.id.clone(), e.finding.clone());
+        }
+    }
+
+    /// The fleet's state as a start at `now` loads it.
+    fn load(&self, now: i64) -> FleetState {
+        let mut st = FleetState::new(now);
+        for (node, head) in &self.heads {
+            let headers = self.headers[node].iter().map(|(h, x)| (*h, x.clone()));
+            let findings = self
+                .findings
+                .get(node)
+                .into_iter()
+                .flat_map(|m| m.values().cloned());
+            st.load_node(node, NET, "ethereum", Some(head.clone()), headers, findings);
+        }
+        for f in self
+            .findings
+            .get("@devnet")
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            st.load_network_finding(NET, f.clone());
+        }
+        st
+    }
+}
+
+/// A fleet under test: the rules, a clock, everything they emitted, and
+/// the store those reports and emits made, to restart from.
 struct Fleet {
     st: FleetState,
     cfg: FleetConfig,
     now: i64,
     emitted: Vec<Emit>,
+    store: Store,
 }
 
 impl Fleet {
@@ -100,14 +168,22 @@ impl Fleet {
             cfg: FleetConfig::default(),
             now: 1_000,
             emitted: Vec::new(),
+            store: Store::default(),
         }
     }
 
     fn batch(&mut self, node: &str, events: Vec<proto::Event>) {
+        self.store.batch(node, &events);
         let e = self
             .st
             .on_batch(node, NET, "ethereum", &events, self.now, 256);
+        self.store.emits(&e);
         self.emitted.extend(e);
+    }
+
+    /// The aggregator stops and starts again on what its store holds.
+    fn restart(&mut self) {
+        self.st = self.store.load(self.now);
     }
 
     /// Lets `ms` pass with an evaluation every second.
@@ -115,7 +191,8 @@ impl Fleet {
         let end = self.now + ms;
         while self.now < end {
             self.now += 1000.min(end - self.now);
-            let ev = self.st.evaluate(self.now, &self.cfg, &AllSeen(self.now));
+            let ev = self.st.evaluate(self.now, &self.cfg, &SeenAt(self.now));
+            self.store.emits(&ev.emits);
             self.emitted.extend(ev.emits);
         }
     }
@@ -144,6 +221,47 @@ impl Fleet {
 }
 
 const FOUR: [&str; 4] = ["node-1", "node-2", "node-3", "node-4"];
+
+/// `n` nodes share blocks `1..=top`, then each replaces the blocks above
+/// `fork` with branch 7's (one more block than before), reporting
+/// `delays[i]` ms after the first, in the order of the delays; with
+/// `restart`, the aggregator restarts before that report (after all of
+/// them when it is past the last). Returns the fleet 6 s after the last
+/// report, and the nodes.
+fn network_reorg(
+    n: usize,
+    top: u64,
+    fork: u64,
+    delays: &[i64],
+    restart: Option<usize>,
+) -> (Fleet, Vec<String>) {
+    let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
+    let mut f = Fleet::new();
+    for node in &nodes {
+        f.batch(node, (1..=top).map(|h| header(0, h)).collect());
+    }
+    f.wait(3_000);
+    let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
+    order.sort();
+    let start = f.now;
+    for (i, (d, node)) in order.iter().enumerate() {
+        if restart == Some(i) {
+            f.restart();
+        }
+        let ahead = start + d - f.now;
+        if ahead > 0 {
+            f.wait(ahead);
+        }
+        let mut events: Vec<proto::Event> = (fork + 1..=top + 1).map(|h| header(7, h)).collect();
+        events.push(reorg(0, 7, fork, top));
+        f.batch(node, events);
+    }
+    if restart.is_some_and(|r| r >= n) {
+        f.restart();
+    }
+    f.wait(6_000);
+    (f, nodes)
+}
 
 fn four_at(height: u64) -> Fleet {
     let mut f = Fleet::new();
@@ -309,7 +427,7 @@ fn a_two_against_two_split_is_one_network_finding_naming_both_groups() {
         )]
     );
     // Every node shows as diverged, linked to the split.
-    let view = f.st.view("", f.now, &f.cfg, &AllSeen(f.now));
+    let view = f.st.view("", f.now, &f.cfg, &SeenAt(f.now));
     assert!(
         view[0].nodes.iter().all(|n| n.status == "diverged"),
         "{view:?}"
@@ -611,25 +729,7 @@ proptest! {
 
     #[test]
     fn a_reorg_of_every_node_is_never_blamed_on_one((n, back, delays) in (2usize..7, 1u64..6, prop::collection::vec(0i64..2500, 7))) {
-        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
-        let mut f = Fleet::new();
-        for node in &nodes {
-            f.batch(node, (1..=20).map(|h| header(0, h)).collect());
-        }
-        f.wait(3_000);
-        let fork = 20 - back;
-        let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
-        order.sort();
-        let start = f.now;
-        for (d, node) in order {
-            if start + d > f.now {
-                f.wait(start + d - f.now);
-            }
-            let mut events: Vec<proto::Event> = (fork + 1..=21).map(|h| header(7, h)).collect();
-            events.push(reorg(0, 7, fork, 20));
-            f.batch(node, events);
-        }
-        f.wait(6_000);
+        let (f, _) = network_reorg(n, 20, 20 - back, &delays, None);
         let reorgs = f.of(FindingKind::Reorg);
         prop_assert!(reorgs.iter().all(|e| e.finding.verdict() == Verdict::Network), "{:?}", reorgs);
         prop_assert_eq!(reorgs.iter().filter(|e| e.scope == "@devnet").count(), 1);
@@ -669,21 +769,6 @@ proptest! {
             );
             prop_assert!(ok, "{:?}: {:?}", key, states);
         }
-    }
-}
-
-/// Agents last seen at a fixed time.
-struct SeenAt(i64);
-
-impl Sightings for SeenAt {
-    fn last_seen_ms(&self, _: &str) -> i64 {
-        self.0
-    }
-    fn last_refusal(&self, _: &str) -> Option<Refusal> {
-        None
-    }
-    fn cert_not_after(&self, _: &str) -> Option<i64> {
-        None
     }
 }
 
@@ -738,11 +823,7 @@ fn reorgs_stored_but_not_yet_judged_when_the_aggregator_stopped_are_judged_after
     }
     let mut emitted = Vec::new();
     for t in (51_000..=56_000).step_by(1000) {
-        emitted.extend(
-            after
-                .evaluate(t, &FleetConfig::default(), &AllSeen(t))
-                .emits,
-        );
+        emitted.extend(after.evaluate(t, &FleetConfig::default(), &SeenAt(t)).emits);
     }
     let network: Vec<&Emit> = emitted.iter().filter(|e| e.scope == "@devnet").collect();
     assert_eq!(network.len(), 1, "{emitted:#?}");
@@ -807,114 +888,12 @@ fn a_second_episode_at_the_same_anchor_gets_its_own_id_even_after_a_restart() {
     );
 }
 
-/// What the aggregator's store holds: each node's head and headers, and
-/// every finding as last written, the agents' reports as ingest stores
-/// them (before the fleet judges them) and the fleet's emits over them.
-#[derive(Default)]
-struct Store {
-    heads: BTreeMap<String, (u64, Vec<u8>)>,
-    headers: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
-    findings: BTreeMap<String, BTreeMap<String, Finding>>,
-}
-
-impl Store {
-    fn batch(&mut self, node: &str, events: &[proto::Event]) {
-        for e in events {
-            match &e.kind {
-                Some(Kind::Header(h)) => {
-                    self.headers
-                        .entry(node.into())
-                        .or_default()
-                        .insert(h.height, h.hash.clone());
-                    self.heads.insert(node.into(), (h.height, h.hash.clone()));
-                }
-                Some(Kind::Finding(f)) => {
-                    self.findings
-                        .entry(node.into())
-                        .or_default()
-                        .insert(f.id.clone(), f.clone());
-                }
-                _ => {}
-            }
-        }
-    }
-
-    fn emits(&mut self, emits: &[Emit]) {
-        for e in emits {
-            self.findings
-                .entry(e.scope.clone())
-                .or_default()
-                .insert(e.finding.id.clone(), e.finding.clone());
-        }
-    }
-
-    /// The fleet's state as a start at `now` loads it.
-    fn load(&self, now: i64) -> FleetState {
-        let mut st = FleetState::new(now);
-        for (node, head) in &self.heads {
-            let headers = self.headers[node].iter().map(|(h, x)| (*h, x.clone()));
-            let findings = self
-                .findings
-                .get(node)
-                .into_iter()
-                .flat_map(|m| m.values().cloned());
-            st.load_node(node, NET, "ethereum", Some(head.clone()), headers, findings);
-        }
-        for f in self
-            .findings
-            .get("@devnet")
-            .into_iter()
-            .flat_map(|m| m.values())
-        {
-            st.load_network_finding(NET, f.clone());
-        }
-        st
-    }
-}
-
 proptest! {
     #[test]
     fn a_restart_anywhere_in_a_network_reorg_changes_no_verdict_and_no_alert(
         (n, back, delays, restart) in (2usize..6, 1u64..5, prop::collection::vec(0i64..2500, 6), 0usize..7)
     ) {
-        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
-        let mut f = Fleet::new();
-        let mut store = Store::default();
-        let feed = |f: &mut Fleet, store: &mut Store, node: &str, events: Vec<proto::Event>| {
-            store.batch(node, &events);
-            let before = f.emitted.len();
-            f.batch(node, events);
-            store.emits(&f.emitted[before..]);
-        };
-        let wait = |f: &mut Fleet, store: &mut Store, ms: i64| {
-            let before = f.emitted.len();
-            f.wait(ms);
-            store.emits(&f.emitted[before..]);
-        };
-        for node in &nodes {
-            feed(&mut f, &mut store, node, (1..=12).map(|h| header(0, h)).collect());
-        }
-        wait(&mut f, &mut store, 3_000);
-        let fork = 12 - back;
-        let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
-        order.sort();
-        let start = f.now;
-        for (i, (d, node)) in order.iter().enumerate() {
-            if i == restart {
-                f.st = store.load(f.now);
-            }
-            let ahead = start + d - f.now;
-            if ahead > 0 {
-                wait(&mut f, &mut store, ahead);
-            }
-            let mut events: Vec<proto::Event> = (fork + 1..=13).map(|h| header(7, h)).collect();
-            events.push(reorg(0, 7, fork, 12));
-            feed(&mut f, &mut store, node, events);
-        }
-        if restart >= n {
-            f.st = store.load(f.now);
-        }
-        wait(&mut f, &mut store, 6_000);
+        let (f, _) = network_reorg(n, 12, 12 - back, &delays, Some(restart));
         let reorgs = f.of(FindingKind::Reorg);
         // A node late by more than the divergence grace diverges meanwhile;
         // of the reorg, one alert.
@@ -986,23 +965,7 @@ proptest! {
     fn however_late_the_peers_the_last_word_on_a_network_reorg_is_the_networks(
         (n, delays) in (2usize..6, prop::collection::vec(0i64..10_000, 6))
     ) {
-        let nodes: Vec<String> = (1..=n).map(|i| format!("node-{i}")).collect();
-        let mut f = four_at(0);
-        for node in &nodes {
-            f.batch(node, (1..=12).map(|h| header(0, h)).collect());
-        }
-        f.wait(3_000);
-        let mut order: Vec<(i64, &String)> = delays.iter().copied().zip(&nodes).collect();
-        order.sort();
-        let start = f.now;
-        for (d, node) in order {
-            let ahead = start + d - f.now;
-            if ahead > 0 {
-                f.wait(ahead);
-            }
-            f.batch(node, vec![header(7, 11), header(7, 12), header(7, 13), reorg(0, 7, 10, 12)]);
-        }
-        f.wait(6_000);
+        let (f, nodes) = network_reorg(n, 12, 10, &delays, None);
         // The cause is one network reorg, or a split the late nodes ended
         // (two nodes apart for longer than the divergence grace).
         let reorgs = f.of(FindingKind::Reorg);
