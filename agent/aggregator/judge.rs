@@ -605,12 +605,7 @@ impl FleetState {
                     height,
                 );
                 f.id = self.id(FindingKind::AgentSilent, node, format!("h{height}"));
-                self.open.insert(key, f.clone());
-                emits.push(Emit {
-                    scope: node.clone(),
-                    finding: f,
-                    alert: true,
-                });
+                self.raise(emits, key, f, true);
             } else if !silent.contains(node) {
                 if let Some(f) = self.open.remove(&key) {
                     emits.push(resolved(node, f, now, true));
@@ -710,12 +705,7 @@ impl FleetState {
                     height,
                 );
                 f.id = self.id(FindingKind::Lag, node, format!("h{height}"));
-                self.open.insert(key, f.clone());
-                emits.push(Emit {
-                    scope: node.clone(),
-                    finding: f,
-                    alert: true,
-                });
+                self.raise(emits, key, f, true);
             } else if !lagging && behind <= cfg.lag_blocks / 2 {
                 if let Some(f) = self.open.remove(&key) {
                     emits.push(resolved(node, f, now, true));
@@ -750,12 +740,7 @@ impl FleetState {
             );
             f.nodes = active.clone();
             f.id = self.id(FindingKind::NetworkStall, &key.0, format!("h{height}"));
-            self.open.insert(key.clone(), f.clone());
-            emits.push(Emit {
-                scope: key.0.clone(),
-                finding: f,
-                alert: true,
-            });
+            self.raise(emits, key.clone(), f, true);
             for n in &active {
                 if let Some(v) = self.nodes.get_mut(n) {
                     v.stall_covered = v.held_stall;
@@ -794,6 +779,16 @@ impl FleetState {
         }
     }
 
+    /// Opens the fleet finding `f` under `key` and emits it.
+    fn raise(&mut self, emits: &mut Vec<Emit>, key: (String, i32), f: Finding, alert: bool) {
+        emits.push(Emit {
+            scope: key.0.clone(),
+            finding: f.clone(),
+            alert,
+        });
+        self.open.insert(key, f);
+    }
+
     /// Keeps `node`'s fleet finding of `kind` open while `holds` is Some:
     /// opens it when it is not open yet; resolves it once `holds` is None.
     fn keep_open(
@@ -807,12 +802,7 @@ impl FleetState {
         let key = (node.to_string(), kind as i32);
         match holds {
             Some(f) if !self.open.contains_key(&key) => {
-                self.open.insert(key, f.clone());
-                emits.push(Emit {
-                    scope: node.to_string(),
-                    finding: f,
-                    alert: true,
-                });
+                self.raise(emits, key, f, true);
             }
             None => {
                 if let Some(f) = self.open.remove(&key) {

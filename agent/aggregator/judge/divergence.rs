@@ -83,12 +83,7 @@ impl FleetState {
                             to: *height,
                             at_ms: now,
                         });
-                    self.open.insert(split_key.clone(), f.clone());
-                    emits.push(Emit {
-                        scope: split_key.0.clone(),
-                        finding: f,
-                        alert: true,
-                    });
+                    self.raise(emits, split_key.clone(), f, true);
                 }
             }
             (None, true) => {
@@ -181,12 +176,7 @@ impl FleetState {
             if linked {
                 f.cause_id = split_id.clone().unwrap_or_default();
             }
-            self.open.insert(key, f.clone());
-            emits.push(Emit {
-                scope: node,
-                finding: f,
-                alert: !linked,
-            });
+            self.raise(emits, key, f, !linked);
         }
     }
 
