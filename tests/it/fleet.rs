@@ -20,20 +20,26 @@ use crate::spine::wait_at_head;
 const WAIT: Duration = Duration::from_secs(40);
 const GENESIS: u64 = 1_700_000_000;
 
-/// Three anvils from one genesis, each with its agent, and one aggregator.
-struct Fleet {
-    world: World,
-    anvils: Vec<Anvil>,
-    agents: Vec<Agent>,
-    agg: Aggregator,
-    q: QueryClient<Channel>,
+/// Anvils from one genesis, each with its agent, and one aggregator.
+pub struct Fleet {
+    pub world: World,
+    pub anvils: Vec<Anvil>,
+    pub agents: Vec<Agent>,
+    pub agg: Aggregator,
+    pub q: QueryClient<Channel>,
 }
 
 impl Fleet {
+    /// Three nodes.
     async fn start(aggregator_extra: &str, opts: fn() -> AgentOptions) -> Fleet {
+        Fleet::of(3, aggregator_extra, opts).await
+    }
+
+    /// `n` nodes, `node-1`..`node-n` on `anvil-1`..`anvil-n`.
+    pub async fn of(n: usize, aggregator_extra: &str, opts: fn() -> AgentOptions) -> Fleet {
         let world = World::new();
         let mut anvils = Vec::new();
-        for i in 1..=3 {
+        for i in 1..=n {
             anvils.push(Anvil::start(&world, &format!("anvil-{i}")).await);
         }
         let agg = Aggregator::start_with(&world, aggregator_extra).await;
@@ -52,14 +58,15 @@ impl Fleet {
         }
     }
 
-    fn logs(&self) -> Vec<PathBuf> {
+    pub fn logs(&self) -> Vec<PathBuf> {
         let mut l: Vec<PathBuf> = self.agents.iter().map(|a| a.log.clone()).collect();
         l.push(self.agg.log.clone());
         l
     }
 
-    /// Mines one block stamped `ts` on the given nodes (0-based).
-    async fn mine_at(&self, nodes: &[usize], ts: u64) {
+    /// Mines one block stamped `ts` on the given nodes (0-based). Blocks of
+    /// one parent and one timestamp are the same block on every anvil.
+    pub async fn mine_at(&self, nodes: &[usize], ts: u64) {
         for &i in nodes {
             self.anvils[i].rpc("evm_mine", json!([ts])).await;
         }
@@ -100,10 +107,10 @@ impl Fleet {
         .await
     }
 
-    async fn all_at_head(&mut self) {
-        for i in 0..3 {
+    pub async fn all_at_head(&self) {
+        for (anvil, agent) in self.anvils.iter().zip(&self.agents) {
             let mut q = self.q.clone();
-            wait_at_head(&mut q, &self.anvils[i], &self.agents[i], &self.agg).await;
+            wait_at_head(&mut q, anvil, agent, &self.agg).await;
         }
     }
 }

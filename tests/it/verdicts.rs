@@ -14,6 +14,7 @@ use outpost::proto::{
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
+use crate::fleet::Fleet;
 use crate::harness::{
     http_fixture, wait_for, Agent, AgentOptions, Aggregator, Anvil, Miner, Recorder, World,
 };
@@ -25,64 +26,33 @@ const GENESIS: u64 = 1_700_000_000;
 /// Four anvils from one genesis with an agent each, one aggregator, and
 /// the webhook that receives every alert.
 struct Four {
-    _world: World,
-    anvils: Vec<Anvil>,
-    agents: Vec<Agent>,
-    agg: Aggregator,
-    q: QueryClient<Channel>,
+    fleet: Fleet,
     hook: Recorder,
+}
+
+impl std::ops::Deref for Four {
+    type Target = Fleet;
+    fn deref(&self) -> &Fleet {
+        &self.fleet
+    }
+}
+
+/// Blocks come when a test mines them: no stall while it waits.
+fn mined_by_hand() -> AgentOptions {
+    AgentOptions {
+        block_time: "60s",
+        ..Default::default()
+    }
 }
 
 impl Four {
     async fn start() -> Four {
         let (hook, url) = Recorder::start().await;
-        let world = World::new();
-        let mut anvils = Vec::new();
-        for i in 1..=4 {
-            anvils.push(Anvil::start(&world, &format!("anvil-{i}")).await);
-        }
-        let agg = Aggregator::start_with(
-            &world,
-            &format!(
-                "[fleet]\nsilent_after = \"30s\"\n[[alert]]\nkind = \"webhook\"\nurl = \"{url}/hook\"\n"
-            ),
-        )
-        .await;
-        // Blocks come when a test mines them: no stall while it waits.
-        let agents = anvils
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let opts = AgentOptions {
-                    block_time: "60s",
-                    ..Default::default()
-                };
-                Agent::start(&world, &format!("node-{}", i + 1), &a.url(), &agg, opts)
-            })
-            .collect();
-        let q = world.query(&agg).await;
-        Four {
-            _world: world,
-            anvils,
-            agents,
-            agg,
-            q,
-            hook,
-        }
-    }
-
-    fn logs(&self) -> Vec<PathBuf> {
-        let mut l: Vec<PathBuf> = self.agents.iter().map(|a| a.log.clone()).collect();
-        l.push(self.agg.log.clone());
-        l
-    }
-
-    /// Mines one block stamped `ts` on the given nodes (0-based). Blocks of
-    /// one parent and one timestamp are the same block on every anvil.
-    async fn mine_at(&self, nodes: &[usize], ts: u64) {
-        for &i in nodes {
-            self.anvils[i].rpc("evm_mine", json!([ts])).await;
-        }
+        let extra = format!(
+            "[fleet]\nsilent_after = \"30s\"\n[[alert]]\nkind = \"webhook\"\nurl = \"{url}/hook\"\n"
+        );
+        let fleet = Fleet::of(4, &extra, mined_by_hand).await;
+        Four { fleet, hook }
     }
 
     async fn snapshot(&self, i: usize) -> Value {
@@ -122,13 +92,6 @@ impl Four {
             to + 1,
             from + 1
         );
-    }
-
-    async fn all_at_head(&self) {
-        for i in 0..4 {
-            let mut q = self.q.clone();
-            wait_at_head(&mut q, &self.anvils[i], &self.agents[i], &self.agg).await;
-        }
     }
 
     async fn findings(&self) -> Vec<NodeFinding> {
