@@ -173,12 +173,10 @@ impl Validate {
         };
         let started = Instant::now();
         match self.judge.step(input, now, self.checks.as_ref()) {
-            Ok(o) => {
-                out.events.extend(o.events);
-                out.headers = o.headers;
-                out.truncate_above = o.truncate_above;
-                out.retracted = o.retracted;
-                out.status_due = o.status_due;
+            // What the room check raised comes first.
+            Ok(mut o) => {
+                o.events.splice(0..0, out.events);
+                out = o;
             }
             Err(e) => {
                 tracing::error!("{e}");
