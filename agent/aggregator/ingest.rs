@@ -324,7 +324,7 @@ impl ingest_server::Ingest for IngestService {
         };
         let lock = self.live.with(&node, |n| {
             n.cert_not_after = req_not_after.or(n.cert_not_after);
-            n.cert_serial = req_serial.clone().or(n.cert_serial.take());
+            n.cert_serial = req_serial.or(n.cert_serial.take());
             n.revoked = false;
             n.streams += 1;
             n.last_seen_ms = now_unix_ms();
