@@ -605,44 +605,60 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
 }
 
 pub fn load_agent(path: &Path) -> Result<AgentConfig, ConfigErrors> {
-    let text = read(path)?;
-    let cfg: AgentConfig =
-        toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
-    let problems = cfg.problems(path);
-    if problems.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(ConfigErrors(problems))
-    }
+    parse_checked(path, &read(path)?)
 }
 
 pub fn load_aggregator(path: &Path) -> Result<AggregatorConfig, ConfigErrors> {
-    let text = read(path)?;
-    let cfg: AggregatorConfig =
-        toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
-    let problems = cfg.problems(path);
-    if problems.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(ConfigErrors(problems))
-    }
+    parse_checked(path, &read(path)?)
 }
 
 /// Loads either kind: a file with a `[source]` table is an agent config, one
 /// with a `[tls]` table an aggregator config.
 pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigErrors> {
-    let text = read(path)?;
+    parse_any(path, &read(path)?)
+}
+
+/// `load_any` on text already read; `path` names the file in the errors.
+pub fn parse_any(path: &Path, text: &str) -> Result<AnyConfig, ConfigErrors> {
     let table: toml::Table =
-        toml::from_str(&text).map_err(|e| ConfigErrors(vec![parse_error(path, &text, &e)]))?;
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![parse_error(path, text, &e)]))?;
     if table.contains_key("source") {
-        load_agent(path).map(|c| AnyConfig::Agent(Box::new(c)))
+        parse_checked(path, text).map(|c| AnyConfig::Agent(Box::new(c)))
     } else if table.contains_key("tls") {
-        load_aggregator(path).map(|c| AnyConfig::Aggregator(Box::new(c)))
+        parse_checked(path, text).map(|c| AnyConfig::Aggregator(Box::new(c)))
     } else {
         Err(ConfigErrors(vec![format!(
             "{}: neither an agent config (no [source] table) nor an aggregator config (no [tls] table)",
             path.display()
         )]))
+    }
+}
+
+/// A config kind whose values are checked after parsing.
+trait Checked: serde::de::DeserializeOwned {
+    fn problems(&self, path: &Path) -> Vec<String>;
+}
+
+impl Checked for AgentConfig {
+    fn problems(&self, path: &Path) -> Vec<String> {
+        AgentConfig::problems(self, path)
+    }
+}
+
+impl Checked for AggregatorConfig {
+    fn problems(&self, path: &Path) -> Vec<String> {
+        AggregatorConfig::problems(self, path)
+    }
+}
+
+fn parse_checked<T: Checked>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
+    let cfg: T =
+        toml::from_str(text).map_err(|e| ConfigErrors(vec![parse_error(path, text, &e)]))?;
+    let problems = cfg.problems(path);
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigErrors(problems))
     }
 }
 

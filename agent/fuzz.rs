@@ -95,9 +95,9 @@ pub fn chain_replies(bytes: &[u8]) {
 /// A config file as `outpost check-config` reads it: either kind, with its
 /// error lines (which point at a line and column of the text).
 pub fn config(bytes: &[u8]) {
-    let mut f = tempfile::NamedTempFile::new().expect("temp file");
-    f.write_all(bytes).expect("write");
-    let _ = crate::config::load_any(f.path());
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let _ = crate::config::parse_any(std::path::Path::new("fuzz.toml"), text);
+    }
 }
 
 /// A Prometheus scrape as the prometheus source reads it: the text

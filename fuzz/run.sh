@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS each (default 20), starting from the
-# seeds in seeds/<target> and the corpus kept in corpus/<target>. A crash
+# Runs every fuzz target for SECONDS each (default 20), or until RUNS
+# executions when RUNS is given (SECONDS is then the ceiling), starting from
+# the seeds in seeds/<target> and the corpus kept in corpus/<target>. A crash
 # stops the run with libFuzzer's report and leaves the input in
 # artifacts/<target>/. The long runs in RELIABILITY.md use the same script:
-#   bash fuzz/run.sh 600
+#   bash fuzz/run.sh 7200 10000000
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-20}
+runs=${2:--1}
 # cargo fuzz passes the sanitizer flags that only nightly compilers take by
 # default; the toolchain on these machines is stable.
 export RUSTC_BOOTSTRAP=1
@@ -17,7 +19,7 @@ for target in $(cargo fuzz list); do
     log="artifacts/$target.log"
     mkdir -p artifacts
     if ! cargo fuzz run "$target" "corpus/$target" "seeds/$target" -- \
-        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+        -max_total_time="$secs" -runs="$runs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         tail -n 80 "$log"
         echo "fuzz target $target failed; the input is in fuzz/artifacts/$target/" >&2
         exit 1
