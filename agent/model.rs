@@ -155,6 +155,7 @@ impl proto::FindingKind {
             proto::FindingKind::CertExpiry => "cert-expiry",
             proto::FindingKind::StorePaused => "store-paused",
             proto::FindingKind::AgentPaused => "agent-paused",
+            proto::FindingKind::AheadAlone => "ahead-alone",
         }
     }
 
@@ -163,7 +164,7 @@ impl proto::FindingKind {
     }
 }
 
-pub const ALL_KINDS: [proto::FindingKind; 25] = [
+pub const ALL_KINDS: [proto::FindingKind; 26] = [
     proto::FindingKind::Reorg,
     proto::FindingKind::Stall,
     proto::FindingKind::Unreachable,
@@ -189,6 +190,7 @@ pub const ALL_KINDS: [proto::FindingKind; 25] = [
     proto::FindingKind::CertExpiry,
     proto::FindingKind::StorePaused,
     proto::FindingKind::AgentPaused,
+    proto::FindingKind::AheadAlone,
 ];
 
 impl proto::Verdict {

@@ -158,6 +158,46 @@ struct Pending {
     at_ms: i64,
 }
 
+/// When a height of a network was reached: by whom first, and when a
+/// second node corroborated it.
+struct Reached {
+    first: String,
+    first_ms: i64,
+    second_ms: Option<i64>,
+}
+
+impl Reached {
+    fn by(&mut self, node: &str, now: i64) {
+        if self.second_ms.is_none() && self.first != node {
+            self.second_ms = Some(now);
+        }
+    }
+
+    /// Since when the height counts as the network's: once a second node
+    /// reached it, or at once when the first is trusted alone (a reference
+    /// node, or the only node reporting).
+    fn since(&self, trusted: impl Fn(&str) -> bool) -> Option<i64> {
+        if trusted(&self.first) {
+            Some(self.first_ms)
+        } else {
+            self.second_ms
+        }
+    }
+}
+
+/// The fleet head of a network from its reporting nodes' heights (each with
+/// whether the node is a reference node): the highest height that two nodes
+/// reached, or that a reference node reached, or the only node's. One node
+/// alone above the others does not raise it: a node that serves blocks of
+/// its own would make every honest node lag.
+pub fn corroborated_head(heads: &[(u64, bool)]) -> Option<u64> {
+    let reference = heads.iter().filter(|h| h.1).map(|h| h.0).max();
+    let mut heights: Vec<u64> = heads.iter().map(|h| h.0).collect();
+    heights.sort_unstable_by(|a, b| b.cmp(a));
+    let second = heights.get(1).or(heights.first()).copied();
+    second.max(reference)
+}
+
 /// A network finding that late node reports join.
 struct Cause {
     id: String,
@@ -172,8 +212,9 @@ pub struct FleetState {
     nodes: BTreeMap<String, NodeView>,
     /// Open fleet findings by (scope, kind); scope is a node id or `@network`.
     open: HashMap<(String, i32), Finding>,
-    /// Per network: when some node first reached each recent height.
-    reached: HashMap<String, BTreeMap<u64, i64>>,
+    /// Per network: who first reached each recent height and when, and
+    /// when a second node did.
+    reached: HashMap<String, BTreeMap<u64, Reached>>,
     /// Per network: the first hash seen at each recent height, shared with
     /// every node that reports the same one.
     hashes: HashMap<String, BTreeMap<u64, Hash>>,
@@ -385,7 +426,12 @@ impl FleetState {
                         .entry(network.to_string())
                         .or_default()
                         .entry(h.height)
-                        .or_insert(now);
+                        .or_insert_with(|| Reached {
+                            first: node.to_string(),
+                            first_ms: now,
+                            second_ms: None,
+                        })
+                        .by(node, now);
                 }
                 Some(Kind::Status(s))
                     if view.height().is_some_and(|top| s.head_height < top)
@@ -671,7 +717,13 @@ impl FleetState {
         }
 
         // Fleet head and lag, over nodes whose agents report.
-        let fleet_head = active.iter().filter_map(|n| self.nodes[n].height()).max();
+        let reference = |n: &str| cfg.reference_nodes.iter().any(|r| r == n);
+        let heads: Vec<(u64, bool)> = active
+            .iter()
+            .filter_map(|n| Some((self.nodes[n].height()?, reference(n))))
+            .collect();
+        let fleet_head = corroborated_head(&heads);
+        let lone = heads.len() == 1;
         for node in members {
             let key = (node.clone(), FindingKind::Lag as i32);
             let height = self.nodes[node].height();
@@ -684,7 +736,7 @@ impl FleetState {
                 .reached
                 .get(net)
                 .and_then(|r| r.get(&(height.saturating_add(1))))
-                .copied();
+                .and_then(|r| r.since(|n| lone || reference(n)));
             let late_ms = next_reached.map_or(0, |t| now - t);
             let lagging = behind > cfg.lag_blocks
                 || (behind > 0 && late_ms > cfg.lag_after.as_millis() as i64);
@@ -711,6 +763,7 @@ impl FleetState {
                     emits.push(resolved(node, f, now, true));
                 }
             }
+            self.judge_ahead(net, node, height, top, now, cfg, emits);
         }
 
         self.judge_divergence(net, &active, now, cfg, emits);
@@ -760,9 +813,7 @@ impl FleetState {
                 continue;
             }
             let height = view.height().unwrap_or(0);
-            let peer_advanced = active
-                .iter()
-                .any(|p| p != node && self.nodes[p].height().is_some_and(|h| h > height));
+            let peer_advanced = fleet_head.is_some_and(|top| top > height);
             if peer_advanced && !self.open.contains_key(&key) {
                 let view = self.nodes.get_mut(node).expect("member");
                 view.held_stall = false;
@@ -775,6 +826,52 @@ impl FleetState {
                         alert: true,
                     });
                 }
+            }
+        }
+    }
+
+    /// A node more than `lag_blocks` above the fleet head for `lag_after`:
+    /// no other node reached its height. Undecided: it may be first on a
+    /// chain the others do not follow yet, or serve blocks of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_ahead(
+        &mut self,
+        net: &str,
+        node: &str,
+        height: u64,
+        top: u64,
+        now: i64,
+        cfg: &FleetConfig,
+        emits: &mut Vec<Emit>,
+    ) {
+        let key = (node.to_string(), FindingKind::AheadAlone as i32);
+        let ahead = height.saturating_sub(top);
+        let bound = top.saturating_add(cfg.lag_blocks).saturating_add(1);
+        let since = self
+            .reached
+            .get(net)
+            .and_then(|r| r.get(&bound))
+            .map_or(now, |r| r.first_ms);
+        let alone = ahead > cfg.lag_blocks && now - since > cfg.lag_after.as_millis() as i64;
+        if alone && !self.open.contains_key(&key) {
+            let mut f = new_finding(
+                FindingKind::AheadAlone,
+                Severity::Warning,
+                net,
+                format!("{node} is {ahead} blocks above the fleet head {top} (at {height})"),
+                Verdict::Unspecified,
+                format!(
+                    "no other node of {net} reached height {bound} in {}s: {node} is first on a chain the others do not follow, or serves blocks of its own (a reference node in fleet.reference_nodes decides which)",
+                    (now - since) / 1000
+                ),
+                now,
+                height,
+            );
+            f.id = self.id(FindingKind::AheadAlone, node, format!("h{height}"));
+            self.raise(emits, key, f, true);
+        } else if ahead <= cfg.lag_blocks / 2 {
+            if let Some(f) = self.open.remove(&key) {
+                emits.push(resolved(node, f, now, true));
             }
         }
     }
@@ -844,6 +941,7 @@ impl FleetState {
         seen: &dyn Sightings,
     ) -> Vec<proto::NetworkView> {
         let mut nets: BTreeMap<String, proto::NetworkView> = BTreeMap::new();
+        let mut heads: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
         for (node, v) in &self.nodes {
             if !only.is_empty() && v.network != only {
                 continue;
@@ -857,8 +955,11 @@ impl FleetState {
                 });
             let (height, hash) = v.head.clone().unwrap_or_default();
             let silent = self.silent(node, now, cfg, seen);
-            if !silent {
-                net.fleet_head = net.fleet_head.max(height);
+            if !silent && v.head.is_some() {
+                heads
+                    .entry(v.network.clone())
+                    .or_default()
+                    .push((height, cfg.reference_nodes.contains(node)));
             }
             let fleet_open = |k: FindingKind| self.open.contains_key(&(node.clone(), k as i32));
             let status = if silent {
@@ -868,6 +969,7 @@ impl FleetState {
             } else {
                 match own_status(|k| v.agent_open.contains_key(&(k as i32))) {
                     "ok" if fleet_open(FindingKind::Lag) => "lagging",
+                    "ok" if fleet_open(FindingKind::AheadAlone) => "ahead",
                     own => own,
                 }
             };
@@ -881,7 +983,11 @@ impl FleetState {
             });
         }
         for net in nets.values_mut() {
-            let top = net.fleet_head;
+            let top = heads
+                .get(&net.network)
+                .and_then(|h| corroborated_head(h))
+                .unwrap_or(0);
+            net.fleet_head = top;
             for n in &mut net.nodes {
                 n.lag = top.saturating_sub(n.height);
             }

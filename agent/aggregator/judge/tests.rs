@@ -976,3 +976,100 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_node_that_lags_the_others_is_lagging() {
+    let mut f = four_at(10);
+    f.mine(&["node-1", "node-2", "node-3"], 0, 11..=30);
+    f.wait(2_000);
+    let lag = f.of(FindingKind::Lag);
+    assert_eq!(lag.len(), 1, "{lag:?}");
+    assert_eq!(lag[0].scope, "node-4");
+    assert!(lag[0].finding.summary.contains("20 blocks behind"));
+}
+
+/// A node that serves a chain of its own, well linked and within what its
+/// agent finds plausible, but ahead of every other node: its height is not
+/// the fleet's, so the honest nodes do not lag; it is ahead alone.
+#[test]
+fn a_head_no_other_node_corroborates_does_not_make_the_others_lag() {
+    let mut f = four_at(10);
+    f.mine(&["node-4"], 9, 11..=40);
+    for h in 11..=16 {
+        f.mine(&["node-1", "node-2", "node-3"], 0, h..=h);
+        f.wait(12_000);
+    }
+    assert_eq!(
+        f.of(FindingKind::Lag).len(),
+        0,
+        "{:?}",
+        f.of(FindingKind::Lag)
+    );
+    let ahead = f.of(FindingKind::AheadAlone);
+    assert_eq!(ahead.len(), 1, "{ahead:?}");
+    assert_eq!(ahead[0].scope, "node-4");
+    assert_eq!(ahead[0].finding.verdict(), Verdict::Unspecified);
+    assert!(
+        ahead[0].finding.summary.contains("24 blocks above"),
+        "{}",
+        ahead[0].finding.summary
+    );
+    let view = f.st.view(NET, f.now, &f.cfg, &SeenAt(f.now));
+    assert_eq!(view[0].fleet_head, 16);
+    // node-4's blocks differ from the others' at 11..=16 too.
+    let rows: Vec<(&str, u64, &str)> = view[0]
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.lag, n.status.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("node-1", 0, "ok"),
+            ("node-2", 0, "ok"),
+            ("node-3", 0, "ok"),
+            ("node-4", 0, "diverged")
+        ]
+    );
+    // The others reach its height on their own chain: its blocks differ.
+    f.mine(&["node-1", "node-2", "node-3"], 0, 17..=40);
+    f.wait(3_000);
+    let ahead = f.of(FindingKind::AheadAlone);
+    assert_eq!(ahead.len(), 2, "{ahead:?}");
+    assert_eq!(ahead[1].finding.state(), FindingState::Resolved);
+    let div = f.of(FindingKind::Divergence);
+    assert_eq!((div.len(), div[0].scope.as_str()), (1, "node-4"), "{div:?}");
+}
+
+/// A reference node is trusted alone: ahead of the others, they lag it.
+#[test]
+fn a_reference_node_ahead_alone_is_the_fleet_head() {
+    let mut f = four_at(10);
+    f.cfg.reference_nodes = vec!["node-4".into()];
+    f.mine(&["node-4"], 0, 11..=30);
+    f.wait(2_000);
+    let lag = f.of(FindingKind::Lag);
+    assert_eq!(lag.len(), 3, "{lag:?}");
+    assert_eq!(f.of(FindingKind::AheadAlone).len(), 0);
+}
+
+/// Of two nodes, which one is wrong cannot be told without a reference:
+/// the one ahead is `ahead`, undecided, and the other does not lag.
+#[test]
+fn of_two_nodes_the_one_ahead_alone_is_undecided() {
+    let mut f = Fleet::new();
+    f.mine(&["node-1", "node-2"], 0, 1..=10);
+    f.mine(&["node-2"], 0, 11..=30);
+    f.wait(61_000);
+    assert_eq!(f.of(FindingKind::Lag).len(), 0);
+    let ahead = f.of(FindingKind::AheadAlone);
+    assert_eq!(ahead.len(), 1, "{ahead:?}");
+    assert!(ahead[0].finding.verdict_reason.contains("reference node"));
+    let view = f.st.view(NET, f.now, &f.cfg, &SeenAt(f.now));
+    let rows: Vec<(&str, u64, &str)> = view[0]
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.as_str(), n.lag, n.status.as_str()))
+        .collect();
+    assert_eq!(rows, [("node-1", 0, "ok"), ("node-2", 0, "ahead")]);
+}
