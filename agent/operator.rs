@@ -122,6 +122,7 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
                 "duplicates_ignored": d.duplicates_ignored,
                 "dropped_events": d.dropped_events,
                 "missing_events": d.missing_events,
+                "redelivered_headers": d.redelivered_headers,
                 "last_snapshot": d.last_snapshot.as_ref().map(|s| {
                     let mut v = snapshot_json(s);
                     v["at_unix_ms"] = json!(d.last_snapshot_at_unix_ms);
@@ -397,6 +398,7 @@ pub fn event_json(e: &crate::proto::Event) -> Value {
         Some(Kind::Finding(f)) => ("finding", finding_json(f)),
         Some(Kind::Gap(g)) => ("gap", json!({"last_seq": g.last_seq, "dropped": g.dropped})),
         Some(Kind::Snapshot(s)) => ("snapshot", snapshot_json(s)),
+        Some(Kind::Resent(r)) => ("resent", json!({"height": r.height, "hash": hex(&r.hash)})),
         None => ("unknown", Value::Null),
     };
     json!({"seq": e.seq, "at_unix_ms": e.at_unix_ms, "kind": kind, "body": body})
@@ -482,7 +484,7 @@ fn node_text(v: &Value) -> String {
     let st = &v["status"];
     let lat = &st["rpc_latency"];
     let mut out = format!(
-        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nmempool   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}   missing (seq gaps) {}\n",
+        "node      {}\nnetwork   {}\nchain     {}\nstatus    {}\nhead      {} {}\npeers     {}\nsyncing   {}\nmempool   {}\nrpc p50/p99  {} / {} µs ({} calls in the last interval)\nlast seq  {}\nagent     {}\ndropped   {}   duplicates ignored {}   headers sent again {}   missing (seq gaps) {}\n",
         s["node_id"].as_str().unwrap_or(""),
         s["network"].as_str().unwrap_or(""),
         s["chain"].as_str().unwrap_or(""),
@@ -499,6 +501,7 @@ fn node_text(v: &Value) -> String {
         v["agent_version"].as_str().unwrap_or(""),
         v["dropped_events"],
         v["duplicates_ignored"],
+        v["redelivered_headers"],
         v["missing_events"],
     );
     let line = |name: &str, l: &Value, extra: String| {

@@ -211,7 +211,7 @@ fn main() {
         let (mut in_persist, mut in_flush) = (Duration::ZERO, Duration::ZERO);
         for b in &batches {
             let t = Instant::now();
-            central.persist("bench", b.events.clone(), 1).await.unwrap();
+            central.persist("bench", b.events.clone(), 1, &mut None).await.unwrap();
             in_persist += t.elapsed();
             let t = Instant::now();
             central.durable().await.unwrap();

@@ -20,7 +20,7 @@ use crate::proto::{
     self, agent_message, aggregator_message, event::Kind, ingest_server, Ack, AgentMessage,
     AggregatorMessage, Hello, Welcome,
 };
-use crate::store::central::CentralStore;
+use crate::store::central::{CatchUp, CentralStore};
 use crate::store::local::event_last_seq;
 use crate::wire::MAX_EVENTS_PER_BATCH;
 
@@ -346,7 +346,7 @@ impl ingest_server::Ingest for IngestService {
         tokio::spawn(async move {
             let end = welcome(&ctx, &hello, &tx).await;
             let end = match end {
-                Ok(()) => serve_stream(&ctx, &mut inbound, &tx, &replaced).await,
+                Ok(catch_up) => serve_stream(&ctx, &mut inbound, &tx, &replaced, catch_up).await,
                 Err(e) => Err(e),
             };
             ctx.live.release(&ctx.node, stream);
@@ -367,12 +367,13 @@ impl ingest_server::Ingest for IngestService {
 
 /// Records the agent and sends the Welcome, under the node's lock: an older
 /// stream of the node finishes its persist first, so the resume point is
-/// what the store holds.
+/// what the store holds. Returns the stream's catch-up when the agent holds
+/// less than the store.
 async fn welcome(
     ctx: &StreamCtx,
     hello: &Hello,
     tx: &mpsc::Sender<Result<AggregatorMessage, Status>>,
-) -> Result<(), Status> {
+) -> Result<Option<CatchUp>, Status> {
     let rec = {
         let _g = ctx.lock.lock().await;
         let before = ctx.store.node(&ctx.node).map_err(internal)?;
@@ -399,12 +400,14 @@ async fn welcome(
         stored_last_seq = rec.last_seq,
         "agent connected"
     );
+    let catch_up = CatchUp::after_hello(&rec, hello.local_last_seq);
     let welcome = AggregatorMessage {
         body: Some(aggregator_message::Body::Welcome(Welcome {
             last_stored_seq: rec.last_seq,
         })),
     };
-    tx.send(Ok(welcome)).await.map_err(internal)
+    tx.send(Ok(welcome)).await.map_err(internal)?;
+    Ok(catch_up)
 }
 
 /// Why a batch cannot be taken in, before any of it is stored: more events
@@ -424,6 +427,12 @@ pub fn check_batch(batch: &proto::Batch) -> Result<(), String> {
                 "seq {} does not follow seq {}",
                 e.seq,
                 after.unwrap_or(0)
+            ));
+        }
+        if let Some(Kind::Resent(_)) = &e.kind {
+            return Err(format!(
+                "event {} is a resent marker, which only the aggregator writes",
+                e.seq
             ));
         }
         if let Some(Kind::Gap(g)) = &e.kind {
@@ -455,6 +464,7 @@ async fn serve_stream(
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::Sender<Result<AggregatorMessage, Status>>,
     replaced: &Notify,
+    mut catch_up: Option<CatchUp>,
 ) -> Result<(), Status> {
     let (node, store, live, lock) = (ctx.node.as_str(), &ctx.store, &ctx.live, &ctx.lock);
     // Persisting the next batch overlaps with flushing the previous ones:
@@ -509,7 +519,7 @@ async fn serve_stream(
                         let _g = lock.lock().await;
                         let _s = store.persisting().await;
                         store
-                            .persist(node, batch.events, now_unix_ms())
+                            .persist(node, batch.events, now_unix_ms(), &mut catch_up)
                             .await
                             .map_err(internal)?
                     };
@@ -594,6 +604,17 @@ mod tests {
         assert!(check_batch(&many)
             .unwrap_err()
             .contains("at most 10000 events"));
+
+        let resent = Batch {
+            events: vec![Event {
+                seq: 1,
+                kind: Some(Kind::Resent(crate::proto::Resent::default())),
+                ..Default::default()
+            }],
+        };
+        assert!(check_batch(&resent)
+            .unwrap_err()
+            .contains("only the aggregator writes"));
     }
 
     #[test]

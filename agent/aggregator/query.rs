@@ -106,6 +106,7 @@ impl query_server::Query for QueryService {
             last_snapshot: rec.last_snapshot.clone(),
             last_snapshot_at_unix_ms: rec.last_snapshot_at_unix_ms,
             missing_events: rec.missing_events,
+            redelivered_headers: rec.redelivered_headers,
         }))
     }
 

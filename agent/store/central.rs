@@ -57,12 +57,38 @@ struct GroupCommit {
     done: watch::Sender<Result<u64, String>>,
 }
 
+/// A stream whose agent holds less than the aggregator does (its Hello's
+/// last seq is below the stored one: its store was restored from a
+/// snapshot or lost its tail). It reads the node's blocks after its own head
+/// again and reports its own head on the way up. Until it is back at the
+/// height the index held at its Hello, a status below that height on the
+/// indexed chain is the agent catching up, not the node going back; a
+/// second status at the same height is the node, and so is any header that
+/// differs from the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatchUp {
+    below: u64,
+    last_status: Option<u64>,
+}
+
+impl CatchUp {
+    /// The catch-up of a stream whose agent said `agent_last_seq` in its
+    /// Hello, for the node's stored record; None if it holds all it sent.
+    pub fn after_hello(rec: &NodeRecord, agent_last_seq: u64) -> Option<CatchUp> {
+        (agent_last_seq < rec.last_seq && rec.indexed_top > 0).then_some(CatchUp {
+            below: rec.indexed_top,
+            last_status: None,
+        })
+    }
+}
+
 #[derive(Debug, Default, PartialEq)]
 pub struct Persisted {
     pub last_seq: u64,
     pub stored: usize,
     pub duplicates: usize,
-    /// The events that were new, in seq order.
+    /// The events that were new, in seq order, for the fleet: less the
+    /// statuses of an agent catching up (see `CatchUp`).
     pub events: Vec<proto::Event>,
     /// Seq ranges `(first, last)` that were skipped without a gap event
     /// covering them: events lost on the way.
@@ -227,8 +253,9 @@ impl CentralStore {
         node: &str,
         events: Vec<proto::Event>,
         now_ms: i64,
+        catch_up: &mut Option<CatchUp>,
     ) -> Result<Persisted, StoreError> {
-        let (writes, persisted) = self.prepare(node, events, now_ms)?;
+        let (writes, persisted) = self.prepare(node, events, now_ms, catch_up)?;
         let (done, applied) = oneshot::channel();
         let stopped = || StoreError::Sync {
             path: PathBuf::new(),
@@ -247,6 +274,7 @@ impl CentralStore {
         node: &str,
         events: Vec<proto::Event>,
         now_ms: i64,
+        catch_up: &mut Option<CatchUp>,
     ) -> Result<(Writes, Persisted), StoreError> {
         let mut rec = self.node(node)?.unwrap_or_else(|| NodeRecord {
             node_id: node.to_string(),
@@ -257,6 +285,8 @@ impl CentralStore {
         let mut kept = Vec::with_capacity(events.len());
         let mut duplicates = 0;
         let mut missing = Vec::new();
+        // Catch-up statuses: logged, not given to the fleet.
+        let mut held_back = Vec::new();
         for e in events {
             let last = event_last_seq(&e);
             if last <= rec.last_seq {
@@ -278,13 +308,49 @@ impl CentralStore {
             }
             match &e.kind {
                 Some(Kind::Header(h)) => {
+                    let again = h.height <= rec.indexed_top && headers.holds(h.height, &h.hash)?;
+                    match catch_up {
+                        Some(c) if again && h.height < c.below => {}
+                        _ => *catch_up = None,
+                    }
+                    if again {
+                        // Read again after a restore: the index and the log
+                        // have it; the log keeps the seq with a marker.
+                        rec.redelivered_headers += 1;
+                        rec.last_seq = last;
+                        held_back.push(e.seq);
+                        kept.push(proto::Event {
+                            seq: e.seq,
+                            at_unix_ms: e.at_unix_ms,
+                            kind: Some(Kind::Resent(proto::Resent {
+                                height: h.height,
+                                hash: h.hash.clone(),
+                            })),
+                        });
+                        continue;
+                    }
                     headers.upsert(h.clone())?;
                     rec.indexed_top = rec.indexed_top.max(h.height);
                     rec.head = Some(h.clone());
                 }
+                Some(Kind::Status(s))
+                    if s.head_height < rec.indexed_top
+                        && !s.head_hash.is_empty()
+                        && catch_up.as_ref().is_some_and(|c| {
+                            s.head_height < c.below && c.last_status != Some(s.head_height)
+                        })
+                        && headers.holds(s.head_height, &s.head_hash)? =>
+                {
+                    if let Some(c) = catch_up {
+                        c.last_status = Some(s.head_height);
+                    }
+                    held_back.push(e.seq);
+                    rec.status = Some(s.clone());
+                }
                 Some(Kind::Status(s)) => {
                     // The node's chain got shorter: forget headers above its head.
                     if s.head_height < rec.indexed_top && !s.head_hash.is_empty() {
+                        *catch_up = None;
                         headers.truncate_above(s.head_height)?;
                         rec.indexed_top = s.head_height;
                         rec.head = Some(proto::Header {
@@ -305,7 +371,8 @@ impl CentralStore {
                     rec.last_snapshot = Some(s.clone());
                     rec.last_snapshot_at_unix_ms = e.at_unix_ms;
                 }
-                None => {}
+                // Refused from agents before a batch gets here.
+                Some(Kind::Resent(_)) | None => {}
             }
             rec.last_seq = last;
             kept.push(e);
@@ -319,11 +386,15 @@ impl CentralStore {
             batch.insert(node_key_u64(b'e', node, first), log.encode_to_vec());
         }
         batch.insert(record_key(node), rec.encode_to_vec());
+        let mut events = log.events;
+        if !held_back.is_empty() {
+            events.retain(|e| !held_back.contains(&e.seq));
+        }
         let persisted = Persisted {
             last_seq: rec.last_seq,
             stored,
             duplicates,
-            events: log.events,
+            events,
             missing,
         };
         Ok((batch, persisted))
@@ -455,6 +526,14 @@ impl<'a> ChunkEdits<'a> {
             e.insert(self.store.chunk(self.node, index)?);
         }
         Ok(self.chunks.get_mut(&index).expect("loaded above"))
+    }
+
+    /// Whether the index holds `hash` at `height`.
+    fn holds(&mut self, height: u64, hash: &[u8]) -> Result<bool, StoreError> {
+        let chunk = self.load(height / CHUNK)?;
+        Ok(chunk
+            .binary_search_by_key(&height, |x| x.height)
+            .is_ok_and(|i| chunk[i].hash == hash))
     }
 
     fn upsert(&mut self, h: proto::Header) -> Result<(), StoreError> {
@@ -611,12 +690,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
         let p = s
-            .persist("n1", (1..=3).map(|i| header_event(i, i)).collect(), 0)
+            .persist(
+                "n1",
+                (1..=3).map(|i| header_event(i, i)).collect(),
+                0,
+                &mut None,
+            )
             .await
             .unwrap();
         assert_eq!((p.last_seq, p.stored, p.duplicates), (3, 3, 0));
         let p = s
-            .persist("n1", (2..=5).map(|i| header_event(i, i)).collect(), 0)
+            .persist(
+                "n1",
+                (2..=5).map(|i| header_event(i, i)).collect(),
+                0,
+                &mut None,
+            )
             .await
             .unwrap();
         assert_eq!((p.last_seq, p.stored, p.duplicates), (5, 2, 2));
@@ -644,9 +733,14 @@ mod tests {
     async fn header_chunks_span_boundaries_and_truncate() {
         let dir = tempfile::tempdir().unwrap();
         let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
-        s.persist("n1", (1..=130).map(|i| header_event(i, i)).collect(), 0)
-            .await
-            .unwrap();
+        s.persist(
+            "n1",
+            (1..=130).map(|i| header_event(i, i)).collect(),
+            0,
+            &mut None,
+        )
+        .await
+        .unwrap();
         let got: Vec<u64> = s
             .headers("n1", 60, 70)
             .unwrap()
@@ -659,7 +753,7 @@ mod tests {
         if let Some(Kind::Header(h)) = &mut replaced.kind {
             h.hash = vec![0xee; 32];
         }
-        s.persist("n1", vec![replaced], 0).await.unwrap();
+        s.persist("n1", vec![replaced], 0, &mut None).await.unwrap();
         assert_eq!(s.headers("n1", 64, 64).unwrap()[0].hash, vec![0xee; 32]);
         // The node's chain got shorter: headers above its head go.
         let status = proto::Event {
@@ -671,7 +765,7 @@ mod tests {
                 ..Default::default()
             })),
         };
-        s.persist("n1", vec![status], 0).await.unwrap();
+        s.persist("n1", vec![status], 0, &mut None).await.unwrap();
         assert_eq!(s.headers("n1", 0, 200).unwrap().len(), 65);
         assert_eq!(s.node("n1").unwrap().unwrap().head.unwrap().height, 65);
     }
@@ -695,7 +789,7 @@ mod tests {
                                 header_event(seq, round * 10_000 + i + 1)
                             })
                             .collect();
-                        let p = s.persist(&node, events, 0).await.unwrap();
+                        let p = s.persist(&node, events, 0, &mut None).await.unwrap();
                         assert_eq!(p.last_seq, seq);
                     }
                     seq
@@ -741,6 +835,118 @@ mod tests {
             assert_eq!(tree.get([i as u8]).unwrap().unwrap().len(), 100);
         }
     }
+
+    /// The agent's status at `height`, on the chain of `header_event`.
+    fn status_on_chain(seq: u64, height: u64) -> proto::Event {
+        proto::Event {
+            seq,
+            at_unix_ms: 0,
+            kind: Some(Kind::Status(proto::NodeStatus {
+                head_height: height,
+                head_hash: vec![height as u8; 32],
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Blocks 1..=10 stored from seqs 1..=10; the agent then comes back
+    /// with a store restored at seq 4 (head 4).
+    async fn restored_agent() -> (tempfile::TempDir, CentralStore, Option<CatchUp>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        s.persist(
+            "n1",
+            (1..=10).map(|i| header_event(i, i)).collect(),
+            0,
+            &mut None,
+        )
+        .await
+        .unwrap();
+        let catch_up = CatchUp::after_hello(&s.node("n1").unwrap().unwrap(), 4);
+        assert!(catch_up.is_some());
+        (dir, s, catch_up)
+    }
+
+    /// After a restore the agent reads blocks 5..=10 again (renumbered past
+    /// the aggregator's seqs) and reports its head on the way up: the log
+    /// holds every block once, the head never goes back, and the fleet is
+    /// not told of a regression.
+    #[tokio::test]
+    async fn a_restored_agent_reading_blocks_again_logs_each_once() {
+        let (_dir, s, mut catch_up) = restored_agent().await;
+        let mut events = vec![status_on_chain(11, 6)];
+        events.extend((5..=12).map(|h| header_event(h + 7, h)));
+        events.push(status_on_chain(20, 12));
+        let p = s.persist("n1", events, 0, &mut catch_up).await.unwrap();
+        assert_eq!(p.last_seq, 20);
+        assert_eq!(catch_up, None, "caught up at 10");
+        let fleet: Vec<u64> = p.events.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            fleet,
+            vec![18, 19, 20],
+            "headers 11, 12 and the status at 12"
+        );
+        let rec = s.node("n1").unwrap().unwrap();
+        assert_eq!((rec.indexed_top, rec.head.unwrap().height), (12, 12));
+        assert_eq!(rec.redelivered_headers, 6);
+        let log = s.events("n1", 1, 100).unwrap();
+        let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "every seq in the log");
+        let heights = |f: fn(&Kind) -> Option<u64>| -> Vec<u64> {
+            log.iter()
+                .filter_map(|e| e.kind.as_ref().and_then(f))
+                .collect()
+        };
+        let headers = heights(|k| match k {
+            Kind::Header(h) => Some(h.height),
+            _ => None,
+        });
+        assert_eq!(headers, (1..=12).collect::<Vec<_>>());
+        let resent = heights(|k| match k {
+            Kind::Resent(r) => Some(r.height),
+            _ => None,
+        });
+        assert_eq!(resent, (5..=10).collect::<Vec<_>>());
+    }
+
+    /// A status at the same lower height twice is not an agent on its way
+    /// up: the node went back.
+    #[tokio::test]
+    async fn a_restored_agent_that_stays_below_reports_the_node_going_back() {
+        let (_dir, s, mut catch_up) = restored_agent().await;
+        let p = s
+            .persist("n1", vec![status_on_chain(11, 6)], 0, &mut catch_up)
+            .await
+            .unwrap();
+        assert!(p.events.is_empty());
+        assert_eq!(s.node("n1").unwrap().unwrap().indexed_top, 10);
+        let p = s
+            .persist("n1", vec![status_on_chain(12, 6)], 0, &mut catch_up)
+            .await
+            .unwrap();
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(s.node("n1").unwrap().unwrap().indexed_top, 6);
+        assert_eq!(catch_up, None);
+    }
+
+    /// A restored agent whose node moved to other blocks meanwhile: the
+    /// first header that differs from the index is the node's, and so is
+    /// what follows.
+    #[tokio::test]
+    async fn a_restored_agent_whose_node_changed_blocks_is_taken_at_its_word() {
+        let (_dir, s, mut catch_up) = restored_agent().await;
+        let mut other = header_event(11, 5);
+        if let Some(Kind::Header(h)) = &mut other.kind {
+            h.hash = vec![0xee; 32];
+        }
+        let p = s
+            .persist("n1", vec![other, status_on_chain(12, 4)], 0, &mut catch_up)
+            .await
+            .unwrap();
+        assert_eq!(p.events.len(), 2);
+        assert_eq!(catch_up, None);
+        assert_eq!(s.node("n1").unwrap().unwrap().indexed_top, 4);
+    }
 }
 
 #[cfg(test)]
@@ -783,13 +989,20 @@ mod hostile {
             let rt = tokio::runtime::Runtime::new().unwrap();
             let heights = rt.block_on(async {
                 let s = CentralStore::open(&path, 1 << 20, Durability::ProcessCrash).unwrap();
-                s.persist("n1", (1..=3).map(|i| header_at(i, i)).collect(), 0)
+                s.persist(
+                    "n1",
+                    (1..=3).map(|i| header_at(i, i)).collect(),
+                    0,
+                    &mut None,
+                )
+                .await
+                .unwrap();
+                s.persist("n1", vec![header_at(4, 1 << 60)], 0, &mut None)
                     .await
                     .unwrap();
-                s.persist("n1", vec![header_at(4, 1 << 60)], 0)
+                s.persist("n1", vec![status_event(5, 2)], 0, &mut None)
                     .await
                     .unwrap();
-                s.persist("n1", vec![status_event(5, 2)], 0).await.unwrap();
                 s.headers("n1", 0, u64::MAX)
                     .unwrap()
                     .iter()
@@ -809,7 +1022,12 @@ mod hostile {
         let dir = tempfile::tempdir().unwrap();
         let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
         let p = s
-            .persist("n1", (1..=3).map(|i| header_at(i, i)).collect(), 0)
+            .persist(
+                "n1",
+                (1..=3).map(|i| header_at(i, i)).collect(),
+                0,
+                &mut None,
+            )
             .await
             .unwrap();
         assert!(p.missing.is_empty());
@@ -818,6 +1036,7 @@ mod hostile {
                 "n1",
                 vec![header_at(7, 4), header_at(8, 5), header_at(10, 6)],
                 0,
+                &mut None,
             )
             .await
             .unwrap();
@@ -834,7 +1053,7 @@ mod hostile {
             })),
         };
         let p = s
-            .persist("n1", vec![gap, header_at(21, 7)], 0)
+            .persist("n1", vec![gap, header_at(21, 7)], 0, &mut None)
             .await
             .unwrap();
         assert!(p.missing.is_empty());
@@ -845,11 +1064,16 @@ mod hostile {
     async fn seqs_and_heights_at_the_top_of_u64_do_not_overflow() {
         let dir = tempfile::tempdir().unwrap();
         let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
-        s.persist("n1", vec![header_at(u64::MAX, u64::MAX)], 0)
+        s.persist("n1", vec![header_at(u64::MAX, u64::MAX)], 0, &mut None)
             .await
             .unwrap();
         let p = s
-            .persist("n1", vec![header_at(u64::MAX, 1), status_event(3, 0)], 0)
+            .persist(
+                "n1",
+                vec![header_at(u64::MAX, 1), status_event(3, 0)],
+                0,
+                &mut None,
+            )
             .await
             .unwrap();
         assert_eq!(p.duplicates, 2);

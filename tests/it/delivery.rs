@@ -42,18 +42,7 @@ pub async fn event_log(q: &mut QueryClient<Channel>, node: &str) -> Vec<Event> {
 /// as after a reorg).
 pub async fn assert_complete(q: &mut QueryClient<Channel>, node: &str, anvil: &Anvil) -> usize {
     let head = anvil.head().await;
-    assert_complete_upto(q, node, anvil, head, true).await
-}
-
-/// `assert_complete` after a restore from a snapshot: the agent reads the
-/// blocks after the snapshot's head again, so those may be there twice.
-pub async fn assert_complete_after_restore(
-    q: &mut QueryClient<Channel>,
-    node: &str,
-    anvil: &Anvil,
-) -> usize {
-    let head = anvil.head().await;
-    assert_complete_upto(q, node, anvil, head, false).await
+    assert_complete_upto(q, node, anvil, head).await
 }
 
 /// `assert_complete` for the heights up to `head`, for a node that keeps
@@ -63,7 +52,6 @@ pub async fn assert_complete_upto(
     node: &str,
     anvil: &Anvil,
     head: u64,
-    once: bool,
 ) -> usize {
     let log = event_log(q, node).await;
     assert!(!log.is_empty());
@@ -92,9 +80,7 @@ pub async fn assert_complete_upto(
         .iter()
         .filter(|e| matches!(e.kind, Some(Kind::Header(_))))
         .count();
-    if once {
-        assert_eq!(header_events, headers.len(), "a block delivered twice");
-    }
+    assert_eq!(header_events, headers.len(), "a block delivered twice");
     let first = *headers.keys().next().expect("some header");
     for height in first..=head {
         let got = headers

@@ -176,7 +176,7 @@ async fn a_network_cut_is_the_monitoring_path_and_the_backlog_arrives_after_it()
         .await;
         // What the node made during the cut arrives, block for block.
         let head = wait_at_head(&mut q, &anvil, &agent, &agg).await;
-        assert_complete_upto(&mut q, "node-1", &anvil, head, true).await;
+        assert_complete_upto(&mut q, "node-1", &anvil, head).await;
     }
     let n = node(&mut q, "node-1").await.expect("node-1");
     assert!(n.connected);

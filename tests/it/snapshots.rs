@@ -11,7 +11,7 @@ use outpost::proto::{FindingKind, FindingState, GetNodeRequest};
 use outpost::store::local::LocalStore;
 use outpost::store::Durability;
 
-use crate::delivery::assert_complete_after_restore;
+use crate::delivery::assert_complete;
 use crate::harness::{hex, outpost_bin, wait_for, AgentOptions, Miner, Solo};
 use crate::spine::{wait_at_head, wait_finding};
 
@@ -137,7 +137,9 @@ async fn snapshots_of_a_running_agent_restore_and_rescue_a_damaged_store() {
     )
     .await;
 
-    // Damage the stopped agent's store: sled opens it, but empty.
+    // Blocks after the newest snapshot, which the restored agent reads
+    // again. Then damage the stopped agent's store: sled opens it, but empty.
+    anvil.mine(4).await;
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
     assert!(agent.terminate().unwrap().success());
     let db = agent.data_dir.join("db");
@@ -169,9 +171,10 @@ async fn snapshots_of_a_running_agent_restore_and_rescue_a_damaged_store() {
     );
     wait_at_head(&mut q, &anvil, &agent, &agg).await;
     assert!(agent.terminate().unwrap().success());
-    // Every seq once, every height with anvil's hash, nothing taken as a
-    // duplicate; the blocks after the snapshot were read again.
-    let n = assert_complete_after_restore(&mut q, "node-1", &anvil).await;
+    // Every seq once, every height with anvil's hash once, nothing taken as
+    // a duplicate; the blocks after the snapshot were read again, and the
+    // aggregator recognised them.
+    let n = assert_complete(&mut q, "node-1", &anvil).await;
     let d = q
         .get_node(GetNodeRequest {
             node_id: "node-1".into(),
@@ -179,8 +182,12 @@ async fn snapshots_of_a_running_agent_restore_and_rescue_a_damaged_store() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(d.summary.unwrap().last_seq, n as u64);
+    assert_eq!(d.summary.as_ref().unwrap().last_seq, n as u64);
     assert_eq!(d.duplicates_ignored, 0);
+    assert!(
+        d.redelivered_headers >= 4,
+        "the blocks after the snapshot were read again: {d:?}"
+    );
 }
 
 #[tokio::test]
