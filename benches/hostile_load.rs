@@ -12,10 +12,15 @@
 //! - connections without a client certificate are opened and held;
 //! - an agent key sends 500,000 empty events in one message, over and over;
 //! - the same key sends 24 MiB messages;
+//! - another agent key opens `OUTPOST_BENCH_STREAMS` (default 10,000)
+//!   delivery streams, 16 to a connection, each sending its Hello and
+//!   holding it open;
 //! - an operator key opens 64 `Watch` streams on one connection.
 //!
 //! Run: `cargo bench --bench hostile_load`. Results go in BENCHMARKS.md.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use outpost::proto::{
@@ -112,6 +117,7 @@ fn main() {
 
         // The attack.
         world.issue(&outpost::tls::Identity::Agent("bulk".into()));
+        world.issue(&outpost::tls::Identity::Agent("many".into()));
         world.issue(&outpost::tls::Identity::Operator("watcher".into()));
         let pki = world.pki();
         let tls = |stem: &str| {
@@ -199,6 +205,78 @@ fn main() {
                 }
             }));
         }
+        // Many delivery streams from one agent key: one may stream, the
+        // others are refused at the connection cap or as a second agent.
+        let streams: usize = std::env::var("OUTPOST_BENCH_STREAMS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10_000);
+        let outcomes = std::sync::Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+        {
+            let (s, ep, outcomes) = (stop.clone(), endpoint_for("agent-many"), outcomes.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut held = Vec::new();
+                let mut opened = 0;
+                while opened < streams && running(&s) {
+                    let ch = match ep.connect().await {
+                        Ok(ch) => ch,
+                        Err(_) => {
+                            *outcomes
+                                .lock()
+                                .unwrap()
+                                .entry("connect failed".into())
+                                .or_default() += 16;
+                            opened += 16;
+                            continue;
+                        }
+                    };
+                    let mut on_connection = Vec::new();
+                    for _ in 0..16.min(streams - opened) {
+                        opened += 1;
+                        let (tx, rx) = tokio::sync::mpsc::channel(1);
+                        let hello = AgentMessage {
+                            body: Some(agent_message::Body::Hello(Hello {
+                                node_id: "many".into(),
+                                network: "devnet".into(),
+                                chain: "ethereum".into(),
+                                instance_id: format!("many-{opened}"),
+                                ..Default::default()
+                            })),
+                        };
+                        tx.send(hello).await.unwrap();
+                        let mut c = IngestClient::new(ch.clone());
+                        let outcomes = outcomes.clone();
+                        on_connection.push(tokio::spawn(async move {
+                            // The request and the reply stream both held, so
+                            // the stream stays open.
+                            let (outcome, inbound) = match c
+                                .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+                                .await
+                            {
+                                Err(st) => (format!("{:?}", st.code()), None),
+                                Ok(r) => {
+                                    let mut inbound = r.into_inner();
+                                    match inbound.message().await {
+                                        Ok(Some(_)) => ("welcomed".to_string(), Some(inbound)),
+                                        Ok(None) => ("closed".into(), None),
+                                        Err(st) => (format!("{:?}", st.code()), None),
+                                    }
+                                }
+                            };
+                            *outcomes.lock().unwrap().entry(outcome).or_default() += 1;
+                            (tx, inbound)
+                        }));
+                    }
+                    for t in on_connection {
+                        if let Ok(kept) = t.await {
+                            held.push(kept);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                drop(held);
+            }));
+        }
         // Many streams on one operator connection.
         if let Ok(ch) = endpoint_for("operator-watcher").connect().await {
             for _ in 0..64 {
@@ -239,6 +317,10 @@ fn main() {
             "aggregator RSS: quiet {} MiB, under attack {} MiB",
             rss_quiet >> 20,
             rss_attacked >> 20
+        );
+        println!(
+            "{streams} delivery streams from one agent key: {:?}",
+            outcomes.lock().unwrap()
         );
         let metrics = agg.metrics().await;
         for l in metrics
