@@ -266,8 +266,9 @@ pub struct AgentStoreConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ReportConfig {
-    /// `https://host:port` of the aggregator.
-    pub aggregator: String,
+    /// `https://host:port` of the aggregator, or a list of them (an HA pair):
+    /// every event goes to each.
+    pub aggregator: Aggregators,
     /// Name to check the aggregator's certificate against, when it differs
     /// from the host in `aggregator`.
     #[serde(default)]
@@ -283,6 +284,41 @@ pub struct ReportConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde", default = "defaults::reconnect_max")]
     pub reconnect_max: Duration,
+}
+
+/// At most this many aggregators in `report.aggregator`.
+pub const MAX_AGGREGATORS: usize = 8;
+
+/// `report.aggregator`: one URL or a list, always read as a list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Aggregators(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Aggregators {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a URL or a list of URLs")]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(Aggregators(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(url) => vec![url],
+            OneOrMany::Many(urls) => urls,
+        }))
+    }
+}
+
+impl Aggregators {
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Aggregators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
 }
 
 impl ReportConfig {
@@ -839,8 +875,21 @@ impl AgentConfig {
             "store.retain_headers",
             "must be at least validate.max_reorg_depth, or reorgs cannot be traced",
         );
-        if let Err(e) = http_url(&self.report.aggregator, &["https"]) {
-            p.check(false, "report.aggregator", e);
+        let urls = self.report.aggregator.urls();
+        p.check(
+            (1..=MAX_AGGREGATORS).contains(&urls.len()),
+            "report.aggregator",
+            format!("must name from 1 to {MAX_AGGREGATORS} aggregators"),
+        );
+        for (i, url) in urls.iter().enumerate() {
+            if let Err(e) = http_url(url, &["https"]) {
+                p.check(false, "report.aggregator", e);
+            }
+            p.check(
+                !urls[..i].contains(url),
+                "report.aggregator",
+                format!("{url:?} is listed twice"),
+            );
         }
         p.check(
             (1..=crate::wire::MAX_EVENTS_PER_BATCH).contains(&self.report.batch_max_events),
@@ -1089,6 +1138,52 @@ key = "/nonexistent/k.pem"
         assert!(e.contains("source.network_id: kind prometheus"), "{e}");
         let e = config("prometheus", "[source.metrics]\nheight = \"h\"\n");
         assert!(!e.contains("source."), "a good map is accepted: {e}");
+    }
+
+    #[test]
+    fn report_aggregator_is_one_url_or_a_list_of_distinct_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |aggregator: &str| {
+            let p = write(
+                dir.path(),
+                "r.toml",
+                &format!(
+                    "node_id = \"n\"\n[report]\naggregator = {aggregator}\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n\
+                     [source]\nkind = \"ethereum\"\nurl = \"http://n:8545\"\n"
+                ),
+            );
+            load_agent(&p)
+                .err()
+                .map(|e| e.0.join("\n"))
+                .unwrap_or_default()
+        };
+        let urls = |aggregator: &str| {
+            toml::from_str::<ReportConfig>(&format!(
+                "aggregator = {aggregator}\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n"
+            ))
+            .unwrap()
+            .aggregator
+            .urls()
+            .to_vec()
+        };
+        assert_eq!(urls("\"https://a:1\""), ["https://a:1"]);
+        let pair = "[\"https://a:1\", \"https://b:1\"]";
+        assert_eq!(urls(pair), ["https://a:1", "https://b:1"]);
+        for good in ["\"https://a:1\"", pair] {
+            let e = config(good);
+            assert!(!e.contains("report.aggregator"), "{good}: {e}");
+        }
+        for (bad, says) in [
+            ("[\"https://a:1\", \"https://a:1\"]", "listed twice"),
+            ("[]", "from 1 to 8"),
+            (
+                "[\"https://a:1\", \"http://b:1\"]",
+                "must start with https://",
+            ),
+            ("3", "a URL or a list of URLs"),
+        ] {
+            assert!(config(bad).contains(says), "{bad}: {}", config(bad));
+        }
     }
 
     #[test]

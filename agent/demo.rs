@@ -60,7 +60,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
         },
         store: AgentStoreConfig::default(),
         report: ReportConfig {
-            aggregator: aggregator.into(),
+            aggregator: crate::config::Aggregators(vec![aggregator.into()]),
             server_name: Some("localhost".into()),
             ca: pki.ca_cert(),
             cert: pki.cert(&format!("agent-{node}")),

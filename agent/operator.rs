@@ -276,6 +276,12 @@ pub fn status_json(s: &NodeStatus) -> Value {
         "validate_latency": s.validate_latency.as_ref().map(latency_json),
         "round_trip": s.round_trip.as_ref().map(latency_json),
         "dropped_events": s.dropped_events,
+        "deliveries": s.deliveries.iter().map(|d| json!({
+            "aggregator": d.aggregator,
+            "acked_seq": d.acked_seq,
+            "backlog": d.backlog,
+            "connected": d.connected,
+        })).collect::<Vec<_>>(),
         "host": s.host.as_ref().map(|h| json!({
             "cpu_percent": h.cpu_percent,
             "memory_percent": h.memory_percent,
@@ -515,6 +521,19 @@ fn node_text(v: &Value) -> String {
             n("count")
         )
     };
+    for d in st["deliveries"].as_array().cloned().unwrap_or_default() {
+        out.push_str(&format!(
+            "delivery  {}  {}  holds seq {}  backlog {}\n",
+            d["aggregator"].as_str().unwrap_or(""),
+            if d["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            d["acked_seq"],
+            d["backlog"],
+        ));
+    }
     out.push_str("timings (last interval):\n");
     for m in st["rpc_methods"].as_array().cloned().unwrap_or_default() {
         let errors = m["errors"].as_u64().unwrap_or(0);

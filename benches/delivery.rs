@@ -10,7 +10,6 @@
 //!
 //! Run: `cargo bench --bench delivery` (OUTPOST_BENCH_EVENTS sets the count).
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -246,7 +245,7 @@ fn main() {
         let endpoint = format!("https://{}", agg.local_addr().unwrap());
         tokio::spawn(agg.serve(std::future::pending()));
         let cfg = ReportConfig {
-            aggregator: endpoint,
+            aggregator: outpost::config::Aggregators(vec![endpoint]),
             server_name: Some("localhost".into()),
             ca: pki.ca_cert(),
             cert: pki.cert("agent-bench"),
@@ -264,7 +263,7 @@ fn main() {
             me,
             store.clone(),
             stop_rx,
-            Arc::new(AtomicBool::new(false)),
+            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             outpost::latency::Latency::new(),
         ));
         while store.outbox_bytes() > 0 {

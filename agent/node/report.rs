@@ -1,10 +1,12 @@
-//! Report: the agent's end of the delivery stream. It sends only events the
-//! store has made durable, resumes after the aggregator's last stored seq,
-//! deletes what the aggregator acknowledges, sends heartbeats when idle, and
-//! reconnects with jittered backoff.
+//! Report: the agent's end of the delivery streams, one per aggregator in
+//! `report.aggregator`. Each sends only events the store has made durable,
+//! resumes after its aggregator's last stored seq, sends heartbeats when
+//! idle, and reconnects with its own jittered backoff; one aggregator down
+//! or slow holds back none of the others. The store deletes what every
+//! aggregator has acknowledged.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,7 +65,8 @@ pub struct Report {
     store: LocalStore,
     span: tracing::Span,
     shutdown: watch::Sender<bool>,
-    connected: Arc<AtomicBool>,
+    /// Streams up, of all the aggregators.
+    connected: Arc<AtomicUsize>,
     round_trip: Latency,
 }
 
@@ -82,7 +85,7 @@ impl Report {
             round_trip,
             span,
             shutdown: watch::channel(false).0,
-            connected: Arc::new(AtomicBool::new(false)),
+            connected: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -132,23 +135,57 @@ impl Handler<Shutdown> for Report {
         let connected = self.connected.clone();
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while connected.load(Ordering::SeqCst) && Instant::now() < deadline {
+            while connected.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     }
 }
 
-/// Delivers the outbox until `shutdown` turns true, reconnecting as needed.
-/// `connected` is true while a stream is up; `round_trip` times each batch
-/// from sending to its acknowledgement.
+/// Delivers the outbox to every aggregator until `shutdown` turns true.
+/// `connected` counts the streams up; `round_trip` times each batch from
+/// sending to its acknowledgement.
 pub async fn run(
     cfg: ReportConfig,
     me: Identity,
     store: LocalStore,
-    mut shutdown: watch::Receiver<bool>,
-    connected: Arc<AtomicBool>,
+    shutdown: watch::Receiver<bool>,
+    connected: Arc<AtomicUsize>,
     round_trip: Latency,
+) {
+    let urls = cfg.aggregator.urls().to_vec();
+    store.deliver_to(&urls);
+    let each = urls.iter().enumerate().map(|(to, url)| {
+        deliver(
+            &cfg,
+            &me,
+            &store,
+            Destination { to, url },
+            shutdown.clone(),
+            &connected,
+            &round_trip,
+        )
+        .instrument(tracing::info_span!("aggregator", url = %url))
+    });
+    futures_util::future::join_all(each).await;
+}
+
+/// One aggregator of `report.aggregator`: its place in the list and its URL.
+#[derive(Clone, Copy)]
+struct Destination<'a> {
+    to: usize,
+    url: &'a str,
+}
+
+/// Delivers the outbox to one aggregator, reconnecting as needed.
+async fn deliver(
+    cfg: &ReportConfig,
+    me: &Identity,
+    store: &LocalStore,
+    dest: Destination<'_>,
+    mut shutdown: watch::Receiver<bool>,
+    connected: &AtomicUsize,
+    round_trip: &Latency,
 ) {
     let backoff = || {
         ExponentialBuilder::default()
@@ -164,8 +201,17 @@ pub async fn run(
             return;
         }
         let started = Instant::now();
-        let result = session(&cfg, &me, &store, &mut shutdown, &connected, &round_trip).await;
-        connected.store(false, Ordering::SeqCst);
+        let mut up = false;
+        let result = session(cfg, me, store, dest, &mut shutdown, round_trip, || {
+            up = true;
+            connected.fetch_add(1, Ordering::SeqCst);
+            store.set_connected(dest.to, true);
+        })
+        .await;
+        if up {
+            connected.fetch_sub(1, Ordering::SeqCst);
+            store.set_connected(dest.to, false);
+        }
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -183,11 +229,11 @@ pub async fn run(
     }
 }
 
-pub async fn connect(cfg: &ReportConfig) -> Result<Channel, ReportError> {
-    let url = cfg.aggregator.clone();
+/// A channel to the aggregator at `url`.
+pub async fn connect(cfg: &ReportConfig, url: &str) -> Result<Channel, ReportError> {
     let domain = match &cfg.server_name {
         Some(name) => name.clone(),
-        None => reqwest::Url::parse(&url)
+        None => reqwest::Url::parse(url)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
             .unwrap_or_default(),
@@ -197,10 +243,10 @@ pub async fn connect(cfg: &ReportConfig) -> Result<Channel, ReportError> {
         .client_config(&domain)
         .map_err(|e| ReportError::Tls(e.to_string()))?;
     let connect_err = |e: tonic::transport::Error| ReportError::Connect {
-        url: url.clone(),
+        url: url.to_string(),
         detail: crate::error_chain(&e),
     };
-    Endpoint::from_shared(url.clone())
+    Endpoint::from_shared(url.to_string())
         .map_err(connect_err)?
         .tls_config(tls)
         .map_err(connect_err)?
@@ -236,16 +282,18 @@ fn status_error(s: tonic::Status) -> ReportError {
     }
 }
 
-/// One connection's life. Returns Ok only on a clean shutdown.
+/// One connection's life; `on_connected` runs once its Welcome is in.
+/// Returns Ok only on a clean shutdown.
 async fn session(
     cfg: &ReportConfig,
     me: &Identity,
     store: &LocalStore,
+    dest: Destination<'_>,
     shutdown: &mut watch::Receiver<bool>,
-    connected: &AtomicBool,
     round_trip: &Latency,
+    on_connected: impl FnOnce(),
 ) -> Result<(), ReportError> {
-    let channel = connect(cfg).await?;
+    let channel = connect(cfg, dest.url).await?;
     let mut client = IngestClient::new(channel)
         .max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::wire::MAX_MESSAGE_BYTES);
@@ -278,10 +326,10 @@ async fn session(
         },
     };
     let resume = welcome.last_stored_seq;
-    store.reconcile(resume).await?;
-    connected.store(true, Ordering::SeqCst);
+    store.reconcile_with(dest.to, resume).await?;
+    on_connected();
     tracing::info!(
-        aggregator = %cfg.aggregator,
+        aggregator = %dest.url,
         resume_after = resume,
         local_last_seq = store.last_seq(),
         "connected to the aggregator"
@@ -333,7 +381,7 @@ async fn session(
                                 "ack for seq {} beyond what was sent ({sent_upto})", ack.upto_seq
                             )));
                         }
-                        store.ack(ack.upto_seq).await?;
+                        store.ack_from(dest.to, ack.upto_seq).await?;
                         acked(&mut in_flight, ack.upto_seq);
                     }
                     _ => return Err(ReportError::Protocol("unexpected message after Welcome".into())),
@@ -361,7 +409,7 @@ async fn session(
                     tokio::select! {
                         msg = inbound.message() => match msg {
                             Ok(Some(m)) => if let Some(aggregator_message::Body::Ack(ack)) = m.body {
-                                store.ack(ack.upto_seq).await?;
+                                store.ack_from(dest.to, ack.upto_seq).await?;
                                 acked(&mut in_flight, ack.upto_seq);
                             },
                             _ => break,

@@ -191,10 +191,23 @@ impl Validate {
         let status = out.status_due.then(|| {
             let rpc = self.timings.rpc.take();
             let s = self.judge.end_interval(rpc, now, &mut out);
+            let store = self.writer.store();
+            // This status's own seq is not in the backlog it reports.
+            let last = store.last_seq();
             proto::NodeStatus {
                 validate_latency: Some(self.timings.validate.take_summary()),
                 round_trip: Some(self.timings.round_trip.take_summary()),
-                dropped_events: self.writer.store().dropped_events(),
+                dropped_events: store.dropped_events(),
+                deliveries: store
+                    .deliveries()
+                    .into_iter()
+                    .map(|d| proto::Delivery {
+                        backlog: last.saturating_sub(d.acked),
+                        aggregator: d.aggregator,
+                        acked_seq: d.acked,
+                        connected: d.connected,
+                    })
+                    .collect(),
                 ..s
             }
         });

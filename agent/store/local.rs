@@ -131,6 +131,15 @@ struct Counters {
     dropped: u64,
 }
 
+/// One aggregator the outbox is delivered to, as the reporter last saw it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delivery {
+    pub aggregator: String,
+    /// The highest seq it holds, from its Welcome and acknowledgements.
+    pub acked: u64,
+    pub connected: bool,
+}
+
 #[derive(Clone)]
 pub struct LocalStore {
     db: sled::Db,
@@ -145,6 +154,10 @@ pub struct LocalStore {
     /// are not a point-in-time view). Validate's own writes wait in its
     /// mailbox while it takes a snapshot.
     gate: Arc<tokio::sync::RwLock<()>>,
+    /// Where the outbox goes; a record leaves it once every aggregator here
+    /// holds it. In memory: each stream's Welcome says again where its
+    /// aggregator stands.
+    deliveries: Arc<Mutex<Vec<Delivery>>>,
 }
 
 /// What one validation step writes, atomically.
@@ -212,7 +225,47 @@ impl LocalStore {
             counters: Arc::new(Mutex::new(counters)),
             durable_tx: Arc::new(durable_tx),
             gate: Arc::default(),
+            deliveries: Arc::new(Mutex::new(vec![Delivery::default()])),
         })
+    }
+
+    /// Names the aggregators the outbox is delivered to, in the order the
+    /// reporter numbers them; before any of them has said what it holds.
+    pub fn deliver_to(&self, aggregators: &[String]) {
+        *self.lock_deliveries() = aggregators
+            .iter()
+            .map(|a| Delivery {
+                aggregator: a.clone(),
+                ..Default::default()
+            })
+            .collect();
+    }
+
+    /// Each aggregator's delivery, as the reporter last saw it.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.lock_deliveries().clone()
+    }
+
+    /// Whether the reporter's stream to aggregator `to` is up.
+    pub fn set_connected(&self, to: usize, up: bool) {
+        if let Some(d) = self.lock_deliveries().get_mut(to) {
+            d.connected = up;
+        }
+    }
+
+    fn lock_deliveries(&self) -> std::sync::MutexGuard<'_, Vec<Delivery>> {
+        self.deliveries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that aggregator `to` holds every seq up to `upto` (`raise`:
+    /// only if higher than known, as an acknowledgement; else as a Welcome
+    /// says), and returns the seq every aggregator holds.
+    fn held_by(&self, to: usize, upto: u64, raise: bool) -> u64 {
+        let mut d = self.lock_deliveries();
+        if let Some(one) = d.get_mut(to) {
+            one.acked = if raise { one.acked.max(upto) } else { upto };
+        }
+        d.iter().map(|x| x.acked).min().unwrap_or(0)
     }
 
     fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
@@ -540,10 +593,18 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// Deletes outbox records whose every event the aggregator has stored.
+    /// Deletes outbox records whose every event the aggregator has stored
+    /// (the only one, or the first of `deliver_to`).
     pub async fn ack(&self, upto: u64) -> Result<usize, StoreError> {
+        self.ack_from(0, upto).await
+    }
+
+    /// Aggregator `from` stored every event up to `upto`: deletes the outbox
+    /// records that every aggregator has.
+    pub async fn ack_from(&self, from: usize, upto: u64) -> Result<usize, StoreError> {
         let _g = self.gate.read().await;
-        self.ack_now(upto)
+        let all = self.held_by(from, upto, true);
+        self.ack_now(all)
     }
 
     /// Writes a snapshot of the store into `dir`, with no ack or reconcile
@@ -593,27 +654,41 @@ impl LocalStore {
     /// sent after it and acknowledged must never be taken, after a crash,
     /// for events the aggregator lacks and renumbered into duplicates.
     pub async fn reconcile(&self, aggregator_last: u64) -> Result<u64, StoreError> {
+        self.reconcile_with(0, aggregator_last).await
+    }
+
+    /// `reconcile` for aggregator `with` of `deliver_to`. The outbox keeps
+    /// what the others lack. Renumbering is for the whole outbox: if the
+    /// store lost events and the aggregators disagree on what they hold, the
+    /// one that held less meets a seq gap (a finding there).
+    pub async fn reconcile_with(
+        &self,
+        with: usize,
+        aggregator_last: u64,
+    ) -> Result<u64, StoreError> {
         let renumbered = {
             let _g = self.gate.read().await;
-            self.line_up(aggregator_last)?
+            self.line_up(with, aggregator_last)?
         };
         self.flush().await?;
         self.write_witness()?;
         Ok(renumbered)
     }
 
-    fn line_up(&self, aggregator_last: u64) -> Result<u64, StoreError> {
+    fn line_up(&self, with: usize, aggregator_last: u64) -> Result<u64, StoreError> {
         let local_last = self.last_seq();
         let held_at_open = self
             .tree
             .get(UNCONFIRMED_AFTER)?
             .map_or(local_last, |v| u64_value(Some(v)));
         if aggregator_last <= held_at_open {
-            self.ack_now(aggregator_last)?;
+            let all = self.held_by(with, aggregator_last, false);
+            self.ack_now(all)?;
             self.tree.remove(UNCONFIRMED_AFTER)?;
             return Ok(0);
         }
         self.ack_now(held_at_open)?;
+        self.held_by(with, aggregator_last, false);
         let mut c = self.counters();
         let mut batch = sled::Batch::default();
         batch.remove(UNCONFIRMED_AFTER);
@@ -838,6 +913,45 @@ mod tests {
         assert_eq!(s.ack(6).await.unwrap(), 1);
         assert!(s.records_after(0, 100).unwrap().is_empty());
         assert_eq!(s.outbox_bytes(), 0);
+    }
+
+    /// The seqs the outbox still holds.
+    fn outbox(s: &LocalStore) -> Vec<u64> {
+        s.records_after(0, 1000)
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.batch.events.iter().map(|e| e.seq))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_event_leaves_the_outbox_once_every_aggregator_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 1 << 20);
+        s.deliver_to(&["https://a:1".into(), "https://b:1".into()]);
+        for h in 1..=5 {
+            s.commit(header_commit(h..=h), 0).unwrap();
+        }
+        s.reconcile_with(0, 0).await.unwrap();
+        s.reconcile_with(1, 0).await.unwrap();
+        s.ack_from(0, 5).await.unwrap();
+        assert_eq!(outbox(&s), vec![1, 2, 3, 4, 5], "b holds none of them");
+        s.ack_from(1, 3).await.unwrap();
+        assert_eq!(outbox(&s), vec![4, 5]);
+        // b's stream breaks and its Welcome says where it stands.
+        s.reconcile_with(1, 4).await.unwrap();
+        assert_eq!(outbox(&s), vec![5]);
+        let held: Vec<(String, u64)> = s
+            .deliveries()
+            .into_iter()
+            .map(|d| (d.aggregator, d.acked))
+            .collect();
+        assert_eq!(
+            held,
+            vec![("https://a:1".into(), 5), ("https://b:1".into(), 4)]
+        );
+        s.ack_from(1, 5).await.unwrap();
+        assert_eq!(outbox(&s), Vec::<u64>::new());
     }
 
     #[tokio::test]

@@ -370,15 +370,21 @@ impl Aggregator {
     /// `start_with`, listening on `host` (queries still reach it on
     /// loopback when `host` is 0.0.0.0).
     pub async fn start_on(world: &World, host: &str, extra: &str) -> Aggregator {
+        Aggregator::start_named(world, "aggregator", host, extra).await
+    }
+
+    /// One of several aggregators in one world (an HA pair): `name` names
+    /// its config, data dir and log; all share the world's certificates.
+    pub async fn start_named(world: &World, name: &str, host: &str, extra: &str) -> Aggregator {
         let port = free_port();
         let metrics_port = free_port();
         let pki = world.pki();
-        let config = world.path().join("aggregator.toml");
+        let config = world.path().join(format!("{name}.toml"));
         fs::write(
             &config,
             format!(
                 "listen = \"{host}:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[store]\ncache_bytes = 16777216\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}\n",
-                world.path().join("aggregator-data").display(),
+                world.path().join(format!("{name}-data")).display(),
                 pki.ca_cert().display(),
                 pki.cert("aggregator").display(),
                 pki.key("aggregator").display()
@@ -389,7 +395,7 @@ impl Aggregator {
             port,
             metrics_port,
             config,
-            log: world.path().join("aggregator.log"),
+            log: world.path().join(format!("{name}.log")),
             child: None,
         };
         a.restart(world).await;
@@ -488,6 +494,9 @@ pub struct AgentOptions {
     pub aggregator_host: &'static str,
     /// A network namespace the agent runs in; empty: this one.
     pub netns: &'static str,
+    /// Ports of more aggregators the agent reports to, after the one it
+    /// starts with (an HA pair).
+    pub also_report_to: Vec<u16>,
 }
 
 impl Default for AgentOptions {
@@ -503,6 +512,7 @@ impl Default for AgentOptions {
             network: "devnet",
             aggregator_host: "127.0.0.1",
             netns: "",
+            also_report_to: Vec::new(),
         }
     }
 }
@@ -550,7 +560,7 @@ expected_block_time = "{bt}"
 stall_multiple = {sm}
 {extra_validate}
 [report]
-aggregator = "https://{agg_host}:{port}"
+aggregator = [{aggregators}]
 server_name = "localhost"
 ca = "{ca}"
 cert = "{cert}"
@@ -569,8 +579,11 @@ reconnect_max = "1s"
                 extra_tables = opts.extra_tables,
                 kind = opts.kind,
                 network = opts.network,
-                agg_host = opts.aggregator_host,
-                port = agg.port,
+                aggregators = std::iter::once(agg.port)
+                    .chain(opts.also_report_to.iter().copied())
+                    .map(|port| format!("\"https://{}:{port}\"", opts.aggregator_host))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 ca = pki.ca_cert().display(),
                 cert = pki.cert(&format!("agent-{node_id}")).display(),
                 key = pki.key(&format!("agent-{node_id}")).display(),

@@ -8,6 +8,7 @@ mod delivery;
 mod disk;
 mod fleet;
 mod fuzz_seeds;
+mod ha;
 mod harness;
 mod host;
 mod hostile;
