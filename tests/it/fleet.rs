@@ -2,7 +2,7 @@
 //! stall, a silent agent, alert sinks and Prometheus.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::harness::{
-    free_port, hex, wait_for, Agent, AgentOptions, Aggregator, Anvil, Recorder, World,
+    free_port, hex, wait_for, Agent, AgentOptions, Aggregator, Alertmanager, Anvil, Recorder, World,
 };
 use crate::spine::wait_at_head;
 
@@ -233,61 +233,6 @@ async fn a_node_that_falls_behind_lags_and_recovers() {
     );
 }
 
-/// Debian's prometheus-alertmanager, on loopback, from its package.
-struct Alertmanager {
-    child: Child,
-    url: String,
-}
-
-impl Alertmanager {
-    fn start(dir: &Path) -> Alertmanager {
-        let bin = "/usr/bin/prometheus-alertmanager";
-        assert!(
-            Path::new(bin).exists(),
-            "{bin} not found: install Debian's prometheus-alertmanager (tests/run.sh does)"
-        );
-        let port = free_port();
-        let cluster = free_port();
-        let cfg = dir.join("alertmanager.yml");
-        std::fs::write(
-            &cfg,
-            "route:\n  receiver: none\nreceivers:\n  - name: none\n",
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("alertmanager.log")).unwrap();
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.path={}", dir.join("am-data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg(format!("--cluster.listen-address=127.0.0.1:{cluster}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("alertmanager starts");
-        Alertmanager {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn alerts(&self) -> Option<Vec<Value>> {
-        let v: Value = reqwest::get(format!("{}/api/v2/alerts", self.url))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        v.as_array().cloned()
-    }
-}
-
-impl Drop for Alertmanager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn stalls_quickly() -> AgentOptions {
     AgentOptions {
         block_time: "500ms",
@@ -301,8 +246,12 @@ async fn a_network_stall_is_one_network_alert_and_reaches_every_sink_once() {
     let (hook, hook_url) = Recorder::start().await;
     let (slack, slack_url) = Recorder::start().await;
     let am_dir = tempfile::tempdir().unwrap();
-    let am = Alertmanager::start(am_dir.path());
-    let logs = [am_dir.path().join("alertmanager.log")];
+    let am = Alertmanager::start(
+        am_dir.path(),
+        "route:\n  receiver: none\nreceivers:\n  - name: none\n",
+        &[],
+    );
+    let logs = [am.log.clone()];
     let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
     wait_for("alertmanager to answer", WAIT, &logs, || am.alerts()).await;
     let extra = format!(

@@ -299,6 +299,37 @@ impl Anvil {
             .await;
     }
 
+    /// Mines here the blocks `heights` that `from` holds, so that this node
+    /// ends with the same hashes (blocks of one parent and one timestamp are
+    /// one block on every anvil of one genesis). anvil keeps the base fee of
+    /// a reverted block for the next one, so it is set from `from`'s.
+    pub async fn copy_blocks(&self, from: &Anvil, heights: std::ops::RangeInclusive<u64>) {
+        for h in heights {
+            let b = from
+                .rpc("eth_getBlockByNumber", json!([format!("0x{h:x}"), false]))
+                .await;
+            let ts = u64::from_str_radix(
+                b["timestamp"].as_str().unwrap().trim_start_matches("0x"),
+                16,
+            )
+            .unwrap();
+            self.rpc(
+                "anvil_setNextBlockBaseFeePerGas",
+                json!([b["baseFeePerGas"]]),
+            )
+            .await;
+            self.rpc("evm_mine", json!([ts])).await;
+        }
+        let head = self.head().await;
+        assert_eq!(
+            self.hash(head).await,
+            from.hash(head).await,
+            "{} holds {}'s blocks",
+            self.url(),
+            from.url()
+        );
+    }
+
     pub async fn head(&self) -> u64 {
         let v = self.rpc("eth_blockNumber", json!([])).await;
         u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
@@ -921,5 +952,91 @@ impl Recorder {
             .iter()
             .map(|(_, v)| v.clone())
             .collect()
+    }
+}
+
+/// Debian's prometheus-alertmanager on loopback, from its package, with
+/// `config` as its YAML; a member of a cluster when `peers` names the
+/// cluster ports of others (gossip fast enough for a test).
+pub struct Alertmanager {
+    child: Option<Child>,
+    pub url: String,
+    pub cluster_port: u16,
+    pub log: PathBuf,
+}
+
+impl Alertmanager {
+    pub fn start(dir: &Path, config: &str, peers: &[u16]) -> Alertmanager {
+        let bin = "/usr/bin/prometheus-alertmanager";
+        assert!(
+            Path::new(bin).exists(),
+            "{bin} not found: install Debian's prometheus-alertmanager (tests/run.sh does)"
+        );
+        fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let cluster_port = free_port();
+        let cfg = dir.join("alertmanager.yml");
+        fs::write(&cfg, config).unwrap();
+        let log = dir.join("alertmanager.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.path={}", dir.join("am-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--cluster.listen-address=127.0.0.1:{cluster_port}"))
+            .arg(format!(
+                "--cluster.advertise-address=127.0.0.1:{cluster_port}"
+            ))
+            .arg("--cluster.gossip-interval=100ms")
+            .arg("--cluster.pushpull-interval=1s")
+            .arg("--cluster.peer-timeout=1s");
+        for p in peers {
+            cmd.arg(format!("--cluster.peer=127.0.0.1:{p}"));
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("alertmanager starts");
+        Alertmanager {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            cluster_port,
+            log,
+        }
+    }
+
+    /// Its alerts, or None while it does not answer.
+    pub async fn alerts(&self) -> Option<Vec<Value>> {
+        let v: Value = reqwest::get(format!("{}/api/v2/alerts", self.url))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v.as_array().cloned()
+    }
+
+    /// The cluster members it sees, or None while it does not answer.
+    pub async fn peers(&self) -> Option<usize> {
+        let v: Value = reqwest::get(format!("{}/api/v2/status", self.url))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(v["cluster"]["peers"].as_array()?.len())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }

@@ -64,34 +64,10 @@ impl Four {
         assert_eq!(ok, json!(true), "anvil-{} reverted", i + 1);
     }
 
-    /// Mines on node `to` the blocks `heights` that node `from` holds, so
-    /// that `to` ends with the same hashes. anvil keeps the base fee of a
-    /// reverted block for the next one, so it is set from `from`'s.
     async fn copy_blocks(&self, to: usize, from: usize, heights: std::ops::RangeInclusive<u64>) {
-        for h in heights {
-            let b = self.anvils[from]
-                .rpc("eth_getBlockByNumber", json!([format!("0x{h:x}"), false]))
-                .await;
-            let ts = u64::from_str_radix(
-                b["timestamp"].as_str().unwrap().trim_start_matches("0x"),
-                16,
-            )
-            .unwrap();
-            self.anvils[to]
-                .rpc(
-                    "anvil_setNextBlockBaseFeePerGas",
-                    json!([b["baseFeePerGas"]]),
-                )
-                .await;
-            self.mine_at(&[to], ts).await;
-        }
-        assert_eq!(
-            self.anvils[to].hash(self.anvils[to].head().await).await,
-            self.anvils[from].hash(self.anvils[to].head().await).await,
-            "anvil-{} holds anvil-{}'s blocks",
-            to + 1,
-            from + 1
-        );
+        self.anvils[to]
+            .copy_blocks(&self.anvils[from], heights)
+            .await;
     }
 
     async fn findings(&self) -> Vec<NodeFinding> {
