@@ -486,6 +486,12 @@ pub struct AlertSinkConfig {
     /// Attempts per alert before it is logged as undeliverable.
     #[serde(default = "defaults::alert_attempts")]
     pub max_attempts: u32,
+    /// `alertmanager` only: how often the open alerts are posted again, as
+    /// Prometheus does; each stays active for four times this long, so an
+    /// aggregator that dies lets its alerts expire while the other member of
+    /// its pair keeps them.
+    #[serde(with = "humantime_serde", default = "defaults::alert_resend")]
+    pub resend: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -549,6 +555,9 @@ mod defaults {
     }
     pub fn alert_attempts() -> u32 {
         8
+    }
+    pub fn alert_resend() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 7443))

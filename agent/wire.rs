@@ -213,7 +213,7 @@ mod tests {
 
     fn batch(events: Vec<Event>) -> Vec<u8> {
         AgentMessage {
-            body: Some(agent_message::Body::Batch(Batch { events })),
+            body: Some(agent_message::Body::Batch(Batch { events, pending: 0 })),
         }
         .encode_to_vec()
     }

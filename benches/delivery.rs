@@ -200,7 +200,7 @@ fn main() {
             let events: Vec<proto::Event> = recs.into_iter().flat_map(|r| r.batch.events).collect();
             let Some(last) = events.last().map(|e| e.seq) else { break };
             after = last;
-            batches.push(proto::Batch { events });
+            batches.push(proto::Batch { events, pending: 0 });
         }
         let read = t.elapsed();
         println!("agent outbox read:   {:>10.0} events/s", rate(read));

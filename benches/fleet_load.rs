@@ -165,7 +165,7 @@ async fn agent(
         let sent = Instant::now();
         if tx
             .send(AgentMessage {
-                body: Some(agent_message::Body::Batch(Batch { events })),
+                body: Some(agent_message::Body::Batch(Batch { events, pending: 0 })),
             })
             .await
             .is_err()

@@ -176,10 +176,12 @@ fn main() {
                                 )),
                                 ..Default::default()
                             }],
+                            ..Default::default()
                         }
                     } else {
                         Batch {
                             events: vec![Event::default(); 500_000],
+                            ..Default::default()
                         }
                     };
                     let hello = AgentMessage {

@@ -1,10 +1,13 @@
 //! Alert sinks: a generic JSON webhook, a Slack-compatible incoming webhook,
 //! and the Prometheus Alertmanager v2 API. Each alert is sent once when it
 //! opens and once when it resolves; a failed delivery is retried with
-//! jittered exponential backoff, then logged as undeliverable.
+//! jittered exponential backoff, then logged as undeliverable. Alertmanager
+//! also gets every open alert again each `resend`, as Prometheus posts its
+//! firing alerts: Alertmanager resolves an alert nobody posts again, and in
+//! an HA pair either member keeps it firing.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -21,19 +24,44 @@ pub struct Alerts {
     sinks: Mutex<Vec<mpsc::UnboundedSender<NodeFinding>>>,
     /// (scope, finding id, state) already queued: an alert goes out once per state.
     sent: Mutex<HashSet<(String, String, i32)>>,
+    /// Open alerts by (scope, finding id), for the Alertmanager resends.
+    firing: Firing,
 }
+
+/// Open alerts, each with the time before which it is not posted again
+/// (a restart's alerts wait until the agents had time to report what
+/// changed while the aggregator was down).
+type Firing = Arc<Mutex<BTreeMap<(String, String), (NodeFinding, Option<std::time::Instant>)>>>;
 
 impl Alerts {
     /// Starts one delivery task per sink (inside a tokio runtime).
     pub fn start(cfgs: &[AlertSinkConfig]) -> Alerts {
+        let firing = Firing::default();
         Alerts {
-            sinks: Mutex::new(spawn_sinks(cfgs)),
+            sinks: Mutex::new(spawn_sinks(cfgs, &firing)),
             sent: Mutex::new(HashSet::new()),
+            firing,
         }
     }
 
     pub fn set_sinks(&self, cfgs: &[AlertSinkConfig]) {
-        *self.sinks.lock().unwrap_or_else(|p| p.into_inner()) = spawn_sinks(cfgs);
+        *self.sinks.lock().unwrap_or_else(|p| p.into_inner()) = spawn_sinks(cfgs, &self.firing);
+    }
+
+    /// Alerts that were open when the aggregator stopped: not sent again as
+    /// new, and posted again to Alertmanager with the others after `grace`
+    /// (the agents' time to reconnect and report what changed meanwhile;
+    /// one that resolved by then is not posted as firing).
+    pub fn resume(&self, open: Vec<NodeFinding>, grace: Duration) {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut firing = self.firing.lock().unwrap_or_else(|p| p.into_inner());
+        let after = std::time::Instant::now() + grace;
+        for nf in open {
+            if let Some(f) = &nf.finding {
+                sent.insert((nf.node_id.clone(), f.id.clone(), f.state));
+                firing.insert((nf.node_id.clone(), f.id.clone()), (nf, Some(after)));
+            }
+        }
     }
 
     pub fn notify(&self, nf: &NodeFinding) {
@@ -47,20 +75,95 @@ impl Alerts {
         {
             return;
         }
+        {
+            let mut firing = self.firing.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (nf.node_id.clone(), f.id.clone());
+            if f.state() == FindingState::Open {
+                firing.insert(key, (nf.clone(), None));
+            } else {
+                firing.remove(&key);
+            }
+        }
         for sink in self.sinks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = sink.send(nf.clone());
         }
     }
 }
 
-fn spawn_sinks(cfgs: &[AlertSinkConfig]) -> Vec<mpsc::UnboundedSender<NodeFinding>> {
+fn spawn_sinks(
+    cfgs: &[AlertSinkConfig],
+    firing: &Firing,
+) -> Vec<mpsc::UnboundedSender<NodeFinding>> {
     cfgs.iter()
         .map(|cfg| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(deliver(cfg.clone(), rx));
+            if cfg.kind == AlertSinkKind::Alertmanager {
+                // Ends with the sink: its queue's sender is dropped when a
+                // reload replaces it.
+                tokio::spawn(resend(cfg.clone(), firing.clone(), tx.downgrade()));
+            }
             tx
         })
         .collect()
+}
+
+/// Posts every open alert to one Alertmanager each `cfg.resend`, in one
+/// request, while its sink lives. A failed post waits for the next round.
+async fn resend(
+    cfg: AlertSinkConfig,
+    firing: Firing,
+    sink: mpsc::WeakUnboundedSender<NodeFinding>,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(cfg.timeout)
+        .build()
+        .unwrap_or_default();
+    let url = format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/'));
+    // A quarter second after the fleet's evaluation of a wall second, in
+    // every member of a pair alike: an alert one member resolved in that
+    // evaluation, the other resolved too unless its reports came later.
+    let start = super::fleet::wall_aligned(cfg.resend, Duration::from_millis(250));
+    let mut tick = tokio::time::interval_at(start, cfg.resend);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if sink.upgrade().is_none() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let open: Vec<NodeFinding> = firing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|(_, after)| after.is_none_or(|t| t <= now))
+            .map(|(nf, _)| nf.clone())
+            .collect();
+        if open.is_empty() {
+            continue;
+        }
+        let now = crate::model::now_unix_ms();
+        let body: Vec<Value> = open
+            .iter()
+            .filter_map(|nf| {
+                Some(alertmanager_alert(
+                    nf,
+                    nf.finding.as_ref()?,
+                    now,
+                    cfg.resend,
+                ))
+            })
+            .collect();
+        match http.post(&url).json(&body).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                tracing::warn!(sink = %cfg.url, alerts = body.len(), "alert resend failed: HTTP {}", r.status())
+            }
+            Err(e) => {
+                tracing::warn!(sink = %cfg.url, alerts = body.len(), "alert resend failed: {}", crate::error_chain(&e))
+            }
+        }
+    }
 }
 
 async fn deliver(cfg: AlertSinkConfig, mut rx: mpsc::UnboundedReceiver<NodeFinding>) {
@@ -73,7 +176,7 @@ async fn deliver(cfg: AlertSinkConfig, mut rx: mpsc::UnboundedReceiver<NodeFindi
         _ => cfg.url.clone(),
     };
     while let Some(nf) = rx.recv().await {
-        let body = payload(cfg.kind, &nf);
+        let body = payload(&cfg, &nf, crate::model::now_unix_ms());
         let mut delays = ExponentialBuilder::default()
             .with_jitter()
             .with_min_delay(Duration::from_millis(200))
@@ -154,11 +257,12 @@ fn webhook_body(nf: &NodeFinding, f: &Finding) -> Value {
     })
 }
 
-pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
+/// The body `cfg`'s sink gets for `nf`, at `now` (Unix ms).
+pub fn payload(cfg: &AlertSinkConfig, nf: &NodeFinding, now: i64) -> Value {
     let Some(f) = &nf.finding else {
         return Value::Null;
     };
-    match kind {
+    match cfg.kind {
         AlertSinkKind::Webhook => webhook_body(nf, f),
         AlertSinkKind::Slack => {
             let (mark, word) = match f.state() {
@@ -178,50 +282,95 @@ pub fn payload(kind: AlertSinkKind, nf: &NodeFinding) -> Value {
                 )
             })
         }
-        AlertSinkKind::Alertmanager => {
-            let mut alert = json!({
-                "labels": {
-                    "alertname": format!("outpost_{}", f.kind().label().replace('-', "_")),
-                    "kind": f.kind().label(),
-                    "severity": f.severity().label(),
-                    "verdict": f.verdict().label(),
-                    "network": f.network,
-                    "node": nf.node_id,
-                    "finding_id": f.id,
-                },
-                "annotations": {
-                    "summary": f.summary,
-                    "verdict_reason": f.verdict_reason,
-                    "nodes": f.nodes.join(", "),
-                },
-                "startsAt": rfc3339(f.opened_at_unix_ms),
-                "generatorURL": format!("outpost://aggregator/findings/{}", f.id),
-            });
-            match f.state() {
-                FindingState::Resolved => alert["endsAt"] = json!(rfc3339(f.resolved_at_unix_ms)),
-                // Something that happened once fires for five minutes.
-                FindingState::Occurred => {
-                    alert["endsAt"] = json!(rfc3339(f.opened_at_unix_ms + 300_000))
-                }
-                _ => {}
-            }
-            if !f.groups.is_empty() {
-                let groups: Vec<String> = f
-                    .groups
-                    .iter()
-                    .map(|g| format!("{}: {}", hex(&g.hash), g.node_ids.join(",")))
-                    .collect();
-                alert["annotations"]["groups"] = json!(groups.join("; "));
-            }
-            json!([alert])
-        }
+        AlertSinkKind::Alertmanager => json!([alertmanager_alert(nf, f, now, cfg.resend)]),
     }
+}
+
+/// One alert as Alertmanager's v2 API takes it. The labels name the finding
+/// and are the same from every aggregator of a pair; an open one is active
+/// until four resends from `now`.
+fn alertmanager_alert(nf: &NodeFinding, f: &Finding, now: i64, resend: Duration) -> Value {
+    let mut alert = json!({
+        "labels": {
+            "alertname": format!("outpost_{}", f.kind().label().replace('-', "_")),
+            "kind": f.kind().label(),
+            "severity": f.severity().label(),
+            "verdict": f.verdict().label(),
+            "network": f.network,
+            "node": nf.node_id,
+            "finding_id": f.id,
+        },
+        "annotations": {
+            "summary": f.summary,
+            "verdict_reason": f.verdict_reason,
+            "nodes": f.nodes.join(", "),
+        },
+        "startsAt": rfc3339(f.opened_at_unix_ms),
+        "generatorURL": format!("outpost://aggregator/findings/{}", f.id),
+    });
+    match f.state() {
+        FindingState::Resolved => alert["endsAt"] = json!(rfc3339(f.resolved_at_unix_ms)),
+        // Something that happened once fires for five minutes.
+        FindingState::Occurred => alert["endsAt"] = json!(rfc3339(f.opened_at_unix_ms + 300_000)),
+        _ => alert["endsAt"] = json!(rfc3339(now + 4 * resend.as_millis() as i64)),
+    }
+    if !f.groups.is_empty() {
+        let groups: Vec<String> = f
+            .groups
+            .iter()
+            .map(|g| format!("{}: {}", hex(&g.hash), g.node_ids.join(",")))
+            .collect();
+        alert["annotations"]["groups"] = json!(groups.join("; "));
+    }
+    alert
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::{FindingKind, Verdict};
+
+    fn sink(kind: AlertSinkKind) -> AlertSinkConfig {
+        AlertSinkConfig {
+            kind,
+            url: "http://127.0.0.1:9".into(),
+            timeout: Duration::from_secs(1),
+            max_attempts: 1,
+            resend: Duration::from_secs(60),
+        }
+    }
+
+    /// What both members of a pair post for one open finding, each at its
+    /// own time: the same labels, active until four resends from then.
+    #[test]
+    fn an_open_alert_is_active_for_four_resends_and_labelled_alike_by_any_member() {
+        let nf = |opened_at_unix_ms| NodeFinding {
+            node_id: "node-3".into(),
+            finding: Some(Finding {
+                id: "lag:node-3:h120".into(),
+                kind: FindingKind::Lag as i32,
+                state: FindingState::Open as i32,
+                opened_at_unix_ms,
+                verdict: Verdict::Node as i32,
+                network: "devnet".into(),
+                ..Default::default()
+            }),
+        };
+        let cfg = sink(AlertSinkKind::Alertmanager);
+        let a = payload(&cfg, &nf(1_700_000_000_000), 1_700_000_000_000);
+        let b = payload(&cfg, &nf(1_700_000_000_350), 1_700_000_001_000);
+        assert_eq!(a[0]["labels"], b[0]["labels"]);
+        assert_eq!(a[0]["labels"]["finding_id"], "lag:node-3:h120");
+        assert_eq!(a[0]["endsAt"], "2023-11-14T22:17:20.000Z");
+        let mut resolved = nf(1_700_000_000_000);
+        if let Some(f) = &mut resolved.finding {
+            f.state = FindingState::Resolved as i32;
+            f.resolved_at_unix_ms = 1_700_000_030_000;
+        }
+        let r = payload(&cfg, &resolved, 1_700_000_031_000);
+        assert_eq!(r[0]["endsAt"], "2023-11-14T22:13:50.000Z");
+        assert_eq!(r[0]["labels"], a[0]["labels"]);
+    }
 
     #[test]
     fn the_webhook_body_has_its_own_versioned_shape() {
@@ -240,7 +389,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let v = payload(AlertSinkKind::Webhook, &nf);
+        let v = payload(&sink(AlertSinkKind::Webhook), &nf, 0);
         assert_eq!(v["version"], 1);
         assert_eq!(v["node_id"], "node-2");
         assert_eq!(v["kind"], "reorg");

@@ -73,6 +73,7 @@ impl Fleet {
                 state.load_network_finding(&net, f);
             }
         }
+        alerts.resume(state.firing(), cfg.silent_after);
         let (changes, _) = broadcast::channel(1024);
         Ok(Arc::new(Fleet {
             state: Mutex::new(state),
@@ -154,16 +155,27 @@ impl Fleet {
     }
 
     /// Takes in what one persisted batch of a node brought.
-    pub fn on_batch(&self, node: &str, network: &str, chain: &str, events: &[proto::Event]) {
+    /// A batch from `node`'s agent, which holds `pending` events after it.
+    pub fn on_batch(
+        &self,
+        node: &str,
+        network: &str,
+        chain: &str,
+        events: &[proto::Event],
+        pending: u64,
+    ) {
         for e in events {
             if let Some(Kind::Status(s)) = &e.kind {
                 self.metrics.node_status(network, node, s);
             }
         }
         let window = self.cfg().compare_window;
-        let emits = self
-            .lock()
-            .on_batch(node, network, chain, events, now_unix_ms(), window);
+        let emits = {
+            let mut st = self.lock();
+            let emits = st.on_batch(node, network, chain, events, now_unix_ms(), window);
+            st.set_pending(node, pending);
+            emits
+        };
         for e in emits {
             self.emit(e);
         }
@@ -200,9 +212,15 @@ impl Fleet {
         self.lock().view(only, now, &cfg, self.live.as_ref())
     }
 
-    /// Runs `evaluate` every second (silence and lag need a clock).
+    /// Runs `evaluate` every second (silence and lag need a clock), on the
+    /// wall clock's second: the members of an HA pair then judge the same
+    /// reports at the same moments, and neither lags the other by a tick.
     pub async fn run_clock(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(
+            wall_aligned(Duration::from_secs(1), Duration::ZERO),
+            Duration::from_secs(1),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.evaluate(now_unix_ms());
@@ -218,4 +236,15 @@ impl Fleet {
     pub fn network_scopes(&self) -> Vec<String> {
         self.lock().network_scopes()
     }
+}
+
+/// The next instant the wall clock is `offset` past a multiple of `every`:
+/// timers that start there tick at the same wall times in every process.
+pub fn wall_aligned(every: Duration, offset: Duration) -> tokio::time::Instant {
+    let every_ms = every.as_millis().max(1) as i64;
+    let now = now_unix_ms();
+    let next = (now - offset.as_millis() as i64).div_euclid(every_ms) * every_ms
+        + every_ms
+        + offset.as_millis() as i64;
+    tokio::time::Instant::now() + Duration::from_millis((next - now).max(0) as u64)
 }

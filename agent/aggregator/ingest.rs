@@ -515,6 +515,7 @@ async fn serve_stream(
                         ctx.metrics.refused("bad-batch");
                         return Err(Status::invalid_argument(format!("batch refused: {why}")));
                     }
+                    let pending = batch.pending;
                     let persisted = {
                         let _g = lock.lock().await;
                         let _s = store.persisting().await;
@@ -530,7 +531,7 @@ async fn serve_stream(
                         ctx.fleet.seq_gap(node, &ctx.network, first, last);
                     }
                     ctx.fleet
-                        .on_batch(node, &ctx.network, &ctx.chain, &persisted.events);
+                        .on_batch(node, &ctx.network, &ctx.chain, &persisted.events, pending);
                     if persisted_tx.send(persisted.last_seq).await.is_err() {
                         return Ok(());
                     }
@@ -584,14 +585,17 @@ mod tests {
     fn batches_out_of_order_too_large_or_too_high_are_refused() {
         let ok = Batch {
             events: vec![header(1, 1), header(2, 2)],
+            ..Default::default()
         };
         assert_eq!(check_batch(&ok), Ok(()));
         let back = Batch {
             events: vec![header(2, 1), header(2, 2)],
+            ..Default::default()
         };
         assert!(check_batch(&back).unwrap_err().contains("does not follow"));
         let high = Batch {
             events: vec![header(1, MAX_HEIGHT + 1)],
+            ..Default::default()
         };
         assert!(check_batch(&high)
             .unwrap_err()
@@ -600,6 +604,7 @@ mod tests {
             events: (1..=MAX_EVENTS_PER_BATCH as u64 + 1)
                 .map(|i| header(i, i))
                 .collect(),
+            ..Default::default()
         };
         assert!(check_batch(&many)
             .unwrap_err()
@@ -611,6 +616,7 @@ mod tests {
                 kind: Some(Kind::Resent(crate::proto::Resent::default())),
                 ..Default::default()
             }],
+            ..Default::default()
         };
         assert!(check_batch(&resent)
             .unwrap_err()

@@ -111,6 +111,11 @@ struct NodeView {
     /// An agent stall that is part of a network stall: the network finding
     /// speaks for it, so it is never alerted on its own.
     stall_covered: bool,
+    /// Its agent's last batch said more events were pending: it is
+    /// delivering a backlog (after a cut, or to an aggregator that was
+    /// down), and its height is not yet the node's. Not judged for lag.
+    /// Also true for a node loaded from the store until its agent reports.
+    replaying: bool,
 }
 
 impl NodeView {
@@ -259,6 +264,9 @@ impl FleetState {
             network: network.to_string(),
             chain: chain.to_string(),
             head,
+            // What the store held; the node's own height comes with its
+            // agent's first batch after the start.
+            replaying: true,
             ..Default::default()
         };
         let pool = self.hashes.entry(network.to_string()).or_default();
@@ -727,7 +735,9 @@ impl FleetState {
         for node in members {
             let key = (node.clone(), FindingKind::Lag as i32);
             let height = self.nodes[node].height();
-            let (Some(top), Some(height), false) = (fleet_head, height, silent.contains(node))
+            let replaying = self.nodes[node].replaying;
+            let (Some(top), Some(height), false) =
+                (fleet_head, height, silent.contains(node) || replaying)
             else {
                 continue;
             };
@@ -907,6 +917,43 @@ impl FleetState {
                 }
             }
             Some(_) => {}
+        }
+    }
+
+    /// The open findings that were alerted on their own: fleet findings and
+    /// agent findings not linked to a network finding, less stalls still
+    /// waiting for their verdict. What a restart keeps posting to
+    /// Alertmanager.
+    pub fn firing(&self) -> Vec<NodeFinding> {
+        let scoped = |scope: &str, f: &Finding| NodeFinding {
+            node_id: if scope.starts_with('@') {
+                String::new()
+            } else {
+                scope.to_string()
+            },
+            finding: Some(f.clone()),
+        };
+        let fleet = self
+            .open
+            .iter()
+            .filter(|(_, f)| f.cause_id.is_empty())
+            .map(|((scope, _), f)| scoped(scope, f));
+        let agents = self.nodes.iter().flat_map(|(node, v)| {
+            v.agent_open
+                .values()
+                .filter(|f| {
+                    f.cause_id.is_empty()
+                        && !(f.kind() == FindingKind::Stall && f.verdict() == Verdict::Unspecified)
+                })
+                .map(move |f| scoped(node, f))
+        });
+        fleet.chain(agents).collect()
+    }
+
+    /// Whether `node`'s agent has events pending after its last batch.
+    pub fn set_pending(&mut self, node: &str, pending: u64) {
+        if let Some(v) = self.nodes.get_mut(node) {
+            v.replaying = pending > 0;
         }
     }
 

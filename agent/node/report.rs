@@ -368,7 +368,8 @@ async fn session(
                 break;
             };
             sent_upto = last;
-            send(&tx, agent_message::Body::Batch(Batch { events })).await?;
+            let pending = upto - last;
+            send(&tx, agent_message::Body::Batch(Batch { events, pending })).await?;
             in_flight.push_back((last, Instant::now()));
             last_send = Instant::now();
         }

@@ -381,7 +381,10 @@ impl CentralStore {
         rec.duplicates_ignored += duplicates as u64;
         rec.last_seen_unix_ms = now_ms;
         let stored = kept.len();
-        let log = proto::Batch { events: kept };
+        let log = proto::Batch {
+            events: kept,
+            pending: 0,
+        };
         if let Some(first) = log.events.first().map(|e| e.seq) {
             batch.insert(node_key_u64(b'e', node, first), log.encode_to_vec());
         }

@@ -492,7 +492,7 @@ impl LocalStore {
                 })
                 .collect();
             let last = next - 1;
-            let value = encode_record(last, &proto::Batch { events });
+            let value = encode_record(last, &proto::Batch { events, pending: 0 });
             let size = value.len() as u64;
             out.dropped = self.make_room(&mut c, &mut batch, size)?;
             batch.insert(key_u64(b"o", first), value);
@@ -817,7 +817,13 @@ fn drop_telemetry(record: proto::Batch) -> (proto::Batch, u64) {
             })),
         });
     }
-    (proto::Batch { events: kept }, dropped)
+    (
+        proto::Batch {
+            events: kept,
+            pending: 0,
+        },
+        dropped,
+    )
 }
 
 /// The highest seq an event covers (a gap covers a range).

@@ -1,15 +1,22 @@
-//! An HA pair: one agent reports every event to two aggregators, each
-//! stream with its own resume point and acknowledgements.
+//! An HA pair: agents report every event to two aggregators, each stream
+//! with its own resume point and acknowledgements, and both aggregators
+//! alert through one Alertmanager cluster, which notifies once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost::proto::GetNodeRequest;
+use outpost::proto::{
+    query_client::QueryClient, FindingKind, FindingState, GetNodeRequest, ListFindingsRequest,
+};
 use outpost::store::local::LocalStore;
 use outpost::store::Durability;
+use serde_json::json;
+use tonic::transport::Channel;
 
 use crate::delivery::{assert_complete, event_log};
-use crate::harness::{wait_for, Agent, AgentOptions, Aggregator, Anvil, Miner, World};
+use crate::harness::{
+    wait_for, Agent, AgentOptions, Aggregator, Alertmanager, Anvil, Miner, Recorder, World,
+};
 use crate::spine::wait_at_head;
 
 #[tokio::test]
@@ -88,4 +95,289 @@ async fn an_agent_delivers_everything_to_both_of_a_pair_and_one_down_holds_back_
     let store =
         LocalStore::open(&agent.data_dir, 1 << 20, Durability::ProcessCrash, u64::MAX).unwrap();
     assert_eq!(store.records_after(0, 10).unwrap().len(), 0);
+}
+
+const GENESIS: u64 = 1_700_000_000;
+const WAIT: Duration = Duration::from_secs(40);
+
+/// Three clustered Alertmanagers with a recording webhook behind them.
+async fn alertmanager_cluster(dir: &std::path::Path, hook: &str) -> Vec<Alertmanager> {
+    let config = format!(
+        "route:\n  receiver: hook\n  group_by: ['finding_id']\n  group_wait: 1s\n  group_interval: 5s\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: '{hook}/am'\n        send_resolved: true\n"
+    );
+    let mut ams: Vec<Alertmanager> = Vec::new();
+    for i in 0..3 {
+        let peers: Vec<u16> = ams.iter().map(|a| a.cluster_port).collect();
+        ams.push(Alertmanager::start(
+            &dir.join(format!("am-{i}")),
+            &config,
+            &peers,
+        ));
+    }
+    let logs: Vec<std::path::PathBuf> = ams.iter().map(|a| a.log.clone()).collect();
+    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
+    for am in &ams {
+        wait_for("a cluster of three", WAIT, &logs, || async {
+            (am.peers().await? == 3).then_some(())
+        })
+        .await;
+    }
+    ams
+}
+
+/// The notifications the webhook got for finding `id`, by status, in order.
+fn notified(hook: &Recorder, id: &str) -> Vec<String> {
+    hook.bodies()
+        .iter()
+        .filter(|b| {
+            b["alerts"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["labels"]["finding_id"] == id))
+        })
+        .map(|b| b["status"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+async fn open_finding(
+    at: &str,
+    q: &QueryClient<Channel>,
+    kind: FindingKind,
+    node: &str,
+    state: FindingState,
+    logs: &[&std::path::Path],
+) -> outpost::proto::Finding {
+    wait_for(
+        &format!(
+            "{} {} on {node} at {at}",
+            kind.as_str_name(),
+            state.as_str_name()
+        ),
+        WAIT,
+        logs,
+        || async {
+            q.clone()
+                .list_findings(ListFindingsRequest {
+                    kind: Some(kind as i32),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .findings
+                .into_iter()
+                .find(|nf| {
+                    nf.node_id == node && nf.finding.as_ref().is_some_and(|f| f.state() == state)
+                })
+                .and_then(|nf| nf.finding)
+        },
+    )
+    .await
+}
+
+/// Both members of a pair post every alert to every member of an
+/// Alertmanager cluster; one aggregator and one Alertmanager are killed in
+/// the middle. Each notification reaches the receiver once.
+#[tokio::test]
+async fn a_pair_behind_an_alertmanager_cluster_notifies_each_change_once() {
+    let world = World::new();
+    let (hook, hook_url) = Recorder::start().await;
+    let mut ams = alertmanager_cluster(&world.path().join("alertmanagers"), &hook_url).await;
+    let sinks: String = ams
+        .iter()
+        .map(|am| {
+            format!(
+                "[[alert]]\nkind = \"alertmanager\"\nurl = \"{}\"\nresend = \"1s\"\n",
+                am.url
+            )
+        })
+        .collect();
+    let extra = format!("[fleet]\nsilent_after = \"5s\"\n{sinks}");
+    let a = Aggregator::start_named(&world, "agg-a", "127.0.0.1", &extra).await;
+    let mut b = Aggregator::start_named(&world, "agg-b", "127.0.0.1", &extra).await;
+    let mut anvils = Vec::new();
+    for i in 1..=3 {
+        anvils.push(Anvil::start(&world, &format!("anvil-{i}")).await);
+    }
+    let agents: Vec<Agent> = anvils
+        .iter()
+        .enumerate()
+        .map(|(i, anvil)| {
+            Agent::start(
+                &world,
+                &format!("node-{}", i + 1),
+                &anvil.url(),
+                &a,
+                AgentOptions {
+                    block_time: "60s",
+                    also_report_to: vec![b.port],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let qa = world.query(&a).await;
+    let qb = world.query(&b).await;
+    let mine = |nodes: &'static [usize], ts: u64| {
+        let anvils = &anvils;
+        async move {
+            for &i in nodes {
+                anvils[i].rpc("evm_mine", json!([ts])).await;
+            }
+        }
+    };
+    for i in 1..=5 {
+        mine(&[0, 1, 2], GENESIS + 12 * i).await;
+    }
+    for (anvil, agent) in anvils.iter().zip(&agents) {
+        wait_at_head(&mut qa.clone(), anvil, agent, &a).await;
+        wait_at_head(&mut qb.clone(), anvil, agent, &b).await;
+    }
+    let mut logs: Vec<std::path::PathBuf> = agents.iter().map(|a| a.log.clone()).collect();
+    logs.extend([a.log.clone(), b.log.clone()]);
+    logs.extend(ams.iter().map(|am| am.log.clone()));
+    let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
+
+    // node-2 mines two blocks of its own: both aggregators see it diverge.
+    let before = anvils[1].rpc("evm_snapshot", json!([])).await;
+    for i in 6..=7 {
+        mine(&[0, 2], GENESIS + 12 * i).await;
+        mine(&[1], GENESIS + 12 * i + 1).await;
+    }
+    let div = open_finding(
+        "agg-a",
+        &qa,
+        FindingKind::Divergence,
+        "node-2",
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    let at_b = open_finding(
+        "agg-b",
+        &qb,
+        FindingKind::Divergence,
+        "node-2",
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert_eq!(div.id, at_b.id, "both members name the finding alike");
+    wait_for("the divergence notified", WAIT, &logs, || async {
+        (!notified(&hook, &div.id).is_empty()).then_some(())
+    })
+    .await;
+
+    // One aggregator and one Alertmanager die.
+    b.kill9();
+    ams[1].kill9();
+
+    // node-2 rejoins: the divergence resolves. node-3 falls behind: a lag.
+    mine(&[0, 2], GENESIS + 12 * 8).await;
+    assert_eq!(
+        anvils[1].rpc("evm_revert", json!([before])).await,
+        json!(true)
+    );
+    anvils[1].copy_blocks(&anvils[0], 6..=8).await;
+    open_finding(
+        "agg-a",
+        &qa,
+        FindingKind::Divergence,
+        "node-2",
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    for i in 9..=16 {
+        mine(&[0, 1], GENESIS + 12 * i).await;
+    }
+    let lag = open_finding(
+        "agg-a",
+        &qa,
+        FindingKind::Lag,
+        "node-3",
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+
+    // The dead aggregator returns, catches up and judges alike.
+    b.restart(&world).await;
+    let qb = world.query(&b).await;
+    let lag_b = open_finding(
+        "agg-b",
+        &qb,
+        FindingKind::Lag,
+        "node-3",
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert_eq!(lag.id, lag_b.id);
+    open_finding(
+        "agg-b",
+        &qb,
+        FindingKind::Divergence,
+        "node-2",
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+
+    // node-3 catches up: the lag resolves at both.
+    anvils[2].copy_blocks(&anvils[0], 9..=16).await;
+    open_finding(
+        "agg-a",
+        &qa,
+        FindingKind::Lag,
+        "node-3",
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    open_finding(
+        "agg-b",
+        &qb,
+        FindingKind::Lag,
+        "node-3",
+        FindingState::Resolved,
+        &logs,
+    )
+    .await;
+    wait_for("the lag's resolve notified", WAIT, &logs, || async {
+        notified(&hook, &lag.id)
+            .contains(&"resolved".to_string())
+            .then_some(())
+    })
+    .await;
+    // Resends go on for a while: nothing more may be notified.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for id in [&div.id, &lag.id] {
+        assert_eq!(
+            notified(&hook, id),
+            ["firing", "resolved"],
+            "{id}: {:#?}",
+            received(&hook)
+        );
+    }
+}
+
+/// Each notification the webhook got: its status and, per alert, the
+/// finding id, status, start and end.
+fn received(hook: &Recorder) -> Vec<(String, Vec<String>)> {
+    hook.bodies()
+        .iter()
+        .map(|b| {
+            let alerts = b["alerts"].as_array().cloned().unwrap_or_default();
+            let alerts = alerts
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{} {} {} {}",
+                        x["labels"]["finding_id"], x["status"], x["startsAt"], x["endsAt"]
+                    )
+                })
+                .collect();
+            (b["status"].as_str().unwrap_or("").to_string(), alerts)
+        })
+        .collect()
 }

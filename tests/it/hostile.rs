@@ -385,6 +385,7 @@ async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
     let empty = AgentMessage {
         body: Some(agent_message::Body::Batch(Batch {
             events: vec![Event::default(); 500_000],
+            ..Default::default()
         })),
     };
     let s = attack(empty).await.expect("refused");
@@ -404,6 +405,7 @@ async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
                 )),
                 ..Default::default()
             }],
+            ..Default::default()
         })),
     };
     let s = attack(big).await.expect("refused");
@@ -471,6 +473,7 @@ async fn a_seq_gap_is_a_finding_a_counter_and_a_figure_of_the_node() {
     // Seqs 1, 2, then 5: 3 and 4 never come, and no gap event covers them.
     let batch = msg(agent_message::Body::Batch(Batch {
         events: vec![header(1), header(2), header(5)],
+        ..Default::default()
     }));
     let mut inbound = IngestClient::new(ch)
         .report(tokio_stream::iter(vec![hello, batch]).chain(tokio_stream::pending()))

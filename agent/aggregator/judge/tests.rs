@@ -177,6 +177,8 @@ impl Fleet {
         let e = self
             .st
             .on_batch(node, NET, "ethereum", &events, self.now, 256);
+        // As the shell does: an agent with nothing more pending.
+        self.st.set_pending(node, 0);
         self.store.emits(&e);
         self.emitted.extend(e);
     }
@@ -1072,4 +1074,30 @@ fn of_two_nodes_the_one_ahead_alone_is_undecided() {
         .map(|n| (n.node_id.as_str(), n.lag, n.status.as_str()))
         .collect();
     assert_eq!(rows, [("node-1", 0, "ok"), ("node-2", 0, "ahead")]);
+}
+
+/// An aggregator that comes back gets each agent's backlog: a node whose
+/// agent still has events pending is not judged on the height it has
+/// reached so far, so the lag opens at the height the node really stopped
+/// at, whatever order the backlogs arrive in.
+#[test]
+fn a_node_whose_backlog_is_still_arriving_is_not_judged_for_lag() {
+    let mut f = four_at(10);
+    f.mine(&["node-1", "node-2", "node-4"], 0, 11..=20);
+    // node-3 reached 12 before it stopped; its backlog has come up to 11.
+    f.batch("node-3", vec![header(0, 11)]);
+    f.st.set_pending("node-3", 1);
+    f.wait(2_000);
+    assert_eq!(
+        f.of(FindingKind::Lag).len(),
+        0,
+        "{:?}",
+        f.of(FindingKind::Lag)
+    );
+    f.batch("node-3", vec![header(0, 12)]);
+    f.st.set_pending("node-3", 0);
+    f.wait(1_000);
+    let lag = f.of(FindingKind::Lag);
+    assert_eq!(lag.len(), 1, "{lag:?}");
+    assert_eq!(lag[0].finding.id, "lag:node-3:h12");
 }
