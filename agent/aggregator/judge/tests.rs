@@ -1101,3 +1101,56 @@ fn a_node_whose_backlog_is_still_arriving_is_not_judged_for_lag() {
     assert_eq!(lag.len(), 1, "{lag:?}");
     assert_eq!(lag[0].finding.id, "lag:node-3:h12");
 }
+
+/// An aggregator that stopped while node-2 diverged comes back to the
+/// backlogs of all three nodes, in any order: node-2 rejoined meanwhile, so
+/// its divergence resolves.
+#[test]
+fn a_divergence_that_ended_while_the_aggregator_was_down_resolves_after_it() {
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    for order in orders {
+        let mut f = Fleet::new();
+        f.mine(&["node-1", "node-2", "node-3"], 0, 1..=5);
+        f.mine(&["node-1", "node-3"], 0, 6..=7);
+        f.mine(&["node-2"], 2, 6..=7);
+        f.wait(3_000);
+        assert_eq!(f.of(FindingKind::Divergence).len(), 1);
+        f.restart();
+        let backlogs: [(&str, Vec<proto::Event>); 3] = [
+            ("node-1", (8..=16).map(|h| header(0, h)).collect()),
+            (
+                "node-2",
+                [6, 7, 8]
+                    .into_iter()
+                    .map(|h| header(0, h))
+                    .chain([reorg(2, 0, 5, 7)])
+                    .chain((9..=16).map(|h| header(0, h)))
+                    .collect(),
+            ),
+            ("node-3", vec![header(0, 8)]),
+        ];
+        for i in order {
+            let (node, events) = backlogs[i].clone();
+            f.batch(node, events);
+            f.wait(1_000);
+        }
+        f.wait(5_000);
+        let states: Vec<FindingState> = f
+            .of(FindingKind::Divergence)
+            .iter()
+            .map(|e| e.finding.state())
+            .collect();
+        assert_eq!(
+            states,
+            [FindingState::Open, FindingState::Resolved],
+            "order {order:?}"
+        );
+    }
+}
