@@ -103,7 +103,7 @@ const WAIT: Duration = Duration::from_secs(40);
 /// Three clustered Alertmanagers with a recording webhook behind them.
 async fn alertmanager_cluster(dir: &std::path::Path, hook: &str) -> Vec<Alertmanager> {
     let config = format!(
-        "route:\n  receiver: hook\n  group_by: ['finding_id']\n  group_wait: 1s\n  group_interval: 5s\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: '{hook}/am'\n        send_resolved: true\n"
+        "route:\n  receiver: hook\n  group_by: ['finding_id']\n  group_wait: 1s\n  group_interval: 10s\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n    webhook_configs:\n      - url: '{hook}/am'\n        send_resolved: true\n"
     );
     let mut ams: Vec<Alertmanager> = Vec::new();
     for i in 0..3 {
@@ -146,30 +146,44 @@ async fn open_finding(
     state: FindingState,
     logs: &[&std::path::Path],
 ) -> outpost::proto::Finding {
+    let find = || async {
+        q.clone()
+            .list_findings(ListFindingsRequest {
+                kind: Some(kind as i32),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .findings
+            .into_iter()
+            .find(|nf| {
+                nf.node_id == node && nf.finding.as_ref().is_some_and(|f| f.state() == state)
+            })
+            .and_then(|nf| nf.finding)
+    };
+    let end = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < end {
+        if let Some(f) = find().await {
+            return f;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the aggregator holds, beside its log, to tell why.
+    let view = q
+        .clone()
+        .fleet(outpost::proto::FleetRequest::default())
+        .await
+        .map(|r| format!("{:?}", r.into_inner()));
     wait_for(
         &format!(
-            "{} {} on {node} at {at}",
+            "{} {} on {node} at {at}; its fleet view: {view:?}",
             kind.as_str_name(),
             state.as_str_name()
         ),
-        WAIT,
+        Duration::ZERO,
         logs,
-        || async {
-            q.clone()
-                .list_findings(ListFindingsRequest {
-                    kind: Some(kind as i32),
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .findings
-                .into_iter()
-                .find(|nf| {
-                    nf.node_id == node && nf.finding.as_ref().is_some_and(|f| f.state() == state)
-                })
-                .and_then(|nf| nf.finding)
-        },
+        find,
     )
     .await
 }

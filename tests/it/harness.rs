@@ -988,7 +988,7 @@ impl Alertmanager {
             ))
             .arg("--cluster.gossip-interval=100ms")
             .arg("--cluster.pushpull-interval=1s")
-            .arg("--cluster.peer-timeout=1s");
+            .arg("--cluster.peer-timeout=3s");
         for p in peers {
             cmd.arg(format!("--cluster.peer=127.0.0.1:{p}"));
         }
