@@ -381,17 +381,17 @@ async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
         }
     };
     use tokio_stream::StreamExt as _;
-    // 500,000 empty events: about 1 MB on the wire, some 200 MB decoded.
+    // 1,000,000 empty events: about 2 MB on the wire, some 400 MB decoded.
     let empty = AgentMessage {
         body: Some(agent_message::Body::Batch(Batch {
-            events: vec![Event::default(); 500_000],
+            events: vec![Event::default(); 1_000_000],
             ..Default::default()
         })),
     };
     let s = attack(empty).await.expect("refused");
     assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("nested messages"), "{}", s.message());
-    // 24 MiB in one message: over the byte limit.
+    // 64 MiB in one message: over the byte limit.
     let big = AgentMessage {
         body: Some(agent_message::Body::Batch(Batch {
             events: vec![Event {
@@ -399,7 +399,7 @@ async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
                 kind: Some(outpost::proto::event::Kind::Header(
                     outpost::proto::Header {
                         height: 1,
-                        hash: vec![7; 24 << 20],
+                        hash: vec![7; 64 << 20],
                         ..Default::default()
                     },
                 )),
