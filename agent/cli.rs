@@ -132,13 +132,17 @@ pub enum Role {
 /// the environment variable named in its help.
 #[derive(Args, Debug, Clone)]
 pub struct Connection {
+    /// The aggregator's URL. Repeat the flag, or give a comma list, to ask
+    /// several (shards, an HA pair): `nodes`, `node` and `fleet` merge
+    /// their answers.
     #[arg(
         long,
         env = "OUTPOST_ENDPOINT",
         default_value = "https://localhost:7443",
+        value_delimiter = ',',
         global = true
     )]
-    pub endpoint: String,
+    pub endpoint: Vec<String>,
     /// CA certificate that signed the aggregator's certificate.
     #[arg(long, env = "OUTPOST_CA", default_value = "pki/ca.pem", global = true)]
     pub ca: PathBuf,
@@ -211,4 +215,19 @@ pub enum QueryCommand {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+}
+
+impl QueryCommand {
+    /// The subcommand's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueryCommand::Nodes => "nodes",
+            QueryCommand::Node { .. } => "node",
+            QueryCommand::Findings { .. } => "findings",
+            QueryCommand::Headers { .. } => "headers",
+            QueryCommand::Fleet { .. } => "fleet",
+            QueryCommand::Watch { .. } => "watch",
+            QueryCommand::Events { .. } => "events",
+        }
+    }
 }

@@ -154,7 +154,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
     println!("press Ctrl-C to stop\n");
 
     let conn = Connection {
-        endpoint: endpoint.clone(),
+        endpoint: vec![endpoint.clone()],
         ca: pki.ca_cert(),
         cert: Some(pki.cert("operator-demo")),
         key: Some(pki.key("operator-demo")),

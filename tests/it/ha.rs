@@ -37,6 +37,17 @@ async fn an_agent_delivers_everything_to_both_of_a_pair_and_one_down_holds_back_
             ..Default::default()
         },
     );
+    // A second agent on the same node reports to a only.
+    let _only_a = Agent::start(
+        &world,
+        "node-2",
+        &anvil.url(),
+        &a,
+        AgentOptions {
+            block_time: "60s",
+            ..Default::default()
+        },
+    );
     let mut qa = world.query(&a).await;
     let mut qb = world.query(&b).await;
     anvil.mine(5).await;
@@ -76,11 +87,41 @@ async fn an_agent_delivers_everything_to_both_of_a_pair_and_one_down_holds_back_
     .await;
     let to_a = waiting.iter().find(|d| d.aggregator != b_url).unwrap();
     assert!(to_a.connected && to_a.backlog < 5, "{waiting:?}");
+    // Asked of both, the view is a's, with a warning for b.
+    let (ok, out, err) = query_both(&world, &a, &b, &["nodes", "--json"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("warning:") && err.contains(&b_url), "{err}");
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{out}");
 
     // b comes back and catches up from its own resume point.
     b.restart(&world).await;
     let mut qb = world.query(&b).await;
     wait_at_head(&mut qb, &anvil, &agent, &b).await;
+    // Both answer: node-1 from either, node-2 marked as not at b.
+    let (ok, out, err) = query_both(&world, &a, &b, &["nodes", "--json"]);
+    assert!(ok && !err.contains("warning:"), "{err}");
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let missing: Vec<(String, serde_json::Value)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_str().unwrap().to_string(),
+                n["missing_at"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        missing,
+        [
+            ("node-1".to_string(), json!([])),
+            ("node-2".to_string(), json!([b_url]))
+        ]
+    );
+    let (ok, text, _) = query_both(&world, &a, &b, &["nodes"]);
+    assert!(ok && text.contains(&format!("not at {b_url}")), "{text}");
     assert!(agent.terminate().unwrap().success());
 
     // Each holds every event once, every block once, with the same seqs.
@@ -95,6 +136,38 @@ async fn an_agent_delivers_everything_to_both_of_a_pair_and_one_down_holds_back_
     let store =
         LocalStore::open(&agent.data_dir, 1 << 20, Durability::ProcessCrash, u64::MAX).unwrap();
     assert_eq!(store.records_after(0, 10).unwrap().len(), 0);
+}
+
+/// `outpost query ARGS` with both aggregators as `--endpoint`: whether it
+/// succeeded, its stdout and its stderr.
+fn query_both(
+    world: &World,
+    a: &Aggregator,
+    b: &Aggregator,
+    args: &[&str],
+) -> (bool, String, String) {
+    let pki = world.pki();
+    let out = std::process::Command::new(crate::harness::outpost_bin())
+        .arg("query")
+        .args(args)
+        .arg("--endpoint")
+        .arg(format!(
+            "https://127.0.0.1:{},https://127.0.0.1:{}",
+            a.port, b.port
+        ))
+        .args(["--server-name", "localhost", "--ca"])
+        .arg(pki.ca_cert())
+        .arg("--cert")
+        .arg(pki.cert("operator-tester"))
+        .arg("--key")
+        .arg(pki.key("operator-tester"))
+        .output()
+        .expect("outpost runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 const GENESIS: u64 = 1_700_000_000;
@@ -117,8 +190,8 @@ async fn alertmanager_cluster(dir: &std::path::Path, hook: &str) -> Vec<Alertman
     let logs: Vec<std::path::PathBuf> = ams.iter().map(|a| a.log.clone()).collect();
     let logs: Vec<&std::path::Path> = logs.iter().map(|p| p.as_path()).collect();
     for am in &ams {
-        wait_for("a cluster of three", WAIT, &logs, || async {
-            (am.peers().await? == 3).then_some(())
+        wait_for("a settled cluster of three", WAIT, &logs, || async {
+            (am.settled_peers().await? == 3).then_some(())
         })
         .await;
     }

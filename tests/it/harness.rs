@@ -155,7 +155,7 @@ impl World {
             self.issue(&Identity::Operator("tester".into()));
         }
         Connection {
-            endpoint: format!("https://127.0.0.1:{}", agg.port),
+            endpoint: vec![format!("https://127.0.0.1:{}", agg.port)],
             ca: pki.ca_cert(),
             cert: Some(pki.cert("operator-tester")),
             key: Some(pki.key("operator-tester")),
@@ -1016,14 +1016,16 @@ impl Alertmanager {
         v.as_array().cloned()
     }
 
-    /// The cluster members it sees, or None while it does not answer.
-    pub async fn peers(&self) -> Option<usize> {
+    /// The cluster members it sees once its gossip has settled (before,
+    /// it may notify what another member already did), or None.
+    pub async fn settled_peers(&self) -> Option<usize> {
         let v: Value = reqwest::get(format!("{}/api/v2/status", self.url))
             .await
             .ok()?
             .json()
             .await
             .ok()?;
+        (v["cluster"]["status"] == "ready").then_some(())?;
         Some(v["cluster"]["peers"].as_array()?.len())
     }
 

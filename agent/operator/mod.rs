@@ -1,6 +1,8 @@
 //! `outpost query`: the operator's client for the query API, with tables
 //! for people and JSON for scripts.
 
+pub mod merge;
+
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -16,7 +18,18 @@ use crate::proto::{
 };
 use crate::tls::TlsFiles;
 
+/// A client of the first aggregator of `--endpoint`.
 pub async fn connect(conn: &Connection) -> anyhow::Result<QueryClient<Channel>> {
+    let first = conn
+        .endpoint
+        .first()
+        .map(String::as_str)
+        .unwrap_or_default();
+    connect_to(conn, first).await
+}
+
+/// A client of the aggregator at `endpoint`, with `conn`'s certificates.
+pub async fn connect_to(conn: &Connection, endpoint: &str) -> anyhow::Result<QueryClient<Channel>> {
     let (Some(cert), Some(key)) = (&conn.cert, &conn.key) else {
         bail!("an operator certificate is needed: pass --cert and --key (or set OUTPOST_CERT and OUTPOST_KEY)");
     };
@@ -28,15 +41,15 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<QueryClient<Channel>> 
     };
     let domain = match &conn.server_name {
         Some(n) => n.clone(),
-        None => reqwest::Url::parse(&conn.endpoint)
-            .with_context(|| format!("--endpoint {:?} is not a URL", conn.endpoint))?
+        None => reqwest::Url::parse(endpoint)
+            .with_context(|| format!("--endpoint {:?} is not a URL", endpoint))?
             .host_str()
             .unwrap_or_default()
             .to_string(),
     };
     let tls = files.client_config(&domain)?;
-    let channel = Endpoint::from_shared(conn.endpoint.clone())
-        .with_context(|| format!("--endpoint {:?} is not a URL", conn.endpoint))?
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("--endpoint {:?} is not a URL", endpoint))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(10))
         .connect()
@@ -44,11 +57,116 @@ pub async fn connect(conn: &Connection) -> anyhow::Result<QueryClient<Channel>> 
         .map_err(|e| {
             anyhow!(
                 "cannot connect to {}: {} (check --endpoint, and that --ca signed the aggregator's certificate)",
-                conn.endpoint,
+                endpoint,
                 crate::error_chain(&e)
             )
         })?;
     Ok(QueryClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// Asks every aggregator of `--endpoint` at once. Those that answer are
+/// merged; each that does not is a warning on stderr, and only if none
+/// answers is it an error.
+async fn ask_all<T, F, Fut>(conn: &Connection, ask: F) -> anyhow::Result<Vec<(String, T)>>
+where
+    F: Fn(QueryClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let calls = conn.endpoint.iter().map(|ep| {
+        let ask = &ask;
+        async move {
+            let client = connect_to(conn, ep).await?;
+            ask(client).await.map_err(status_err)
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let mut answers = Vec::new();
+    let mut failed = Vec::new();
+    for (ep, r) in conn.endpoint.iter().zip(results) {
+        match r {
+            Ok(t) => answers.push((ep.clone(), t)),
+            Err(e) => {
+                eprintln!("warning: {ep} did not answer, the view lacks it: {e:#}");
+                failed.push(format!("{ep}: {e:#}"));
+            }
+        }
+    }
+    if answers.is_empty() {
+        bail!("no aggregator answered:\n{}", failed.join("\n"));
+    }
+    Ok(answers)
+}
+
+/// `query` over several aggregators: `nodes`, `node` and `fleet` merged.
+async fn run_merged(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
+    let out = match cmd {
+        QueryCommand::Nodes => {
+            let answers = ask_all(conn, |mut c| async move {
+                Ok(c.list_nodes(ListNodesRequest {}).await?.into_inner().nodes)
+            })
+            .await?;
+            let merged = merge::nodes(&answers);
+            if !conn.json {
+                print!("{}", merged_nodes_table(&merged));
+                return Ok(());
+            }
+            json!(merged
+                .iter()
+                .map(|m| {
+                    let mut v = summary_json(&m.node);
+                    v["aggregator"] = json!(m.from);
+                    v["missing_at"] = json!(m.missing_at);
+                    v
+                })
+                .collect::<Vec<_>>())
+        }
+        QueryCommand::Fleet { network } => {
+            let network = network.unwrap_or_default();
+            let answers = ask_all(conn, |mut c| {
+                let network = network.clone();
+                async move { Ok(c.fleet(FleetRequest { network }).await?.into_inner().networks) }
+            })
+            .await?;
+            let networks = merge::fleet(&answers);
+            if !conn.json {
+                print!("{}", fleet_table(&networks));
+                return Ok(());
+            }
+            json!(networks.iter().map(network_json).collect::<Vec<_>>())
+        }
+        QueryCommand::Node { node_id } => {
+            let answers = ask_all(conn, |mut c| {
+                let node_id = node_id.clone();
+                async move {
+                    match c.get_node(GetNodeRequest { node_id }).await {
+                        Ok(d) => Ok(Some(d.into_inner())),
+                        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                        Err(s) => Err(s),
+                    }
+                }
+            })
+            .await?;
+            let Some((from, _)) = answers
+                .iter()
+                .filter_map(|(ep, d)| Some((ep, d.as_ref()?.summary.as_ref()?.last_seen_unix_ms)))
+                .max_by_key(|(_, seen)| *seen)
+            else {
+                bail!("no aggregator of --endpoint knows node {node_id:?}");
+            };
+            let one = Connection {
+                endpoint: vec![from.clone()],
+                ..conn.clone()
+            };
+            return Box::pin(run(&one, QueryCommand::Node { node_id })).await;
+        }
+        other => bail!(
+            "--endpoint names {} aggregators; only `query nodes`, `query node` and `query fleet` merge several (for `{}` name one)",
+            conn.endpoint.len(),
+            other.name()
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -92,6 +210,9 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
         QueryCommand::Findings { since: Some(s), .. } => parse_since(s)?,
         _ => 0,
     };
+    if conn.endpoint.len() > 1 {
+        return run_merged(conn, cmd).await;
+    }
     let mut client = connect(conn).await?;
     let out = match cmd {
         QueryCommand::Nodes => {
@@ -431,19 +552,42 @@ fn short(hash: &[u8]) -> String {
     }
 }
 
+/// `nodes_table` for a merged answer: each node says which aggregator of
+/// its network lacks it.
+pub fn merged_nodes_table(nodes: &[merge::MergedNode]) -> String {
+    let rows: Vec<(NodeSummary, String)> = nodes
+        .iter()
+        .map(|m| {
+            let note = if m.missing_at.is_empty() {
+                String::new()
+            } else {
+                format!("not at {}", m.missing_at.join(", "))
+            };
+            (m.node.clone(), note)
+        })
+        .collect();
+    table_of(&rows)
+}
+
 pub fn nodes_table(nodes: &[NodeSummary]) -> String {
+    let rows: Vec<(NodeSummary, String)> =
+        nodes.iter().map(|n| (n.clone(), String::new())).collect();
+    table_of(&rows)
+}
+
+fn table_of(nodes: &[(NodeSummary, String)]) -> String {
     let mut out = format!(
         "{:<16} {:<12} {:<10} {:>10} {:<15} {:<13} {:<10} {:>8}\n",
         "NODE", "NETWORK", "CHAIN", "HEIGHT", "HASH", "STATUS", "SEEN", "SEQ"
     );
-    for n in nodes {
+    for (n, note) in nodes {
         let (height, hash) = n
             .head
             .as_ref()
             .map(|h| (h.height.to_string(), short(&h.hash)))
             .unwrap_or_else(|| ("-".into(), "-".into()));
-        out.push_str(&format!(
-            "{:<16} {:<12} {:<10} {:>10} {:<15} {:<13} {:<10} {:>8}\n",
+        let line = format!(
+            "{:<16} {:<12} {:<10} {:>10} {:<15} {:<13} {:<10} {:>8}",
             n.node_id,
             n.network,
             n.chain,
@@ -452,7 +596,12 @@ pub fn nodes_table(nodes: &[NodeSummary]) -> String {
             n.status,
             ago(n.last_seen_unix_ms),
             n.last_seq
-        ));
+        );
+        if note.is_empty() {
+            out.push_str(&format!("{line}\n"));
+        } else {
+            out.push_str(&format!("{line}  {note}\n"));
+        }
     }
     out
 }
