@@ -354,7 +354,11 @@ async fn a_pair_behind_an_alertmanager_cluster_notifies_each_change_once() {
     })
     .await;
 
-    // One aggregator and one Alertmanager die.
+    // One aggregator and one Alertmanager die, after the cluster's gossip
+    // (every 100 ms) has carried the notification: a member killed before
+    // it tells the others notifies again through them, as Alertmanager's
+    // at-least-once delivery allows.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     b.kill9();
     ams[1].kill9();
 
