@@ -53,11 +53,27 @@ pub fn anvil_bin() -> PathBuf {
     );
 }
 
+/// A loopback port nothing listens on, for a process the test starts. It
+/// is picked below the kernel's ephemeral range (32768 and up), so that no
+/// outgoing connection takes it between this pick and the process's bind,
+/// and from one counter per test process, so that no two picks repeat.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 10_000;
+    const LAST: u16 = 32_000;
+    static NEXT: std::sync::OnceLock<AtomicU16> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| AtomicU16::new(rand::random_range(FIRST..LAST)));
+    for _ in FIRST..LAST {
+        let p = next.fetch_add(1, Ordering::Relaxed);
+        if !(FIRST..LAST).contains(&p) {
+            next.store(FIRST, Ordering::Relaxed);
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{LAST}")
 }
 
 /// Polls `check` until it returns Some, or fails with `what` and the logs.
