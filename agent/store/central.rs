@@ -285,8 +285,9 @@ impl CentralStore {
         let mut kept = Vec::with_capacity(events.len());
         let mut duplicates = 0;
         let mut missing = Vec::new();
-        // Catch-up statuses: logged, not given to the fleet.
-        let mut held_back = Vec::new();
+        // Per kept event: whether the fleet gets it (resent markers and a
+        // catching-up agent's statuses are logged only).
+        let mut for_fleet = Vec::with_capacity(events.len());
         for e in events {
             let last = event_last_seq(&e);
             if last <= rec.last_seq {
@@ -306,6 +307,9 @@ impl CentralStore {
                 missing.push((expected, e.seq - 1));
                 rec.missing_events = rec.missing_events.saturating_add(e.seq - expected);
             }
+            // A resent header is logged as a marker in its place.
+            let mut resent = None;
+            let mut fleet_gets_it = true;
             match &e.kind {
                 Some(Kind::Header(h)) => {
                     let again = h.height <= rec.indexed_top && headers.holds(h.height, &h.hash)?;
@@ -317,9 +321,8 @@ impl CentralStore {
                         // Read again after a restore: the index and the log
                         // have it; the log keeps the seq with a marker.
                         rec.redelivered_headers += 1;
-                        rec.last_seq = last;
-                        held_back.push(e.seq);
-                        kept.push(proto::Event {
+                        fleet_gets_it = false;
+                        resent = Some(proto::Event {
                             seq: e.seq,
                             at_unix_ms: e.at_unix_ms,
                             kind: Some(Kind::Resent(proto::Resent {
@@ -327,11 +330,11 @@ impl CentralStore {
                                 hash: h.hash.clone(),
                             })),
                         });
-                        continue;
+                    } else {
+                        headers.upsert(h.clone())?;
+                        rec.indexed_top = rec.indexed_top.max(h.height);
+                        rec.head = Some(h.clone());
                     }
-                    headers.upsert(h.clone())?;
-                    rec.indexed_top = rec.indexed_top.max(h.height);
-                    rec.head = Some(h.clone());
                 }
                 Some(Kind::Status(s))
                     if s.head_height < rec.indexed_top
@@ -344,7 +347,7 @@ impl CentralStore {
                     if let Some(c) = catch_up {
                         c.last_status = Some(s.head_height);
                     }
-                    held_back.push(e.seq);
+                    fleet_gets_it = false;
                     rec.status = Some(s.clone());
                 }
                 Some(Kind::Status(s)) => {
@@ -375,7 +378,8 @@ impl CentralStore {
                 Some(Kind::Resent(_)) | None => {}
             }
             rec.last_seq = last;
-            kept.push(e);
+            kept.push(resent.unwrap_or(e));
+            for_fleet.push(fleet_gets_it);
         }
         headers.write(&mut batch);
         rec.duplicates_ignored += duplicates as u64;
@@ -389,10 +393,12 @@ impl CentralStore {
             batch.insert(node_key_u64(b'e', node, first), log.encode_to_vec());
         }
         batch.insert(record_key(node), rec.encode_to_vec());
-        let mut events = log.events;
-        if !held_back.is_empty() {
-            events.retain(|e| !held_back.contains(&e.seq));
-        }
+        let events = log
+            .events
+            .into_iter()
+            .zip(for_fleet)
+            .filter_map(|(e, to_fleet)| to_fleet.then_some(e))
+            .collect();
         let persisted = Persisted {
             last_seq: rec.last_seq,
             stored,
