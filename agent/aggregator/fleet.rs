@@ -105,11 +105,6 @@ impl Fleet {
         if let Err(e) = self.store.put_finding(&scope, &f) {
             tracing::error!("cannot store finding {}: {e}", f.id);
         }
-        let node_id = if scope.starts_with('@') {
-            String::new()
-        } else {
-            scope
-        };
         tracing::info!(
             finding_kind = f.kind().label(),
             finding_id = %f.id,
@@ -120,10 +115,7 @@ impl Fleet {
             "{}",
             f.summary
         );
-        let nf = NodeFinding {
-            node_id,
-            finding: Some(f),
-        };
+        let nf = super::judge::node_finding(&scope, f);
         let _ = self.changes.send(nf.clone());
         if alert {
             self.alerts.notify(&nf);

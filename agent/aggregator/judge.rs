@@ -85,6 +85,19 @@ pub fn network_scope(network: &str) -> String {
     format!("@{network}")
 }
 
+/// A finding stored under `scope` as the query API and the alerts carry it:
+/// a node's under its node id, a network's (`@network`) under none.
+pub fn node_finding(scope: &str, f: Finding) -> NodeFinding {
+    NodeFinding {
+        node_id: if scope.starts_with('@') {
+            String::new()
+        } else {
+            scope.to_string()
+        },
+        finding: Some(f),
+    }
+}
+
 /// One node as the fleet sees it.
 #[derive(Default, Clone)]
 struct NodeView {
@@ -925,19 +938,11 @@ impl FleetState {
     /// waiting for their verdict. What a restart keeps posting to
     /// Alertmanager.
     pub fn firing(&self) -> Vec<NodeFinding> {
-        let scoped = |scope: &str, f: &Finding| NodeFinding {
-            node_id: if scope.starts_with('@') {
-                String::new()
-            } else {
-                scope.to_string()
-            },
-            finding: Some(f.clone()),
-        };
         let fleet = self
             .open
             .iter()
             .filter(|(_, f)| f.cause_id.is_empty())
-            .map(|((scope, _), f)| scoped(scope, f));
+            .map(|((scope, _), f)| node_finding(scope, f.clone()));
         let agents = self.nodes.iter().flat_map(|(node, v)| {
             v.agent_open
                 .values()
@@ -945,7 +950,7 @@ impl FleetState {
                     f.cause_id.is_empty()
                         && !(f.kind() == FindingKind::Stall && f.verdict() == Verdict::Unspecified)
                 })
-                .map(move |f| scoped(node, f))
+                .map(move |f| node_finding(node, f.clone()))
         });
         fleet.chain(agents).collect()
     }
@@ -1042,14 +1047,7 @@ impl FleetState {
             for ((s, _), f) in &self.open {
                 let member = net.nodes.iter().any(|n| &n.node_id == s);
                 if member || *s == scope {
-                    net.open_findings.push(NodeFinding {
-                        node_id: if s.starts_with('@') {
-                            String::new()
-                        } else {
-                            s.clone()
-                        },
-                        finding: Some(f.clone()),
-                    });
+                    net.open_findings.push(node_finding(s, f.clone()));
                 }
             }
             for n in &net.nodes {

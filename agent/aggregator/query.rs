@@ -142,14 +142,7 @@ impl query_server::Query for QueryService {
                 if f.opened_at_unix_ms.max(f.resolved_at_unix_ms) < q.since_unix_ms {
                     continue;
                 }
-                findings.push(NodeFinding {
-                    node_id: if node.starts_with('@') {
-                        String::new()
-                    } else {
-                        node.clone()
-                    },
-                    finding: Some(f),
-                });
+                findings.push(super::judge::node_finding(&node, f));
             }
         }
         findings.sort_by_key(|f| f.finding.as_ref().map_or(0, |f| f.opened_at_unix_ms));
