@@ -97,11 +97,12 @@ fn spawn_sinks(
     cfgs.iter()
         .map(|cfg| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(deliver(cfg.clone(), rx));
+            let target = Target::of(cfg);
+            tokio::spawn(deliver(cfg.clone(), target.clone(), rx));
             if cfg.kind == AlertSinkKind::Alertmanager {
                 // Ends with the sink: its queue's sender is dropped when a
                 // reload replaces it.
-                tokio::spawn(resend(cfg.clone(), firing.clone(), tx.downgrade()));
+                tokio::spawn(resend(cfg.clone(), target, firing.clone(), tx.downgrade()));
             }
             tx
         })
@@ -112,14 +113,11 @@ fn spawn_sinks(
 /// request, while its sink lives. A failed post waits for the next round.
 async fn resend(
     cfg: AlertSinkConfig,
+    target: Target,
     firing: Firing,
     sink: mpsc::WeakUnboundedSender<NodeFinding>,
 ) {
-    let http = reqwest::Client::builder()
-        .timeout(cfg.timeout)
-        .build()
-        .unwrap_or_default();
-    let url = format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/'));
+    let Target { http, url } = target;
     // A quarter second after the fleet's evaluation of a wall second, in
     // every member of a pair alike: an alert one member resolved in that
     // evaluation, the other resolved too unless its reports came later.
@@ -166,15 +164,36 @@ async fn resend(
     }
 }
 
-async fn deliver(cfg: AlertSinkConfig, mut rx: mpsc::UnboundedReceiver<NodeFinding>) {
-    let http = reqwest::Client::builder()
-        .timeout(cfg.timeout)
-        .build()
-        .unwrap_or_default();
-    let url = match cfg.kind {
-        AlertSinkKind::Alertmanager => format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/')),
-        _ => cfg.url.clone(),
-    };
+/// Where one sink posts, and the client it posts with (its timeout).
+#[derive(Clone)]
+struct Target {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Target {
+    fn of(cfg: &AlertSinkConfig) -> Target {
+        Target {
+            http: reqwest::Client::builder()
+                .timeout(cfg.timeout)
+                .build()
+                .unwrap_or_default(),
+            url: match cfg.kind {
+                AlertSinkKind::Alertmanager => {
+                    format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/'))
+                }
+                _ => cfg.url.clone(),
+            },
+        }
+    }
+}
+
+async fn deliver(
+    cfg: AlertSinkConfig,
+    target: Target,
+    mut rx: mpsc::UnboundedReceiver<NodeFinding>,
+) {
+    let Target { http, url } = target;
     while let Some(nf) = rx.recv().await {
         let body = payload(&cfg, &nf, crate::model::now_unix_ms());
         let mut delays = ExponentialBuilder::default()
