@@ -10,7 +10,6 @@
 //!
 //! Run: `cargo bench --bench delivery` (OUTPOST_BENCH_EVENTS sets the count).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost::aggregator::Aggregator;
@@ -263,7 +262,6 @@ fn main() {
             me,
             store.clone(),
             stop_rx,
-            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             outpost::latency::Latency::new(),
         ));
         while store.outbox_bytes() > 0 {

@@ -6,8 +6,6 @@
 //! aggregator has acknowledged.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -65,8 +63,6 @@ pub struct Report {
     store: LocalStore,
     span: tracing::Span,
     shutdown: watch::Sender<bool>,
-    /// Streams up, of all the aggregators.
-    connected: Arc<AtomicUsize>,
     round_trip: Latency,
 }
 
@@ -85,7 +81,6 @@ impl Report {
             round_trip,
             span,
             shutdown: watch::channel(false).0,
-            connected: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -99,7 +94,6 @@ impl Actor for Report {
             self.me.clone(),
             self.store.clone(),
             self.shutdown.subscribe(),
-            self.connected.clone(),
             self.round_trip.clone(),
         )
         .instrument(self.span.clone());
@@ -132,10 +126,10 @@ impl Handler<Shutdown> for Report {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         self.shutdown.send_replace(true);
-        let connected = self.connected.clone();
+        let store = self.store.clone();
         Box::pin(async move {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while connected.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            while store.deliveries().iter().any(|d| d.connected) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -143,14 +137,13 @@ impl Handler<Shutdown> for Report {
 }
 
 /// Delivers the outbox to every aggregator until `shutdown` turns true.
-/// `connected` counts the streams up; `round_trip` times each batch from
+/// The store keeps which streams are up; `round_trip` times each batch from
 /// sending to its acknowledgement.
 pub async fn run(
     cfg: ReportConfig,
     me: Identity,
     store: LocalStore,
     shutdown: watch::Receiver<bool>,
-    connected: Arc<AtomicUsize>,
     round_trip: Latency,
 ) {
     let urls = cfg.aggregator.urls().to_vec();
@@ -162,7 +155,6 @@ pub async fn run(
             &store,
             Destination { to, url },
             shutdown.clone(),
-            &connected,
             &round_trip,
         )
         .instrument(tracing::info_span!("aggregator", url = %url))
@@ -184,7 +176,6 @@ async fn deliver(
     store: &LocalStore,
     dest: Destination<'_>,
     mut shutdown: watch::Receiver<bool>,
-    connected: &AtomicUsize,
     round_trip: &Latency,
 ) {
     let backoff = || {
@@ -201,17 +192,8 @@ async fn deliver(
             return;
         }
         let started = Instant::now();
-        let mut up = false;
-        let result = session(cfg, me, store, dest, &mut shutdown, round_trip, || {
-            up = true;
-            connected.fetch_add(1, Ordering::SeqCst);
-            store.set_connected(dest.to, true);
-        })
-        .await;
-        if up {
-            connected.fetch_sub(1, Ordering::SeqCst);
-            store.set_connected(dest.to, false);
-        }
+        let result = session(cfg, me, store, dest, &mut shutdown, round_trip).await;
+        store.set_connected(dest.to, false);
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -282,7 +264,7 @@ fn status_error(s: tonic::Status) -> ReportError {
     }
 }
 
-/// One connection's life; `on_connected` runs once its Welcome is in.
+/// One connection's life; the store marks it up once its Welcome is in.
 /// Returns Ok only on a clean shutdown.
 async fn session(
     cfg: &ReportConfig,
@@ -291,7 +273,6 @@ async fn session(
     dest: Destination<'_>,
     shutdown: &mut watch::Receiver<bool>,
     round_trip: &Latency,
-    on_connected: impl FnOnce(),
 ) -> Result<(), ReportError> {
     let channel = connect(cfg, dest.url).await?;
     let mut client = IngestClient::new(channel)
@@ -327,7 +308,7 @@ async fn session(
     };
     let resume = welcome.last_stored_seq;
     store.reconcile_with(dest.to, resume).await?;
-    on_connected();
+    store.set_connected(dest.to, true);
     tracing::info!(
         aggregator = %dest.url,
         resume_after = resume,
