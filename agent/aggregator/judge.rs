@@ -739,10 +739,7 @@ impl FleetState {
 
         // Fleet head and lag, over nodes whose agents report.
         let reference = |n: &str| cfg.reference_nodes.iter().any(|r| r == n);
-        let heads: Vec<(u64, bool)> = active
-            .iter()
-            .filter_map(|n| Some((self.nodes[n].height()?, reference(n))))
-            .collect();
+        let heads = self.heads(&active, cfg);
         let fleet_head = corroborated_head(&heads);
         let lone = heads.len() == 1;
         for node in members {
@@ -899,6 +896,15 @@ impl FleetState {
         }
     }
 
+    /// The heights of those of `nodes` that have one, each with whether the
+    /// node is a reference node: what `corroborated_head` takes.
+    fn heads(&self, nodes: &[String], cfg: &FleetConfig) -> Vec<(u64, bool)> {
+        nodes
+            .iter()
+            .filter_map(|n| Some((self.nodes[n].height()?, cfg.reference_nodes.contains(n))))
+            .collect()
+    }
+
     /// Opens the fleet finding `f` under `key` and emits it.
     fn raise(&mut self, emits: &mut Vec<Emit>, key: (String, i32), f: Finding, alert: bool) {
         emits.push(Emit {
@@ -993,7 +999,7 @@ impl FleetState {
         seen: &dyn Sightings,
     ) -> Vec<proto::NetworkView> {
         let mut nets: BTreeMap<String, proto::NetworkView> = BTreeMap::new();
-        let mut heads: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
+        let mut reporting: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (node, v) in &self.nodes {
             if !only.is_empty() && v.network != only {
                 continue;
@@ -1007,11 +1013,11 @@ impl FleetState {
                 });
             let (height, hash) = v.head.clone().unwrap_or_default();
             let silent = self.silent(node, now, cfg, seen);
-            if !silent && v.head.is_some() {
-                heads
+            if !silent {
+                reporting
                     .entry(v.network.clone())
                     .or_default()
-                    .push((height, cfg.reference_nodes.contains(node)));
+                    .push(node.clone());
             }
             let fleet_open = |k: FindingKind| self.open.contains_key(&(node.clone(), k as i32));
             let status = if silent {
@@ -1035,9 +1041,9 @@ impl FleetState {
             });
         }
         for net in nets.values_mut() {
-            let top = heads
+            let top = reporting
                 .get(&net.network)
-                .and_then(|h| corroborated_head(h))
+                .and_then(|nodes| corroborated_head(&self.heads(nodes, cfg)))
                 .unwrap_or(0);
             net.fleet_head = top;
             for n in &mut net.nodes {
