@@ -307,7 +307,7 @@ async fn session(
         },
     };
     let resume = welcome.last_stored_seq;
-    store.reconcile_with(dest.to, resume).await?;
+    store.reconcile(dest.to, resume).await?;
     store.set_connected(dest.to, true);
     tracing::info!(
         aggregator = %dest.url,
@@ -363,7 +363,7 @@ async fn session(
                                 "ack for seq {} beyond what was sent ({sent_upto})", ack.upto_seq
                             )));
                         }
-                        store.ack_from(dest.to, ack.upto_seq).await?;
+                        store.ack(dest.to, ack.upto_seq).await?;
                         acked(&mut in_flight, ack.upto_seq);
                     }
                     _ => return Err(ReportError::Protocol("unexpected message after Welcome".into())),
@@ -391,7 +391,7 @@ async fn session(
                     tokio::select! {
                         msg = inbound.message() => match msg {
                             Ok(Some(m)) => if let Some(aggregator_message::Body::Ack(ack)) = m.body {
-                                store.ack_from(dest.to, ack.upto_seq).await?;
+                                store.ack(dest.to, ack.upto_seq).await?;
                                 acked(&mut in_flight, ack.upto_seq);
                             },
                             _ => break,

@@ -593,15 +593,10 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// Deletes outbox records whose every event the aggregator has stored
-    /// (the only one, or the first of `deliver_to`).
-    pub async fn ack(&self, upto: u64) -> Result<usize, StoreError> {
-        self.ack_from(0, upto).await
-    }
-
-    /// Aggregator `from` stored every event up to `upto`: deletes the outbox
-    /// records that every aggregator has.
-    pub async fn ack_from(&self, from: usize, upto: u64) -> Result<usize, StoreError> {
+    /// Aggregator `from` (of `deliver_to`; 0 when there is one) stored every
+    /// event up to `upto`: deletes the outbox records that every aggregator
+    /// has.
+    pub async fn ack(&self, from: usize, upto: u64) -> Result<usize, StoreError> {
         let _g = self.gate.read().await;
         let all = self.held_by(from, upto, true);
         self.ack_now(all)
@@ -653,19 +648,13 @@ impl LocalStore {
     /// The marker's removal is made durable before this returns: events
     /// sent after it and acknowledged must never be taken, after a crash,
     /// for events the aggregator lacks and renumbered into duplicates.
-    pub async fn reconcile(&self, aggregator_last: u64) -> Result<u64, StoreError> {
-        self.reconcile_with(0, aggregator_last).await
-    }
-
-    /// `reconcile` for aggregator `with` of `deliver_to`. The outbox keeps
-    /// what the others lack. Renumbering is for the whole outbox: if the
-    /// store lost events and the aggregators disagree on what they hold, the
-    /// one that held less meets a seq gap (a finding there).
-    pub async fn reconcile_with(
-        &self,
-        with: usize,
-        aggregator_last: u64,
-    ) -> Result<u64, StoreError> {
+    ///
+    /// `with` is the aggregator's place in `deliver_to` (0 when there is
+    /// one); the outbox keeps what the others lack. Renumbering is for the
+    /// whole outbox: if the store lost events and the aggregators disagree
+    /// on what they hold, the one that held less meets a seq gap (a finding
+    /// there).
+    pub async fn reconcile(&self, with: usize, aggregator_last: u64) -> Result<u64, StoreError> {
         let renumbered = {
             let _g = self.gate.read().await;
             self.line_up(with, aggregator_last)?
@@ -911,12 +900,12 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![3, 4, 5, 6]);
         assert_eq!(
-            s.ack(4).await.unwrap(),
+            s.ack(0, 4).await.unwrap(),
             1,
             "only the record ending at 3 is wholly acked"
         );
         assert_eq!(s.records_after(0, 100).unwrap()[0].first_seq, 4);
-        assert_eq!(s.ack(6).await.unwrap(), 1);
+        assert_eq!(s.ack(0, 6).await.unwrap(), 1);
         assert!(s.records_after(0, 100).unwrap().is_empty());
         assert_eq!(s.outbox_bytes(), 0);
     }
@@ -938,14 +927,14 @@ mod tests {
         for h in 1..=5 {
             s.commit(header_commit(h..=h), 0).unwrap();
         }
-        s.reconcile_with(0, 0).await.unwrap();
-        s.reconcile_with(1, 0).await.unwrap();
-        s.ack_from(0, 5).await.unwrap();
+        s.reconcile(0, 0).await.unwrap();
+        s.reconcile(1, 0).await.unwrap();
+        s.ack(0, 5).await.unwrap();
         assert_eq!(outbox(&s), vec![1, 2, 3, 4, 5], "b holds none of them");
-        s.ack_from(1, 3).await.unwrap();
+        s.ack(1, 3).await.unwrap();
         assert_eq!(outbox(&s), vec![4, 5]);
         // b's stream breaks and its Welcome says where it stands.
-        s.reconcile_with(1, 4).await.unwrap();
+        s.reconcile(1, 4).await.unwrap();
         assert_eq!(outbox(&s), vec![5]);
         let held: Vec<(String, u64)> = s
             .deliveries()
@@ -956,7 +945,7 @@ mod tests {
             held,
             vec![("https://a:1".into(), 5), ("https://b:1".into(), 4)]
         );
-        s.ack_from(1, 5).await.unwrap();
+        s.ack(1, 5).await.unwrap();
         assert_eq!(outbox(&s), Vec::<u64>::new());
     }
 
@@ -965,7 +954,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path(), 1 << 20);
         s.commit(header_commit(1..=2), 0).unwrap();
-        assert_eq!(s.reconcile(10).await.unwrap(), 2);
+        assert_eq!(s.reconcile(0, 10).await.unwrap(), 2);
         let seqs: Vec<u64> = s
             .records_after(10, 100)
             .unwrap()
@@ -987,13 +976,13 @@ mod tests {
             // still has them pending.
             let s = open(dir.path(), 1 << 20);
             s.commit(header_commit(1..=5), 0).unwrap();
-            s.reconcile(0).await.unwrap();
+            s.reconcile(0, 0).await.unwrap();
             s.db.flush().unwrap();
         }
         let s = open(dir.path(), 1 << 20);
         // Made after the restore, before the aggregator was reached.
         s.commit(header_commit(6..=7), 0).unwrap();
-        assert_eq!(s.reconcile(9).await.unwrap(), 2);
+        assert_eq!(s.reconcile(0, 9).await.unwrap(), 2);
         let events: Vec<(u64, u64)> = s
             .records_after(0, 100)
             .unwrap()
@@ -1010,7 +999,7 @@ mod tests {
             s.commit(header_commit(8..=8), 0).unwrap().seqs,
             Some((12, 12))
         );
-        assert_eq!(s.reconcile(11).await.unwrap(), 0);
+        assert_eq!(s.reconcile(0, 11).await.unwrap(), 0);
     }
 
     #[tokio::test]
@@ -1019,9 +1008,9 @@ mod tests {
         {
             // Welcomed as a new node, then 1..=5 made, sent and acknowledged.
             let s = open(dir.path(), 1 << 20);
-            s.reconcile(0).await.unwrap();
+            s.reconcile(0, 0).await.unwrap();
             s.commit(header_commit(1..=5), 0).unwrap();
-            s.ack(5).await.unwrap();
+            s.ack(0, 5).await.unwrap();
             s.db.flush().unwrap();
         }
         // Restored at seq 5 while the aggregator holds 7; four new events
@@ -1030,7 +1019,7 @@ mod tests {
         // Two records, the second starting where the first moves to.
         s.commit(header_commit(6..=7), 0).unwrap();
         s.commit(header_commit(8..=9), 0).unwrap();
-        assert_eq!(s.reconcile(7).await.unwrap(), 4);
+        assert_eq!(s.reconcile(0, 7).await.unwrap(), 4);
         let seqs: Vec<u64> = s
             .records_after(0, 100)
             .unwrap()
@@ -1111,13 +1100,13 @@ mod tests {
             s.flush().await.unwrap();
             // Connected: the aggregator holds nothing yet; 1..=5 are sent,
             // stored and acknowledged. Then kill -9.
-            s.reconcile(0).await.unwrap();
-            s.ack(5).await.unwrap();
+            s.reconcile(0, 0).await.unwrap();
+            s.ack(0, 5).await.unwrap();
             std::process::abort();
         }
         let s = open(&dir, 1 << 20);
         // The aggregator holds 1..=5 now: they are the same events.
-        assert_eq!(s.reconcile(5).await.unwrap(), 0, "no event renumbered");
+        assert_eq!(s.reconcile(0, 5).await.unwrap(), 0, "no event renumbered");
         assert!(s.records_after(5, 100).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -1128,7 +1117,7 @@ mod tests {
         let s = open(dir.path(), 1 << 20);
         s.commit(header_commit(1..=50), 0).unwrap();
         // Seqs of 1 byte become seqs of 6 bytes on the wire.
-        assert_eq!(s.reconcile(1 << 40).await.unwrap(), 50);
+        assert_eq!(s.reconcile(0, 1 << 40).await.unwrap(), 50);
         let stored: u64 = s
             .tree
             .scan_prefix(b"o")

@@ -665,10 +665,10 @@ mod tests {
             let s = store_with_headers(&live, 1..=5);
             let w = create(s.db(), meta(&s), &dir.path().join("snaps")).unwrap();
             // Connected: 1..=5 sent and stored, then 6..=7.
-            s.reconcile(0).await.unwrap();
+            s.reconcile(0, 0).await.unwrap();
             add_headers(&s, 6..=7);
             s.flush().await.unwrap();
-            s.ack(7).await.unwrap();
+            s.ack(0, 7).await.unwrap();
             s.write_witness().unwrap();
             s.flush().await.unwrap();
             w
@@ -678,7 +678,7 @@ mod tests {
         let s = LocalStore::open(&live, 1 << 20, Durability::ProcessCrash, 1 << 30).unwrap();
         assert_eq!(s.last_seq(), 5);
         // The aggregator holds 1..=7: the restored 1..=5 are among them.
-        assert_eq!(s.reconcile(7).await.unwrap(), 0, "nothing renumbered");
+        assert_eq!(s.reconcile(0, 7).await.unwrap(), 0, "nothing renumbered");
         assert!(s.records_after(0, 100).unwrap().is_empty());
     }
 
