@@ -82,6 +82,19 @@ fn summary(name: &str, p99s: &mut [u64]) -> f64 {
     worst as f64 / 1000.0
 }
 
+/// An agent's Hello on the devnet, as the attackers send it.
+fn hello(node_id: &str, instance_id: String) -> AgentMessage {
+    AgentMessage {
+        body: Some(agent_message::Body::Hello(Hello {
+            node_id: node_id.into(),
+            network: "devnet".into(),
+            chain: "ethereum".into(),
+            instance_id,
+            ..Default::default()
+        })),
+    }
+}
+
 fn main() {
     let secs = seconds();
     let idle: usize = std::env::var("OUTPOST_BENCH_IDLE")
@@ -184,15 +197,7 @@ fn main() {
                             ..Default::default()
                         }
                     };
-                    let hello = AgentMessage {
-                        body: Some(agent_message::Body::Hello(Hello {
-                            node_id: "bulk".into(),
-                            network: "devnet".into(),
-                            chain: "ethereum".into(),
-                            instance_id: format!("attacker-{big}"),
-                            ..Default::default()
-                        })),
-                    };
+                    let hello = hello("bulk", format!("attacker-{big}"));
                     let batch = AgentMessage {
                         body: Some(agent_message::Body::Batch(body)),
                     };
@@ -236,15 +241,7 @@ fn main() {
                     for _ in 0..16.min(streams - opened) {
                         opened += 1;
                         let (tx, rx) = tokio::sync::mpsc::channel(1);
-                        let hello = AgentMessage {
-                            body: Some(agent_message::Body::Hello(Hello {
-                                node_id: "many".into(),
-                                network: "devnet".into(),
-                                chain: "ethereum".into(),
-                                instance_id: format!("many-{opened}"),
-                                ..Default::default()
-                            })),
-                        };
+                        let hello = hello("many", format!("many-{opened}"));
                         tx.send(hello).await.unwrap();
                         let mut c = IngestClient::new(ch.clone());
                         let outcomes = outcomes.clone();
