@@ -81,6 +81,20 @@ pub enum CertsCommand {
         #[arg(long, default_value_t = 825)]
         days: i64,
     },
+    /// Issue the server certificate of one more aggregator (a pair's second
+    /// member, another shard) signed by the CA in --dir:
+    /// aggregator-NAME.pem and .key, valid for NAME and every --san.
+    Server {
+        /// The aggregator's name (its host name, usually).
+        name: String,
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Extra DNS names or IP addresses agents and operators reach it by.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
     /// Add an issued client certificate to the CA's revocation list
     /// (--dir/crl.pem); aggregators that load it (tls.crl) refuse the
     /// certificate at the handshake after a reload.

@@ -60,6 +60,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     tls::issue_client(&dir, &id, days)?
                 }
+                CertsCommand::Server {
+                    name,
+                    dir,
+                    sans,
+                    days,
+                } => tls::issue_aggregator(&dir, &name, &sans, days)?,
                 CertsCommand::Revoke { role, name, dir } => {
                     let id = match role {
                         Role::Agent => Identity::Agent(name),

@@ -226,6 +226,31 @@ pub fn init_pki(dir: &Path, extra_sans: &[String], days: i64) -> Result<Vec<Path
     Ok(written)
 }
 
+/// Issues the server certificate of one more aggregator (of a pair or a
+/// shard), signed by the CA in `dir`: `aggregator-<name>.pem/.key`, valid
+/// for `name` and every extra name or address in `sans`.
+pub fn issue_aggregator(
+    dir: &Path,
+    name: &str,
+    extra_sans: &[String],
+    days: i64,
+) -> Result<Vec<PathBuf>, TlsError> {
+    if !valid_name(name) {
+        return Err(TlsError::BadName(name.to_string()));
+    }
+    let pki = PkiLayout::new(dir);
+    let stem = format!("aggregator-{name}");
+    for path in [pki.cert(&stem), pki.key(&stem)] {
+        if path.exists() {
+            return Err(TlsError::Exists { path });
+        }
+    }
+    let issuer = load_issuer(&pki)?;
+    let mut sans = vec![name.to_string()];
+    sans.extend(extra_sans.iter().filter(|s| *s != name).cloned());
+    issue_server(&pki, &issuer, &stem, &sans, days)
+}
+
 fn load_issuer(pki: &PkiLayout) -> Result<Issuer<'static, KeyPair>, TlsError> {
     let ca_pem = read_to_string(&pki.ca_cert())?;
     let key_pem = read_to_string(&pki.ca_key())?;
@@ -518,5 +543,48 @@ mod tests {
         // Not a revocation list: a one-line error naming the file.
         let e = revoked_serials(&pki.cert("agent-node-1")).unwrap_err();
         assert!(e.to_string().contains("agent-node-1"), "{e}");
+    }
+
+    #[test]
+    fn each_aggregator_gets_a_certificate_for_its_own_names() {
+        let dir = tempfile::tempdir().unwrap();
+        // Without a CA there is nothing to sign with: the error names the file.
+        let e = issue_aggregator(dir.path(), "agg-b", &[], 30).unwrap_err();
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+        init_pki(dir.path(), &[], 30).unwrap();
+        let sans = ["10.0.0.7".to_string(), "agg-b.example.net".to_string()];
+        issue_aggregator(dir.path(), "agg-b", &sans, 30).unwrap();
+        let pki = PkiLayout::new(dir.path());
+        let pem = fs::read(pki.cert("aggregator-agg-b")).unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = parsed.parse_x509().unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "DNSName(agg-b)",
+                "IPAddress(0a:00:00:07)",
+                "DNSName(agg-b.example.net)"
+            ],
+        );
+        let ca_pem = fs::read(pki.ca_cert()).unwrap();
+        let (_, ca) = x509_parser::pem::parse_x509_pem(&ca_pem).unwrap();
+        let ca = ca.parse_x509().unwrap();
+        assert_eq!(cert.issuer(), ca.subject());
+        // A second run does not overwrite the key a host already has.
+        let e = issue_aggregator(dir.path(), "agg-b", &[], 30).unwrap_err();
+        assert!(e.to_string().contains("aggregator-agg-b"), "{e}");
+        assert!(matches!(
+            issue_aggregator(dir.path(), "../x", &[], 30),
+            Err(TlsError::BadName(_))
+        ));
     }
 }
