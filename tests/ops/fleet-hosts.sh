@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A fleet on real hosts: podman containers with systemd as PID 1, built from
-# the cached Debian root. One runs the aggregator, three run an anvil node
-# and an agent. ansible/site.yml installs the .deb, places certificates and
-# starts the units; then the test checks the fleet through the aggregator,
+# the cached Debian root. Two run an aggregator each, a shard by network:
+# outpost-agg serves devnet, outpost-agg2 serves devnet-b. Three run an anvil
+# node and an agent, two in devnet and one in devnet-b. ansible/site.yml
+# installs the .deb, places certificates and starts the units, each agent
+# reporting to its network's shard; then the test checks the fleet through
+# each aggregator and through one query of both,
 # journald, a second run (changed=0), a serial upgrade through the health
 # gate, systemctl reload of a threshold, a rollout stopped by an unhealthy host, and a bad
 # config refused before it lands.
@@ -29,13 +32,14 @@ DEB3=$(one_file "$ROOT_DIR/target/packages/outpost_*-3_amd64.deb")
 OUTPOST=$ROOT_DIR/target/release/outpost
 IMAGE=localhost/outpost-bookworm-systemd
 AGG=outpost-agg
+AGG2=outpost-agg2
 NODES=(outpost-n1 outpost-n2 outpost-n3)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/outpost-hosts.XXXXXX")
 
 # One at a time: podman rm given several names stops at the first it
 # cannot find, leaving the rest (a half-created host from a failed run).
 remove_hosts() {
-    for h in "$AGG" "${NODES[@]}"; do
+    for h in "$AGG" "$AGG2" "${NODES[@]}"; do
         podman rm -f -t 0 "$h" >/dev/null 2>&1 || true
     done
 }
@@ -43,7 +47,7 @@ remove_hosts() {
 cleanup() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then
-        for h in "$AGG" "${NODES[@]}"; do
+        for h in "$AGG" "$AGG2" "${NODES[@]}"; do
             echo "--- journal of $h" >&2
             podman exec "$h" journalctl --no-pager -n 30 -u outpost-agent -u outpost-aggregator >&2 || true
         done
@@ -61,11 +65,11 @@ if ! podman image exists "$IMAGE"; then
     rm -f "$WORK/root.tar"
 fi
 remove_hosts
-for h in "$AGG" "${NODES[@]}"; do
+for h in "$AGG" "$AGG2" "${NODES[@]}"; do
     podman run -d --runtime runc --ulimit nofile=10000:10000 --ulimit nproc=10000:10000 \
         --systemd=always --cap-add SYS_ADMIN --name "$h" --hostname "$h" "$IMAGE" /sbin/init >/dev/null
 done
-for h in "$AGG" "${NODES[@]}"; do
+for h in "$AGG" "$AGG2" "${NODES[@]}"; do
     for _ in $(seq 1 50); do
         state=$(podman exec "$h" systemctl is-system-running 2>/dev/null || true)
         case "$state" in running|degraded) break ;; esac
@@ -75,7 +79,8 @@ for h in "$AGG" "${NODES[@]}"; do
 done
 ip_of() { podman inspect -f '{{.NetworkSettings.IPAddress}}' "$1"; }
 AGG_IP=$(ip_of "$AGG")
-pass "4 hosts with systemd as PID 1; aggregator at $AGG_IP"
+AGG2_IP=$(ip_of "$AGG2")
+pass "5 hosts with systemd as PID 1; aggregators at $AGG_IP (devnet) and $AGG2_IP (devnet-b)"
 
 start_anvil() {
     podman exec -d "$1" /usr/local/bin/anvil --host 0.0.0.0 --port 8545 --block-time 1 --silent
@@ -94,23 +99,37 @@ all:
     ansible_become: false
     outpost_control_binary: $OUTPOST
     outpost_pki_dir: $WORK/pki
-    outpost_aggregator_endpoint: "https://$AGG_IP:7443"
-    outpost_aggregator_server_name: outpost-agg
-    outpost_aggregator_sans: [outpost-agg, "$AGG_IP"]
-    outpost_network: devnet
     outpost_network_id: "31337"
     outpost_expected_block_time: 1s
   children:
     outpost_aggregators:
       vars:
         outpost_snapshot_interval: 5s
-      hosts:
-        $AGG:
+      children:
+        outpost_shard_devnet:
+          vars:
+            outpost_fleet_networks: [devnet]
+          hosts:
+            $AGG:
+              outpost_aggregator_url: "https://$AGG_IP:7443"
+              outpost_aggregator_sans: ["$AGG_IP"]
+              outpost_metrics_labels: {aggregator: $AGG}
+        outpost_shard_devnet_b:
+          vars:
+            outpost_fleet_networks: [devnet-b]
+          hosts:
+            $AGG2:
+              outpost_aggregator_url: "https://$AGG2_IP:7443"
+              outpost_aggregator_sans: ["$AGG2_IP"]
+              outpost_metrics_labels: {aggregator: $AGG2}
     outpost_agents:
+      vars:
+        outpost_network: devnet
       hosts:
         outpost-n1:
         outpost-n2:
         outpost-n3:
+          outpost_network: devnet-b
 INV
 
 play() {
@@ -122,10 +141,15 @@ play() {
 }
 show() { tail -n 40 "$WORK/$1" >&2; }
 
-query() {
-    "$OUTPOST" query --endpoint "https://$AGG_IP:7443" --server-name outpost-agg --ca "$WORK/pki/ca.pem" \
+# query_at ENDPOINTS ARGS...: a query of one aggregator or, with a comma
+# list, of several merged; query: both shards.
+query_at() {
+    local endpoints=$1
+    shift
+    "$OUTPOST" query --endpoint "$endpoints" --ca "$WORK/pki/ca.pem" \
         --cert "$WORK/pki/operator-ansible.pem" --key "$WORK/pki/operator-ansible.key" --json "$@"
 }
+query() { query_at "https://$AGG_IP:7443,https://$AGG2_IP:7443" "$@"; }
 pkg_version() { podman exec "$1" dpkg-query -W -f='${Version}' outpost; }
 main_pid() { podman exec "$1" systemctl show -p MainPID --value outpost-agent; }
 recap_changed() { sed -n 's/^\([^ ]*\) *: ok=[0-9]* *changed=\([0-9]*\).*/\1 \2/p' "$WORK/$1"; }
@@ -135,7 +159,9 @@ play run1.log -e "outpost_package_path=$DEB1" || { show run1.log; fail "first si
 for h in "${NODES[@]}"; do
     [ "$(podman exec "$h" systemctl is-active outpost-agent)" = active ] || fail "$h: outpost-agent is not active"
 done
-[ "$(podman exec "$AGG" systemctl is-active outpost-aggregator)" = active ] || fail "outpost-aggregator is not active"
+for h in "$AGG" "$AGG2"; do
+    [ "$(podman exec "$h" systemctl is-active outpost-aggregator)" = active ] || fail "$h: outpost-aggregator is not active"
+done
 pass "site.yml: .deb installed, certs placed, units active on all hosts"
 
 anvil_head() {
@@ -169,14 +195,37 @@ PY
 done
 pass "journald on each agent host has entries with its NODE_ID"
 
+# Each shard holds its own network's nodes and no other: the agents were sent
+# to the aggregators that serve their network.
+query_at "https://$AGG_IP:7443" nodes >"$WORK/shard-a.json" || fail "query of $AGG failed"
+query_at "https://$AGG2_IP:7443" nodes >"$WORK/shard-b.json" || fail "query of $AGG2 failed"
+python3 - "$WORK/shard-a.json" "$WORK/shard-b.json" "$WORK/nodes.json" <<'PY' || fail "the shards do not hold their own networks' nodes"
+import json, sys
+a, b, merged = (json.load(open(p)) for p in sys.argv[1:4])
+ids = lambda nodes: sorted(n["node_id"] for n in nodes)
+assert ids(a) == ["outpost-n1", "outpost-n2"], ids(a)
+assert ids(b) == ["outpost-n3"], ids(b)
+assert ids(merged) == ["outpost-n1", "outpost-n2", "outpost-n3"], ids(merged)
+assert {n["network"] for n in a} == {"devnet"} and {n["network"] for n in b} == {"devnet-b"}, (a, b)
+print("ok: devnet on outpost-agg, devnet-b on outpost-agg2, all three in one query")
+PY
+for h in "$AGG" "$AGG2"; do
+    podman exec "$h" grep -q "^aggregator = \"$h\"\$" /etc/outpost/aggregator.toml \
+        || fail "$h: its metrics label is not in its config"
+    podman exec "$h" python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9464/metrics").read().decode())' \
+        | grep -q "aggregator=\"$h\"" \
+        || fail "$h: its metrics do not carry aggregator=\"$h\""
+done
+pass "sharded by network: 2 nodes on $AGG, 1 on $AGG2, 3 in the merged query, metrics labelled by aggregator"
+
 # --- second run changes nothing -----------------------------------------------------
 play run2.log -e "outpost_package_path=$DEB1" || { show run2.log; fail "second site.yml run failed"; }
 if recap_changed run2.log | awk '$2 != 0 { bad = 1 } END { exit !bad }'; then
     show run2.log
     fail "the second run changed something: $(recap_changed run2.log | tr '\n' ' ')"
 fi
-[ "$(recap_changed run2.log | wc -l)" -eq 4 ] || { show run2.log; fail "no PLAY RECAP for all 4 hosts"; }
-pass "second run: changed=0 on all 4 hosts"
+[ "$(recap_changed run2.log | wc -l)" -eq 5 ] || { show run2.log; fail "no PLAY RECAP for all 5 hosts"; }
+pass "second run: changed=0 on all 5 hosts"
 
 # --- serial upgrade through the health gate ------------------------------------------
 declare -A before
@@ -187,7 +236,7 @@ for h in "${NODES[@]}"; do
     [ "$(pkg_version "$h")" = "$v2" ] || fail "$h runs $(pkg_version "$h"), not $v2"
     [ "$(main_pid "$h")" != "${before[$h]}" ] || fail "$h: the agent was not restarted by the upgrade"
 done
-[ "$(grep -c 'Wait until the aggregator reports' "$WORK/run3.log")" -eq 3 ] \
+[ "$(grep -c 'Wait until each aggregator reports' "$WORK/run3.log")" -eq 3 ] \
     || { show run3.log; fail "the health gate did not run once per batch"; }
 pass "serial upgrade to $v2: 3 batches of 1, each through the health gate"
 
@@ -241,7 +290,7 @@ if play run4.log -e "outpost_package_path=$DEB3" -e outpost_serial=1 \
     show run4.log
     fail "the rollout went on past a host whose node is down"
 fi
-grep -q 'Health gate: the aggregator does not report outpost-n2 as connected and ok' "$WORK/run4.log" \
+grep -q "Health gate: the aggregator at https://$AGG_IP:7443 does not report outpost-n2 as connected and ok" "$WORK/run4.log" \
     || { show run4.log; fail "no health-gate message for outpost-n2"; }
 v3=$(dpkg-deb -f "$DEB3" Version)
 [ "$(pkg_version outpost-n1)" = "$v3" ] || fail "outpost-n1 (batch 1) was not upgraded"
