@@ -278,6 +278,12 @@ pub struct ReportConfig {
     pub key: PathBuf,
     #[serde(default = "defaults::batch_max_events")]
     pub batch_max_events: usize,
+    /// Encoded bytes one batch may have (one event more when a single
+    /// event is larger). The aggregator keeps a receive buffer per stream
+    /// as large as the largest message the stream carried, so smaller
+    /// batches cost it less memory per agent.
+    #[serde(default = "defaults::batch_max_bytes")]
+    pub batch_max_bytes: usize,
     #[serde(with = "humantime_serde", default = "defaults::heartbeat_interval")]
     pub heartbeat_interval: Duration,
     #[serde(with = "humantime_serde", default = "defaults::reconnect_min")]
@@ -285,6 +291,9 @@ pub struct ReportConfig {
     #[serde(with = "humantime_serde", default = "defaults::reconnect_max")]
     pub reconnect_max: Duration,
 }
+
+/// `report.batch_max_bytes` by default.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 << 10;
 
 /// At most this many aggregators in `report.aggregator`.
 pub const MAX_AGGREGATORS: usize = 8;
@@ -540,6 +549,9 @@ mod defaults {
     }
     pub fn batch_max_events() -> usize {
         1000
+    }
+    pub fn batch_max_bytes() -> usize {
+        super::DEFAULT_BATCH_MAX_BYTES
     }
     pub fn heartbeat_interval() -> Duration {
         Duration::from_secs(10)
@@ -908,6 +920,14 @@ impl AgentConfig {
                 crate::wire::MAX_EVENTS_PER_BATCH
             ),
         );
+        p.check(
+            (1024..=crate::wire::MAX_MESSAGE_BYTES / 4).contains(&self.report.batch_max_bytes),
+            "report.batch_max_bytes",
+            format!(
+                "must be from 1024 to {} bytes",
+                crate::wire::MAX_MESSAGE_BYTES / 4
+            ),
+        );
         p.positive("report.heartbeat_interval", self.report.heartbeat_interval);
         p.positive("report.reconnect_min", self.report.reconnect_min);
         p.check(
@@ -1150,6 +1170,43 @@ key = "/nonexistent/k.pem"
     }
 
     #[test]
+    fn batch_bytes_must_hold_a_batch_the_aggregator_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = |bytes: usize| {
+            let p = write(
+                dir.path(),
+                "b.toml",
+                &format!(
+                    "node_id = \"n\"\n[report]\naggregator = \"https://a:1\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n\
+                     batch_max_bytes = {bytes}\n[source]\nkind = \"ethereum\"\nurl = \"http://n:8545\"\n"
+                ),
+            );
+            load_agent(&p)
+                .err()
+                .map(|e| e.0.join("\n"))
+                .unwrap_or_default()
+        };
+        for bad in [0, 1023, crate::wire::MAX_MESSAGE_BYTES] {
+            assert!(
+                errors(bad).contains("report.batch_max_bytes: must be from 1024 to"),
+                "{bad}: {}",
+                errors(bad)
+            );
+        }
+        for good in [
+            1024,
+            DEFAULT_BATCH_MAX_BYTES,
+            crate::wire::MAX_MESSAGE_BYTES / 4,
+        ] {
+            assert!(
+                !errors(good).contains("batch_max_bytes"),
+                "{good}: {}",
+                errors(good)
+            );
+        }
+    }
+
+    #[test]
     fn report_aggregator_is_one_url_or_a_list_of_distinct_ones() {
         let dir = tempfile::tempdir().unwrap();
         let config = |aggregator: &str| {
@@ -1250,6 +1307,7 @@ mod packaged_examples {
         assert_eq!(s.max_headers_per_poll, defaults::max_headers_per_poll());
         let r = &cfg.report;
         assert_eq!(r.batch_max_events, defaults::batch_max_events());
+        assert_eq!(r.batch_max_bytes, defaults::batch_max_bytes());
         assert_eq!(r.heartbeat_interval, defaults::heartbeat_interval());
         assert_eq!(r.reconnect_min, defaults::reconnect_min());
         assert_eq!(r.reconnect_max, defaults::reconnect_max());

@@ -66,6 +66,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
             cert: pki.cert(&format!("agent-{node}")),
             key: pki.key(&format!("agent-{node}")),
             batch_max_events: 1000,
+            batch_max_bytes: crate::config::DEFAULT_BATCH_MAX_BYTES,
             heartbeat_interval: Duration::from_secs(2),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(2),

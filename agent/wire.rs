@@ -125,6 +125,23 @@ fn skip(bytes: &mut &[u8], n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The leading events of `events` that fit in one batch of at most
+/// `max_bytes` encoded bytes; at least one, so that an event larger than
+/// the bound still goes (alone).
+pub fn fitting(events: &[crate::proto::Event], max_bytes: usize) -> usize {
+    use prost::Message;
+    let mut bytes = 0;
+    for (i, e) in events.iter().enumerate() {
+        let len = e.encoded_len();
+        // The field's tag and length prefix, as the batch encodes it.
+        bytes += 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if bytes > max_bytes {
+            return i.max(1);
+        }
+    }
+    events.len()
+}
+
 /// prost's codec with the element bound on `BOUNDED` types.
 pub struct BoundedCodec<T, U> {
     inner: ProstCodec<T, U>,
@@ -216,6 +233,42 @@ mod tests {
             body: Some(agent_message::Body::Batch(Batch { events, pending: 0 })),
         }
         .encode_to_vec()
+    }
+
+    #[test]
+    fn a_batch_takes_the_events_that_fit_its_bytes() {
+        let header = |i| Event {
+            seq: i,
+            kind: Some(event::Kind::Header(Header {
+                height: i,
+                hash: vec![1; 32],
+                parent_hash: vec![2; 32],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let events: Vec<Event> = (1..=500).map(header).collect();
+        for max in [1024, 8 << 10, 30_000] {
+            let n = fitting(&events, max);
+            let encoded = |n: usize| batch(events[..n].to_vec()).len();
+            // Within the bound, and one more event would not be: the batch
+            // and its envelope add a few bytes to the events'.
+            assert!(
+                encoded(n) <= max + 16,
+                "{max}: {n} events are {} bytes",
+                encoded(n)
+            );
+            assert!(encoded(n + 1) > max, "{max}: {} events would fit", n + 1);
+        }
+        assert_eq!(fitting(&events[..3], 1 << 20), 3);
+        // One event larger than the bound still goes, alone.
+        let mut big = header(1);
+        big.kind = Some(event::Kind::Header(Header {
+            hash: vec![1; 4096],
+            ..Default::default()
+        }));
+        assert_eq!(fitting(&[big.clone(), header(2)], 1024), 1);
+        assert_eq!(fitting(&[], 1024), 0);
     }
 
     #[test]

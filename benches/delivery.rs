@@ -226,54 +226,103 @@ fn main() {
         let raw = raw_stream(&pki, batches).await;
         println!("raw mTLS stream:     {:>10.0} events/s", rate(raw));
 
-        // Durable, end to end: the real reporter and the real aggregator.
-        let agg = Aggregator::bind(AggregatorConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("aggregator"),
-            tls: tls_files(&pki, "aggregator"),
-            store: AggregatorStoreConfig { cache_bytes: 256 << 20, ..Default::default() },
-            fleet: Default::default(),
-            metrics: MetricsConfig { enabled: false, ..Default::default() },
-            alerts: Vec::new(),
-            limits: Default::default(),
-            snapshot: Default::default(),
-            log: LogConfig::default(),
-        })
-        .await
-        .unwrap();
-        let endpoint = format!("https://{}", agg.local_addr().unwrap());
-        tokio::spawn(agg.serve(std::future::pending()));
-        let cfg = ReportConfig {
-            aggregator: outpost::config::Aggregators(vec![endpoint]),
-            server_name: Some("localhost".into()),
-            ca: pki.ca_cert(),
-            cert: pki.cert("agent-bench"),
-            key: pki.key("agent-bench"),
-            batch_max_events: BATCH_EVENTS,
-            heartbeat_interval: Duration::from_secs(10),
-            reconnect_min: Duration::from_millis(100),
-            reconnect_max: Duration::from_secs(1),
-        };
-        let me = report::Identity { node_id: "bench".into(), network: "bench".into(), chain: "ethereum".into() };
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let t = Instant::now();
-        let reporter = tokio::spawn(report::run(
-            cfg,
-            me,
-            store.clone(),
-            stop_rx,
-            outpost::latency::Latency::new(),
-        ));
-        while store.outbox_bytes() > 0 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let durable = t.elapsed();
-        stop_tx.send_replace(true);
-        let _ = reporter.await;
-        println!("durable end to end:  {:>10.0} events/s", rate(durable));
+        // Durable, end to end: the real reporter and the real aggregator,
+        // with messages of BATCH_EVENTS events and with messages bounded by
+        // bytes (report.batch_max_bytes; OUTPOST_BENCH_BATCH_BYTES lists the
+        // bounds), each into a fresh outbox and aggregator.
+        let whole = durable(&dir.path().join("whole"), &pki, &records, 4 << 20).await;
+        println!("durable end to end:  {:>10.0} events/s ({BATCH_EVENTS}-event messages)", rate(whole));
         println!(
             "durable / raw:       {:>10.1} %",
-            100.0 * raw.as_secs_f64() / durable.as_secs_f64()
+            100.0 * raw.as_secs_f64() / whole.as_secs_f64()
         );
+        let bounds: Vec<usize> = std::env::var("OUTPOST_BENCH_BATCH_BYTES")
+            .unwrap_or_else(|_| format!("8192,32768,{}", outpost::config::DEFAULT_BATCH_MAX_BYTES))
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        for bytes in bounds {
+            let took = durable(&dir.path().join(format!("bounded-{bytes}")), &pki, &records, bytes).await;
+            println!(
+                "durable end to end:  {:>10.0} events/s (messages of at most {bytes} bytes), {:.1} % of the {BATCH_EVENTS}-event rate",
+                rate(took),
+                100.0 * whole.as_secs_f64() / took.as_secs_f64()
+            );
+        }
     });
+}
+
+/// Commits `records` into a fresh outbox in `dir` and times their delivery
+/// by the real reporter to a fresh aggregator, with batches of at most
+/// `batch_bytes`.
+async fn durable(
+    dir: &std::path::Path,
+    pki: &PkiLayout,
+    records: &[Vec<Kind>],
+    batch_bytes: usize,
+) -> Duration {
+    let store = LocalStore::open(
+        &dir.join("agent"),
+        4 << 20,
+        Durability::ProcessCrash,
+        1 << 40,
+    )
+    .unwrap();
+    fill_outbox(&store, records);
+    store.flush().await.unwrap();
+    let agg = Aggregator::bind(AggregatorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("aggregator"),
+        tls: tls_files(pki, "aggregator"),
+        store: AggregatorStoreConfig {
+            cache_bytes: 256 << 20,
+            ..Default::default()
+        },
+        fleet: Default::default(),
+        metrics: MetricsConfig {
+            enabled: false,
+            ..Default::default()
+        },
+        alerts: Vec::new(),
+        limits: Default::default(),
+        snapshot: Default::default(),
+        log: LogConfig::default(),
+    })
+    .await
+    .unwrap();
+    let endpoint = format!("https://{}", agg.local_addr().unwrap());
+    tokio::spawn(agg.serve(std::future::pending()));
+    let cfg = ReportConfig {
+        aggregator: outpost::config::Aggregators(vec![endpoint]),
+        server_name: Some("localhost".into()),
+        ca: pki.ca_cert(),
+        cert: pki.cert("agent-bench"),
+        key: pki.key("agent-bench"),
+        batch_max_events: BATCH_EVENTS,
+        batch_max_bytes: batch_bytes,
+        heartbeat_interval: Duration::from_secs(10),
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(1),
+    };
+    let me = report::Identity {
+        node_id: "bench".into(),
+        network: "bench".into(),
+        chain: "ethereum".into(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let t = Instant::now();
+    let reporter = tokio::spawn(report::run(
+        cfg,
+        me,
+        store.clone(),
+        stop_rx,
+        outpost::latency::Latency::new(),
+    ));
+    while store.outbox_bytes() > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = t.elapsed();
+    stop_tx.send_replace(true);
+    let _ = reporter.await;
+    took
 }

@@ -11,7 +11,11 @@
 //! as it does once a fleet has run for a while.
 //!
 //! Run: `cargo bench --bench fleet_load` (OUTPOST_LOAD_STEPS=1000,5000,...
-//! sets the agent counts; OUTPOST_LOAD_SECONDS the measuring time per step).
+//! sets the agent counts; OUTPOST_LOAD_SECONDS the measuring time per step;
+//! OUTPOST_LOAD_BATCH_BYTES the agents' batch bound, 0 for one message per
+//! report; OUTPOST_LOAD_BASELINE another outpost binary to run the same
+//! steps against first). Per agent: the aggregator's RSS above its idle RSS,
+//! over the agents; per report: its CPU time over the reports acknowledged.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use outpost::proto::{
-    agent_message, event::Kind, ingest_client::IngestClient, AgentMessage, Batch, Event, Header,
-    Hello, LatencySummary, NodeStatus,
+    agent_message, aggregator_message, event::Kind, ingest_client::IngestClient, AgentMessage,
+    AggregatorMessage, Batch, Event, Header, Hello, LatencySummary, NodeStatus,
 };
 use outpost::tls::{self, PkiLayout};
 use rand::Rng;
@@ -40,6 +44,9 @@ struct Shared {
     connected: AtomicU64,
     failed: AtomicU64,
     start: Instant,
+    /// Encoded bytes per batch (`report.batch_max_bytes`); 0: each report
+    /// in one message, however large.
+    batch_bytes: usize,
 }
 
 fn hash(net: usize, height: u64) -> Vec<u8> {
@@ -163,22 +170,40 @@ async fn agent(
             })),
         });
         let sent = Instant::now();
-        if tx
-            .send(AgentMessage {
-                body: Some(agent_message::Body::Batch(Batch { events, pending: 0 })),
-            })
-            .await
-            .is_err()
-        {
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        match inbound.message().await {
-            Ok(Some(_)) => {}
-            _ => {
+        // In batches of at most `batch_bytes`, as an agent sends its outbox.
+        let mut rest = &events[..];
+        while !rest.is_empty() {
+            let n = match shared.batch_bytes {
+                0 => rest.len(),
+                max => outpost::wire::fitting(rest, max),
+            };
+            let batch = Batch {
+                events: rest[..n].to_vec(),
+                pending: 0,
+            };
+            rest = &rest[n..];
+            if tx
+                .send(AgentMessage {
+                    body: Some(agent_message::Body::Batch(batch)),
+                })
+                .await
+                .is_err()
+            {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
-                shared.connected.fetch_sub(1, Ordering::Relaxed);
                 return;
+            }
+        }
+        loop {
+            match inbound.message().await {
+                Ok(Some(AggregatorMessage {
+                    body: Some(aggregator_message::Body::Ack(ack)),
+                })) if ack.upto_seq >= seq => break,
+                Ok(Some(_)) => {}
+                _ => {
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                    shared.connected.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
             }
         }
         if shared.measuring.load(Ordering::Relaxed) {
@@ -235,6 +260,33 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
+    let batch_bytes: usize = std::env::var("OUTPOST_LOAD_BATCH_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(outpost::config::DEFAULT_BATCH_MAX_BYTES);
+    // OUTPOST_LOAD_BASELINE names another build of outpost (an earlier
+    // commit's): the same steps run against it first, in the same run.
+    if let Ok(baseline) = std::env::var("OUTPOST_LOAD_BASELINE") {
+        println!("\nbaseline: {baseline}");
+        run(
+            std::path::Path::new(&baseline),
+            &steps,
+            seconds,
+            batch_bytes,
+        );
+        println!("\nthis build:");
+    }
+    run(
+        std::path::Path::new(env!("CARGO_BIN_EXE_outpost")),
+        &steps,
+        seconds,
+        batch_bytes,
+    );
+}
+
+/// The steps against one aggregator process of `binary`, with a fresh
+/// store and fresh agents.
+fn run(binary: &std::path::Path, steps: &[usize], seconds: u64, batch_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
     let pki = PkiLayout::new(dir.path().join("pki"));
     tls::init_pki(&pki.dir, &[], 1).unwrap();
@@ -256,7 +308,7 @@ fn main() {
     )
     .unwrap();
     let agg = Aggregator(
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
+        Command::new(binary)
             .args(["aggregator", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
@@ -266,6 +318,7 @@ fn main() {
     );
     let pid = agg.0.id();
     std::thread::sleep(Duration::from_secs(1));
+    let (idle_rss_kb, _) = proc_stat(pid);
 
     let ca_pem = std::fs::read_to_string(pki.ca_cert()).unwrap();
     let issuer = Issuer::from_ca_cert_pem(
@@ -285,14 +338,22 @@ fn main() {
         connected: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         start: Instant::now(),
+        batch_bytes,
     });
     let gate = Arc::new(Semaphore::new(32));
     let url = format!("https://127.0.0.1:{port}");
-    println!("aggregator pid {pid}; {NETWORKS} networks; 1 report/s per agent, a header every 4th");
-    println!("| agents | connected | reports/s | p50 ms | p99 ms | max ms | aggregator RSS MiB | aggregator CPU % |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "aggregator pid {pid}, {} MiB idle; {NETWORKS} networks; 1 report/s per agent, a header every 4th; batches of at most {} bytes",
+        idle_rss_kb / 1024,
+        match batch_bytes {
+            0 => "unbounded".to_string(),
+            b => b.to_string(),
+        }
+    );
+    println!("| agents | connected | reports/s | p50 ms | p99 ms | max ms | aggregator RSS MiB | aggregator CPU % | KiB per agent | CPU µs per report |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut started = 0;
-    for n in steps {
+    for &n in steps {
         let t = Instant::now();
         for i in started..n {
             let tls = ClientTlsConfig::new()
@@ -319,15 +380,19 @@ fn main() {
         let h = shared.hist.lock().unwrap().clone();
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let clk = 100.0;
+        let reports = shared.reports.load(Ordering::Relaxed);
+        let cpu_s = (cpu1 - cpu0) as f64 / clk;
         println!(
-            "| {n} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            "| {n} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.0} |",
             shared.connected.load(Ordering::Relaxed),
-            shared.reports.load(Ordering::Relaxed) as f64 / seconds as f64,
+            reports as f64 / seconds as f64,
             ms(0.5),
             ms(0.99),
             h.max() as f64 / 1000.0,
             rss_kb as f64 / 1024.0,
-            (cpu1 - cpu0) as f64 / clk / seconds as f64 * 100.0,
+            cpu_s / seconds as f64 * 100.0,
+            rss_kb.saturating_sub(idle_rss_kb) as f64 / n as f64,
+            cpu_s * 1e6 / reports.max(1) as f64,
         );
         if shared.failed.load(Ordering::Relaxed) > 0 {
             println!(
@@ -337,4 +402,5 @@ fn main() {
         }
     }
     drop(agg);
+    rt.shutdown_timeout(Duration::from_secs(5));
 }

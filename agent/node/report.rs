@@ -345,6 +345,7 @@ async fn session(
             // A record may hold more events than a batch may carry; the
             // rest go in the next batch (the outbox is read by seq).
             events.truncate(cfg.batch_max_events);
+            events.truncate(crate::wire::fitting(&events, cfg.batch_max_bytes));
             let Some(last) = events.last().map(event_last_seq) else {
                 break;
             };
