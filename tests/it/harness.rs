@@ -1058,3 +1058,28 @@ impl Drop for Alertmanager {
         self.kill9();
     }
 }
+
+/// A process that is killed when the test ends.
+pub struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn daemon(bin: &str, args: &[String], log: &Path) -> Daemon {
+    assert!(
+        Path::new(bin).exists(),
+        "{bin} not found: install its Debian package (tests/run.sh does)"
+    );
+    Daemon(
+        Command::new(bin)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin} starts: {e}")),
+    )
+}

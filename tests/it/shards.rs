@@ -5,38 +5,12 @@
 //! the series told apart by the aggregators' `metrics.labels`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{free_port, wait_for, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::harness::{daemon, free_port, wait_for, Agent, AgentOptions, Aggregator, Anvil, World};
 use crate::spine::wait_at_head;
-
-/// A process that is killed when the test ends.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn daemon(bin: &str, args: &[String], log: &Path) -> Daemon {
-    assert!(
-        Path::new(bin).exists(),
-        "{bin} not found: install Debian's prometheus and victoria-metrics (tests/run.sh does)"
-    );
-    Daemon(
-        Command::new(bin)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{bin} starts: {e}")),
-    )
-}
 
 /// One shard: its own PKI, anvil, aggregator (labelled `aggregator=name`)
 /// and one agent reporting under `network`.
