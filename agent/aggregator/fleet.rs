@@ -194,6 +194,8 @@ impl Fleet {
         let (heads, open) = st.gauges();
         for (net, node, h) in heads {
             self.metrics.head(net, node, h);
+            self.metrics
+                .node_connected(net, node, self.live.connected(node));
         }
         self.metrics.findings_open(&open);
     }

@@ -53,6 +53,9 @@ pub struct Metrics {
     head: Family<NodeLabels, Gauge>,
     lag: Family<NodeLabels, Gauge>,
     peers: Family<NodeLabels, Gauge>,
+    connected: Family<NodeLabels, Gauge>,
+    outbox: Family<NodeLabels, Gauge>,
+    outbox_quota: Family<NodeLabels, Gauge>,
     rpc_latency: Family<QuantileLabels, Gauge<f64, AtomicU64>>,
     findings_open: Family<KindLabels, Gauge>,
     open_kinds: Mutex<BTreeMap<(String, &'static str), i64>>,
@@ -74,6 +77,8 @@ impl Metrics {
     /// The registry, with `labels` on every series (`metrics.labels`).
     pub fn new(labels: &BTreeMap<String, String>) -> Self {
         let (head, lag, peers) = (Family::default(), Family::default(), Family::default());
+        let (connected, outbox, outbox_quota) =
+            (Family::default(), Family::default(), Family::default());
         let rpc_latency = Family::<QuantileLabels, Gauge<f64, AtomicU64>>::default();
         let findings_open = Family::default();
         let (events, duplicates) = (Family::default(), Family::default());
@@ -97,6 +102,21 @@ impl Metrics {
             lag.clone(),
         );
         registry.register("node_peers", "Peers each node reports", peers.clone());
+        registry.register(
+            "node_connected",
+            "1 while the node's agent has a stream open to this aggregator, 0 after it closed",
+            connected.clone(),
+        );
+        registry.register(
+            "node_outbox_bytes",
+            "Bytes in the agent's outbox at its last status",
+            outbox.clone(),
+        );
+        registry.register(
+            "node_outbox_quota_bytes",
+            "The agent's outbox quota (store.outbox_quota_bytes) at its last status",
+            outbox_quota.clone(),
+        );
         registry.register(
             "node_rpc_latency_seconds",
             "Agent-measured node RPC latency over the last status interval",
@@ -138,6 +158,9 @@ impl Metrics {
             head,
             lag,
             peers,
+            connected,
+            outbox,
+            outbox_quota,
             rpc_latency,
             findings_open,
             open_kinds: Mutex::new(BTreeMap::new()),
@@ -197,6 +220,13 @@ impl Metrics {
     }
 
     pub fn node_status(&self, network: &str, node: &str, s: &NodeStatus) {
+        if s.outbox_quota_bytes > 0 {
+            let l = labels(network, node);
+            self.outbox.get_or_create(&l).set(s.outbox_bytes as i64);
+            self.outbox_quota
+                .get_or_create(&l)
+                .set(s.outbox_quota_bytes as i64);
+        }
         if let Some(p) = s.peers {
             self.peers
                 .get_or_create(&labels(network, node))
@@ -249,6 +279,14 @@ impl Metrics {
 
     pub fn connected(&self, delta: i64) {
         self.agents_connected.inc_by(delta);
+    }
+
+    /// Whether `node`'s agent has a stream open, for every node the fleet
+    /// knows (also those loaded from the store that never came back).
+    pub fn node_connected(&self, network: &str, node: &str, connected: bool) {
+        self.connected
+            .get_or_create(&labels(network, node))
+            .set(i64::from(connected));
     }
 
     pub fn encode(&self) -> String {
@@ -314,12 +352,16 @@ mod tests {
                     p99_us: 3000,
                     max_us: 4000,
                 }),
+                outbox_bytes: 10,
+                outbox_quota_bytes: 100,
                 ..Default::default()
             },
         );
+        m.cert_expiry("agent", "n1", 1_900_000_000);
         m.findings_open(&BTreeMap::from([(("devnet".to_string(), "stall"), 1)]));
         m.counted("n1", "devnet", 5, 1);
         m.connected(1);
+        m.node_connected("devnet", "n1", true);
         m.encode()
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -339,8 +381,52 @@ mod tests {
             "outpost_ingest_events_total",
             "outpost_ingest_duplicates_total",
             "outpost_agents_connected",
+            "outpost_node_connected",
+            "outpost_node_outbox_bytes",
+            "outpost_node_outbox_quota_bytes",
+            "outpost_certificate_expiry_timestamp_seconds",
         ] {
             assert!(names.contains(want), "{want} missing from {names:?}");
+        }
+    }
+
+    /// The `outpost_` series named in a PromQL expression.
+    fn series_in(expr: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut rest = expr;
+        while let Some(i) = rest.find("outpost_") {
+            let token: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + token.len()..];
+            found.push(token);
+        }
+        found
+    }
+
+    /// The shipped Prometheus rules query only series the aggregator
+    /// exports (promtool tests them on series of the same names).
+    #[test]
+    fn prometheus_rules_use_exported_series() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/prometheus/outpost-rules.yml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let names = exported_names();
+        let exprs: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .collect();
+        assert!(exprs.len() >= 6, "{exprs:?}");
+        for expr in exprs {
+            for token in series_in(expr) {
+                assert!(
+                    names.contains(&token),
+                    "a rule queries {token}, which is not exported"
+                );
+            }
         }
     }
 
@@ -362,17 +448,11 @@ mod tests {
         }
         assert!(exprs.len() >= 8, "{exprs:?}");
         for expr in exprs {
-            let mut rest = expr.as_str();
-            while let Some(i) = rest.find("outpost_") {
-                let token: String = rest[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
+            for token in series_in(&expr) {
                 assert!(
                     names.contains(&token),
                     "dashboard queries {token}, which is not exported"
                 );
-                rest = &rest[i + token.len()..];
             }
         }
     }
@@ -383,6 +463,7 @@ mod tests {
         let m = Metrics::new(&labels);
         m.head("devnet", "n1", 7);
         m.connected(1);
+        m.node_connected("devnet", "n1", true);
         let text = m.encode();
         let series: Vec<&str> = text.lines().filter(|l| l.starts_with("outpost_")).collect();
         assert!(!series.is_empty());

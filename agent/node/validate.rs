@@ -198,6 +198,8 @@ impl Validate {
                 validate_latency: Some(self.timings.validate.take_summary()),
                 round_trip: Some(self.timings.round_trip.take_summary()),
                 dropped_events: store.dropped_events(),
+                outbox_bytes: store.outbox_bytes(),
+                outbox_quota_bytes: store.quota_bytes(),
                 deliveries: store
                     .deliveries()
                     .into_iter()

@@ -299,6 +299,11 @@ impl LocalStore {
         self.counters().outbox_bytes
     }
 
+    /// `store.outbox_quota_bytes`: past it, the oldest telemetry goes.
+    pub fn quota_bytes(&self) -> u64 {
+        self.quota_bytes
+    }
+
     /// Records, in a small file beside sled's own, the highest seq known to
     /// be durable, and the unconfirmed-after marker. sled recovers from a
     /// damaged log by dropping everything after the damage, and opens
