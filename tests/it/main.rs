@@ -18,6 +18,7 @@ mod mtls;
 mod network;
 mod prometheus;
 mod rpc_health;
+mod rules;
 mod shards;
 mod snapshots;
 mod spine;
