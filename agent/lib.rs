@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fuzz;
+pub mod health;
 pub mod latency;
 pub mod logging;
 pub mod manual;

@@ -116,7 +116,19 @@ pub struct Gate {
     logged: Mutex<HashMap<&'static str, Instant>>,
     /// The day each identity was last warned of its certificate's expiry.
     warned: Mutex<HashMap<String, i64>>,
+    /// Where the accept loop runs, once it does.
+    accepting: Mutex<Option<SocketAddr>>,
+    /// The last failed accept, and why.
+    accept_failed: Mutex<Option<(Instant, String)>>,
 }
+
+/// A lock whose holder panicked still holds usable counts.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An accept that failed this recently makes the listener not ready.
+const ACCEPT_FAILED_FOR: Duration = Duration::from_secs(5);
 
 impl Gate {
     pub fn new(
@@ -132,6 +144,8 @@ impl Gate {
             metrics,
             logged: Mutex::default(),
             warned: Mutex::default(),
+            accepting: Mutex::default(),
+            accept_failed: Mutex::default(),
         });
         gate.check_own(&files);
         Ok(gate)
@@ -165,7 +179,7 @@ impl Gate {
         if left > crate::tls::EXPIRY_WARN_SECS {
             return;
         }
-        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut warned = lock(&self.warned);
         let today = now.div_euclid(86_400);
         if warned.get(&id.to_string()) == Some(&today) {
             return;
@@ -191,7 +205,7 @@ impl Gate {
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.counts)
     }
 
     /// Takes a slot, or None when its limit is reached.
@@ -233,7 +247,7 @@ impl Gate {
     fn refused(&self, reason: &'static str, remote: Option<SocketAddr>, detail: &str) {
         self.metrics.refused(reason);
         let now = Instant::now();
-        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        let mut logged = lock(&self.logged);
         if logged
             .get(reason)
             .is_some_and(|t| now.duration_since(*t) < LOG_EVERY)
@@ -249,10 +263,12 @@ impl Gate {
     pub fn incoming(self: Arc<Self>, listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
         let (tx, rx) = mpsc::channel(READY_QUEUE);
         tokio::spawn(async move {
+            *lock(&self.accepting) = listener.local_addr().ok();
             loop {
                 let (tcp, remote) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
+                        *lock(&self.accept_failed) = Some((Instant::now(), e.to_string()));
                         // Out of file descriptors, say: back off instead of
                         // spinning on the error.
                         self.refused("accept-error", None, &e.to_string());
@@ -273,6 +289,7 @@ impl Gate {
                 };
                 let _ = tcp.set_nodelay(true);
                 if tx.is_closed() {
+                    *lock(&self.accepting) = None;
                     return;
                 }
                 let (gate, ready) = (self.clone(), tx.clone());
@@ -284,6 +301,24 @@ impl Gate {
             }
         });
         ReceiverStream::new(rx)
+    }
+
+    /// Readiness: the accept loop runs and accepting has not failed lately.
+    pub fn check(&self) -> crate::health::Check {
+        use crate::health::Check;
+        let Some(addr) = *lock(&self.accepting) else {
+            return Check::failed("listener", "not accepting connections");
+        };
+        match &*lock(&self.accept_failed) {
+            Some((at, why)) if at.elapsed() < ACCEPT_FAILED_FOR => Check::failed(
+                "listener",
+                format!(
+                    "accepting on {addr} failed {:.1} s ago: {why}",
+                    at.elapsed().as_secs_f64()
+                ),
+            ),
+            _ => Check::ok("listener", format!("accepting on {addr}")),
+        }
     }
 
     async fn handshake(

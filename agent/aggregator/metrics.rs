@@ -298,28 +298,40 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` until the process ends.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// The readiness checks `/readyz` runs, each time it is asked.
+pub type ReadyChecks = Arc<dyn Fn() -> Vec<crate::health::Check> + Send + Sync>;
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: ReadyChecks) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let (metrics, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
+                let (metrics, ready) = (metrics.clone(), ready.clone());
                 async move {
-                    let resp = if req.uri().path() == "/metrics" {
+                    let health = |(code, body): (u16, String)| {
                         Response::builder()
+                            .status(code)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                    };
+                    let resp = match req.uri().path() {
+                        "/metrics" => Response::builder()
                             .header(
                                 "content-type",
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
-                            .body(Full::new(Bytes::from(metrics.encode())))
-                    } else {
-                        Response::builder()
+                            .body(Full::new(Bytes::from(metrics.encode()))),
+                        "/healthz" => health(crate::health::alive()),
+                        "/readyz" => health(crate::health::ready(&ready())),
+                        _ => Response::builder()
                             .status(404)
-                            .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                            .body(Full::new(Bytes::from_static(
+                                b"see /metrics, /healthz or /readyz\n",
+                            ))),
                     };
                     Ok::<_, Infallible>(resp.unwrap_or_default())
                 }

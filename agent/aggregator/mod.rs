@@ -150,7 +150,14 @@ impl Aggregator {
             }
         });
         if let Some(l) = self.metrics_listener {
-            tokio::spawn(metrics::serve(l, metrics.clone()));
+            let (store, listener, min_free) = (
+                self.store.clone(),
+                gate.clone(),
+                self.cfg.store.min_free_bytes,
+            );
+            let ready: metrics::ReadyChecks =
+                Arc::new(move || vec![store.check(min_free), listener.check()]);
+            tokio::spawn(metrics::serve(l, metrics.clone(), ready));
         }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -156,6 +156,23 @@ impl CentralStore {
         })
     }
 
+    /// Readiness: the store answers a read, and its filesystem has more
+    /// room than `min_free` (below it, events are refused).
+    pub fn check(&self, min_free: u64) -> crate::health::Check {
+        use crate::health::Check;
+        if let Err(e) = self.tree.first() {
+            return Check::failed("store", format!("a read failed: {e}"));
+        }
+        match self.free_bytes() {
+            Some(free) if free < min_free => Check::failed(
+                "store",
+                format!("{free} bytes free, under store.min_free_bytes ({min_free}): events are refused"),
+            ),
+            Some(free) => Check::ok("store", format!("open, {} MiB free", free >> 20)),
+            None => Check::ok("store", "open"),
+        }
+    }
+
     /// Bytes free on the store's filesystem, as of at most 100 ms ago.
     pub fn free_bytes(&self) -> Option<u64> {
         self.free.get()
@@ -813,6 +830,20 @@ mod tests {
             assert_eq!(rec.head.unwrap().height, top);
             assert_eq!(s.headers(&format!("n{n}"), top, top).unwrap().len(), 1);
         }
+    }
+
+    #[tokio::test]
+    async fn not_ready_below_the_free_space_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = CentralStore::open(dir.path(), 1 << 20, Durability::ProcessCrash).unwrap();
+        let ok = s.check(0);
+        assert!(ok.ok && ok.detail.starts_with("open"), "{ok:?}");
+        let full = s.check(u64::MAX);
+        assert!(!full.ok, "{full:?}");
+        assert!(
+            full.detail.contains("under store.min_free_bytes"),
+            "{full:?}"
+        );
     }
 
     #[test]

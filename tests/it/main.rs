@@ -10,6 +10,7 @@ mod fleet;
 mod fuzz_seeds;
 mod ha;
 mod harness;
+mod health;
 mod host;
 mod hostile;
 mod journal;

@@ -37,7 +37,8 @@ in_root /usr/bin/outpost --version | grep -q '^outpost ' || fail "outpost --vers
 for f in /usr/lib/systemd/system/outpost-agent.service /usr/lib/systemd/system/outpost-aggregator.service \
          /etc/outpost/agent.toml /etc/outpost/aggregator.toml /usr/share/man/man1/outpost.1.gz \
          /usr/share/man/man1/outpost-agent.1.gz /usr/share/bash-completion/completions/outpost \
-         /usr/share/zsh/vendor-completions/_outpost /usr/share/fish/vendor_completions.d/outpost.fish; do
+         /usr/share/zsh/vendor-completions/_outpost /usr/share/fish/vendor_completions.d/outpost.fish \
+         /usr/share/outpost/grafana/outpost-fleet.json /usr/share/outpost/prometheus/outpost-rules.yml; do
     [ -e "$R$f" ] || fail "$f is not installed"
 done
 in_root getent passwd outpost | grep -q ':/var/lib/outpost:/usr/sbin/nologin$' \
@@ -54,7 +55,7 @@ done
 if ls "$R"/etc/systemd/system/*.wants/outpost-* >/dev/null 2>&1; then
     fail "a unit was enabled at install, before any config exists"
 fi
-pass "dpkg -i: binary, units (not enabled), conffiles, man pages, completions, user and dirs"
+pass "dpkg -i: binary, units (not enabled), conffiles, man pages, completions, dashboard and rule pack, user and dirs"
 
 # --- systemd-analyze ---------------------------------------------------------
 # --man=no: verify looks Documentation= pages up in the host's man database,
@@ -106,7 +107,8 @@ grep -q '^Name *: outpost' "$WORK/rpm-info.txt" || { cat "$WORK/rpm-info.txt" >&
 listing=$(rpm -qpl "$RPM" 2>/dev/null)
 for f in /usr/bin/outpost /usr/lib/systemd/system/outpost-agent.service \
          /usr/lib/systemd/system/outpost-aggregator.service /etc/outpost/agent.toml \
-         /usr/share/man/man1/outpost.1 /usr/share/bash-completion/completions/outpost; do
+         /usr/share/man/man1/outpost.1 /usr/share/bash-completion/completions/outpost \
+         /usr/share/outpost/prometheus/outpost-rules.yml; do
     grep -qx "$f" <<<"$listing" || fail "rpm -qpl: $f missing"
 done
 configs=$(rpm -qpc "$RPM" 2>/dev/null)
