@@ -852,19 +852,10 @@ mod tests {
         }
     }
 
-    /// Opens the store at `dir`. A store dropped just before may still be
-    /// locked for a moment: sled's flusher thread lets go of it on its next
-    /// wake-up.
+    /// Opens the store at `dir` (`open_db` waits out the lock of a store
+    /// dropped just before).
     fn open(dir: &Path, quota: u64) -> LocalStore {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match LocalStore::open(dir, 1 << 20, Durability::ProcessCrash, quota) {
-                Err(e) if e.is_in_use() && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                r => return r.unwrap(),
-            }
-        }
+        LocalStore::open(dir, 1 << 20, Durability::ProcessCrash, quota).unwrap()
     }
 
     #[test]

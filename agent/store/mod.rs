@@ -103,16 +103,32 @@ pub enum Durability {
     PowerLoss,
 }
 
+///
+/// A store this process has just closed can hold its file lock for a
+/// moment longer, while sled's background threads finish with it (a
+/// restore closes the store it wrote, and start-up opens it at once): a
+/// lock that is busy is tried again for up to a second before the store
+/// counts as in use by another process.
 pub fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
-        .path(dir)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(Some(500))
-        .open()
-        .map_err(|source| StoreError::Open {
-            path: dir.to_path_buf(),
-            source,
-        })
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.to_path_buf(),
+                source,
+            });
+        match opened {
+            Err(e) if e.is_in_use() && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Makes everything written so far durable to the promised degree.
