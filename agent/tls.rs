@@ -194,11 +194,7 @@ fn validity(days: i64) -> (OffsetDateTime, OffsetDateTime) {
 /// Returns the paths written.
 pub fn init_pki(dir: &Path, extra_sans: &[String], days: i64) -> Result<Vec<PathBuf>, TlsError> {
     let pki = PkiLayout::new(dir);
-    for path in [pki.ca_cert(), pki.ca_key()] {
-        if path.exists() {
-            return Err(TlsError::Exists { path });
-        }
-    }
+    none_exist([pki.ca_cert(), pki.ca_key()])?;
     fs::create_dir_all(dir).map_err(|source| TlsError::Io {
         path: dir.to_path_buf(),
         source,
@@ -235,20 +231,35 @@ pub fn issue_aggregator(
     extra_sans: &[String],
     days: i64,
 ) -> Result<Vec<PathBuf>, TlsError> {
+    let stem = format!("aggregator-{name}");
+    let (pki, issuer) = issuer_for(dir, name, &stem)?;
+    let mut sans = vec![name.to_string()];
+    sans.extend(extra_sans.iter().filter(|s| *s != name).cloned());
+    issue_server(&pki, &issuer, &stem, &sans, days)
+}
+
+/// Refuses to write over a certificate or key that is there already.
+fn none_exist(paths: [PathBuf; 2]) -> Result<(), TlsError> {
+    match paths.into_iter().find(|p| p.exists()) {
+        Some(path) => Err(TlsError::Exists { path }),
+        None => Ok(()),
+    }
+}
+
+/// The CA in `dir`, to issue `stem`'s certificate for `name` with: refused
+/// for a name unfit for a file or URI, or a stem already issued.
+fn issuer_for(
+    dir: &Path,
+    name: &str,
+    stem: &str,
+) -> Result<(PkiLayout, Issuer<'static, KeyPair>), TlsError> {
     if !valid_name(name) {
         return Err(TlsError::BadName(name.to_string()));
     }
     let pki = PkiLayout::new(dir);
-    let stem = format!("aggregator-{name}");
-    for path in [pki.cert(&stem), pki.key(&stem)] {
-        if path.exists() {
-            return Err(TlsError::Exists { path });
-        }
-    }
+    none_exist([pki.cert(stem), pki.key(stem)])?;
     let issuer = load_issuer(&pki)?;
-    let mut sans = vec![name.to_string()];
-    sans.extend(extra_sans.iter().filter(|s| *s != name).cloned());
-    issue_server(&pki, &issuer, &stem, &sans, days)
+    Ok((pki, issuer))
 }
 
 fn load_issuer(pki: &PkiLayout) -> Result<Issuer<'static, KeyPair>, TlsError> {
@@ -394,16 +405,7 @@ pub fn issue_client_between(
     let name = match identity {
         Identity::Agent(id) | Identity::Operator(id) => id,
     };
-    if !valid_name(name) {
-        return Err(TlsError::BadName(name.clone()));
-    }
-    let pki = PkiLayout::new(dir);
-    for path in [pki.cert(&stem), pki.key(&stem)] {
-        if path.exists() {
-            return Err(TlsError::Exists { path });
-        }
-    }
-    let issuer = load_issuer(&pki)?;
+    let (pki, issuer) = issuer_for(dir, name, &stem)?;
     let mut params = CertificateParams::default();
     params
         .distinguished_name
