@@ -2,7 +2,6 @@
 //! stall, a silent agent, alert sinks and Prometheus.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,8 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::harness::{
-    free_port, hex, wait_for, Agent, AgentOptions, Aggregator, Alertmanager, Anvil, Recorder, World,
+    hex, wait_for, Agent, AgentOptions, Aggregator, Alertmanager, Anvil, Prometheus, Recorder,
+    World,
 };
 use crate::spine::wait_at_head;
 
@@ -393,59 +393,31 @@ async fn a_killed_agent_is_silent_and_blamed_on_the_monitoring_path() {
 /// Debian's prometheus scrapes the aggregator's /metrics; PromQL sees a head.
 #[tokio::test]
 async fn prometheus_scrapes_node_heads() {
-    let bin = "/usr/bin/prometheus";
-    assert!(
-        Path::new(bin).exists(),
-        "{bin} not found: install Debian's prometheus (tests/run.sh does)"
-    );
     let fleet = Fleet::start("", fast).await;
     for i in 1..=7 {
         fleet.mine_at(&[0, 1, 2], GENESIS + 12 * i).await;
     }
-    let dir = fleet.world.path().join("prometheus");
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
+    let prom = Prometheus::start(
+        &fleet.world.path().join("prometheus"),
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: outpost\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
             fleet.agg.metrics_port
         ),
-    )
-    .unwrap();
-    let mut child = Command::new(bin)
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-        .spawn()
-        .expect("prometheus starts");
-    let logs = [dir.join("prometheus.log"), fleet.agg.log.clone()];
-    let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
-    let url = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query=outpost_node_head_height%7Bnode%3D%22node-1%22%7D"
     );
+    let logs = [prom.log.as_path(), fleet.agg.log.as_path()];
     let value = wait_for(
         "PromQL to return node-1's head of 7",
         WAIT,
         &logs,
         || async {
-            let v: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
-            let s = v["data"]["result"][0]["value"][1].as_str()?.to_string();
+            let s = prom
+                .value("outpost_node_head_height{node=\"node-1\"}")
+                .await?;
             (s == "7").then_some(s)
         },
     )
     .await;
     assert_eq!(value, "7");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// SIGHUP applies a new silence window and a new alert sink without a

@@ -1023,24 +1023,14 @@ impl Alertmanager {
 
     /// Its alerts, or None while it does not answer.
     pub async fn alerts(&self) -> Option<Vec<Value>> {
-        let v: Value = reqwest::get(format!("{}/api/v2/alerts", self.url))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = get_json(&format!("{}/api/v2/alerts", self.url), &[]).await?;
         v.as_array().cloned()
     }
 
     /// The cluster members it sees once its gossip has settled (before,
     /// it may notify what another member already did), or None.
     pub async fn settled_peers(&self) -> Option<usize> {
-        let v: Value = reqwest::get(format!("{}/api/v2/status", self.url))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = get_json(&format!("{}/api/v2/status", self.url), &[]).await?;
         (v["cluster"]["status"] == "ready").then_some(())?;
         Some(v["cluster"]["peers"].as_array()?.len())
     }
@@ -1082,4 +1072,62 @@ pub fn daemon(bin: &str, args: &[String], log: &Path) -> Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("{bin} starts: {e}")),
     )
+}
+
+/// A GET of `url` with `query` parameters, as JSON; None while the server
+/// does not answer or answers something else.
+pub async fn get_json(url: &str, query: &[(&str, &str)]) -> Option<Value> {
+    reqwest::Client::new()
+        .get(url)
+        .query(query)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// Debian's Prometheus on a free loopback port with `config` (its YAML),
+/// its files in `dir`; killed when dropped.
+pub struct Prometheus {
+    _daemon: Daemon,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Path, config: &str) -> Prometheus {
+        fs::create_dir_all(dir).unwrap();
+        let config_file = dir.join("prometheus.yml");
+        fs::write(&config_file, config).unwrap();
+        let port = free_port();
+        let log = dir.join("prometheus.log");
+        let daemon = daemon(
+            "/usr/bin/prometheus",
+            &[
+                format!("--config.file={}", config_file.display()),
+                format!("--storage.tsdb.path={}", dir.join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+            ],
+            &log,
+        );
+        Prometheus {
+            _daemon: daemon,
+            port,
+            log,
+        }
+    }
+
+    /// `path` of its HTTP API (`/api/v1/alerts`), or None while it does
+    /// not answer.
+    pub async fn api(&self, path: &str, query: &[(&str, &str)]) -> Option<Value> {
+        get_json(&format!("http://127.0.0.1:{}{path}", self.port), query).await
+    }
+
+    /// The value of the first series an instant PromQL query returns.
+    pub async fn value(&self, promql: &str) -> Option<String> {
+        let v = self.api("/api/v1/query", &[("query", promql)]).await?;
+        Some(v["data"]["result"][0]["value"][1].as_str()?.to_string())
+    }
 }

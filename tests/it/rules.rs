@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{daemon, free_port, wait_for, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::harness::{wait_for, Agent, AgentOptions, Aggregator, Anvil, Prometheus, World};
 use crate::spine::wait_at_head;
 
 const PROMTOOL: &str = "/usr/bin/promtool";
@@ -47,13 +47,8 @@ fn the_rule_pack_passes_promtool_check_and_its_unit_tests() {
 }
 
 /// The alerts Prometheus holds, as (alert name, node, state).
-async fn alerts(port: u16) -> Option<Vec<(String, String, String)>> {
-    let v: Value = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/alerts"))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+async fn alerts(prom: &Prometheus) -> Option<Vec<(String, String, String)>> {
+    let v = prom.api("/api/v1/alerts", &[]).await?;
     let text = |a: &Value, k: &str| a[k].as_str().unwrap_or_default().to_string();
     Some(
         v["data"]["alerts"]
@@ -68,21 +63,6 @@ async fn alerts(port: u16) -> Option<Vec<(String, String, String)>> {
             })
             .collect(),
     )
-}
-
-async fn value(port: u16, query: &str) -> Option<String> {
-    let v: Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/api/v1/query"))
-        .query(&[("query", query)])
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v["data"]["result"][0]["value"][1]
-        .as_str()
-        .map(str::to_string)
 }
 
 #[tokio::test]
@@ -115,28 +95,15 @@ async fn prometheus_with_the_rule_pack_fires_when_an_agent_disconnects() {
     assert_eq!(rules.matches("for: 0s").count(), 6, "{rules}");
     let rules_path = dir.path().join("outpost-rules.yml");
     std::fs::write(&rules_path, rules).unwrap();
-    let prom_port = free_port();
-    let prom_cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
+    let prom = Prometheus::start(
+        &dir.path().join("prometheus"),
+        &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: ['{}']\nscrape_configs:\n  - job_name: outpost\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
             rules_path.display(),
             agg.metrics_port
         ),
-    )
-    .unwrap();
-    let prom_log = dir.path().join("prometheus.log");
-    let _prom = daemon(
-        "/usr/bin/prometheus",
-        &[
-            format!("--config.file={}", prom_cfg.display()),
-            format!("--storage.tsdb.path={}", dir.path().join("prom").display()),
-            format!("--web.listen-address=127.0.0.1:{prom_port}"),
-        ],
-        &prom_log,
     );
-    let logs = [prom_log.as_path(), agg.log.as_path()];
+    let logs = [prom.log.as_path(), agg.log.as_path()];
 
     // Connected, with the outbox quota its config sets: the agent's status
     // reached the metrics Prometheus reads.
@@ -145,12 +112,12 @@ async fn prometheus_with_the_rule_pack_fires_when_an_agent_disconnects() {
         Duration::from_secs(60),
         &logs,
         || async {
-            let connected = value(prom_port, "outpost_node_connected{node=\"node-1\"}").await?;
-            let quota = value(
-                prom_port,
-                "outpost_node_outbox_quota_bytes{node=\"node-1\"}",
-            )
-            .await?;
+            let connected = prom
+                .value("outpost_node_connected{node=\"node-1\"}")
+                .await?;
+            let quota = prom
+                .value("outpost_node_outbox_quota_bytes{node=\"node-1\"}")
+                .await?;
             (connected == "1" && quota == "1048576").then_some(())
         },
     )
@@ -161,19 +128,14 @@ async fn prometheus_with_the_rule_pack_fires_when_an_agent_disconnects() {
         Duration::from_secs(30),
         &logs,
         || async {
-            let v: Value = reqwest::get(format!("http://127.0.0.1:{prom_port}/api/v1/rules"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = prom.api("/api/v1/rules", &[]).await?;
             let rules = v["data"]["groups"][0]["rules"].as_array()?;
             let evaluated = rules.len() == 6
                 && rules
                     .iter()
                     .all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z");
             if evaluated {
-                alerts(prom_port).await
+                alerts(&prom).await
             } else {
                 None
             }
@@ -191,7 +153,7 @@ async fn prometheus_with_the_rule_pack_fires_when_an_agent_disconnects() {
         Duration::from_secs(60),
         &logs,
         || async {
-            let all = alerts(prom_port).await?;
+            let all = alerts(&prom).await?;
             all.iter()
                 .any(|a| a.0 == "OutpostAgentDisconnected" && a.1 == "node-1" && a.2 == "firing")
                 .then_some(all)

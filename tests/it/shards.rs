@@ -4,12 +4,12 @@
 //! PromQL query against VictoriaMetrics returns each shard's node head,
 //! the series told apart by the aggregators' `metrics.labels`.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::harness::{daemon, free_port, wait_for, Agent, AgentOptions, Aggregator, Anvil, World};
+use crate::harness::{
+    daemon, free_port, get_json, wait_for, Agent, AgentOptions, Aggregator, Anvil, Prometheus,
+    World,
+};
 use crate::spine::wait_at_head;
 
 /// One shard: its own PKI, anvil, aggregator (labelled `aggregator=name`)
@@ -62,40 +62,24 @@ async fn prometheus_and_victoria_metrics_merge_two_shards_into_one_view() {
         ],
         &vm_log,
     );
-    let prom_port = free_port();
-    let prom_cfg = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_cfg,
-        format!(
+    let prom = Prometheus::start(
+        &dir.path().join("prom"),
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: outpost\n    static_configs:\n      - targets: ['127.0.0.1:{}', '127.0.0.1:{}']\nremote_write:\n  - url: http://127.0.0.1:{vm_port}/api/v1/write\n    queue_config:\n      batch_send_deadline: 1s\n",
             eu.agg.metrics_port, us.agg.metrics_port
         ),
-    )
-    .unwrap();
-    let prom_log = dir.path().join("prometheus.log");
-    let _prom = daemon(
-        "/usr/bin/prometheus",
-        &[
-            format!("--config.file={}", prom_cfg.display()),
-            format!("--storage.tsdb.path={}", dir.path().join("prom").display()),
-            format!("--web.listen-address=127.0.0.1:{prom_port}"),
-        ],
-        &prom_log,
     );
-    let logs: Vec<PathBuf> = vec![vm_log, prom_log, eu.agg.log.clone(), us.agg.log.clone()];
-    let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+    let logs = [
+        vm_log.as_path(),
+        prom.log.as_path(),
+        eu.agg.log.as_path(),
+        us.agg.log.as_path(),
+    ];
+    let url = format!("http://127.0.0.1:{vm_port}/api/v1/query");
     let query = |q: &'static str| {
-        let url = format!("http://127.0.0.1:{vm_port}/api/v1/query");
+        let url = url.clone();
         async move {
-            let v: Value = reqwest::Client::new()
-                .get(&url)
-                .query(&[("query", q)])
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = get_json(&url, &[("query", q)]).await?;
             v["data"]["result"].as_array().cloned()
         }
     };
