@@ -38,8 +38,10 @@ pub fn init(level: &str) -> &'static str {
             }
         }
     }
+    // Colours only on a terminal: a log file or a pipe gets plain text.
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     if tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
