@@ -1,8 +1,20 @@
-//! `/healthz` and `/readyz`: the process answers, and whether it can do its
-//! job now. The body is JSON with one line per check, so that a person
-//! reading `curl` output and a probe parsing it both get what failed.
+//! `/metrics`, `/healthz` and `/readyz` on one plain-HTTP listener, for the
+//! aggregator and the agent alike. `/healthz`: the process answers;
+//! `/readyz`: whether it can do its job now, as JSON with one line per
+//! check, so that a person reading `curl` output and a probe parsing it both
+//! get what failed.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
 use serde_json::json;
+use tokio::net::TcpListener;
 
 /// One readiness check: what it looked at, and what it found.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +59,64 @@ pub fn ready(checks: &[Check]) -> (u16, String) {
         lines.join(",\n")
     );
     (if all { 200 } else { 503 }, body)
+}
+
+/// The Prometheus text `/metrics` answers, made at each scrape.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The readiness checks `/readyz` runs, each time it is asked.
+pub type ReadyChecks =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<Check>> + Send>> + Send + Sync>;
+
+/// Readiness checks that need no waiting.
+pub fn ready_now(checks: impl Fn() -> Vec<Check> + Send + Sync + 'static) -> ReadyChecks {
+    let checks = Arc::new(checks);
+    Arc::new(move || {
+        let found = checks();
+        Box::pin(async move { found })
+    })
+}
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(listener: TcpListener, metrics: MetricsText, ready: ReadyChecks) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (metrics, ready) = (metrics.clone(), ready.clone());
+                async move {
+                    let health = |(code, body): (u16, String)| {
+                        Response::builder()
+                            .status(code)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                    };
+                    let resp = match req.uri().path() {
+                        "/metrics" => Response::builder()
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(metrics()))),
+                        "/healthz" => health(alive()),
+                        "/readyz" => health(self::ready(&ready().await)),
+                        _ => Response::builder()
+                            .status(404)
+                            .body(Full::new(Bytes::from_static(
+                                b"see /metrics, /healthz or /readyz\n",
+                            ))),
+                    };
+                    Ok::<_, Infallible>(resp.unwrap_or_default())
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 #[cfg(test)]

@@ -1,20 +1,14 @@
 //! Prometheus `/metrics` for the aggregator, with prometheus-client.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 use crate::proto::NodeStatus;
 
@@ -295,51 +289,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-}
-
-/// The readiness checks `/readyz` runs, each time it is asked.
-pub type ReadyChecks = Arc<dyn Fn() -> Vec<crate::health::Check> + Send + Sync>;
-
-/// Serves `GET /metrics`, `/healthz` and `/readyz` until the process ends.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: ReadyChecks) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (metrics, ready) = (metrics.clone(), ready.clone());
-                async move {
-                    let health = |(code, body): (u16, String)| {
-                        Response::builder()
-                            .status(code)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body)))
-                    };
-                    let resp = match req.uri().path() {
-                        "/metrics" => Response::builder()
-                            .header(
-                                "content-type",
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )
-                            .body(Full::new(Bytes::from(metrics.encode()))),
-                        "/healthz" => health(crate::health::alive()),
-                        "/readyz" => health(crate::health::ready(&ready())),
-                        _ => Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(
-                                b"see /metrics, /healthz or /readyz\n",
-                            ))),
-                    };
-                    Ok::<_, Infallible>(resp.unwrap_or_default())
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

@@ -155,9 +155,14 @@ impl Aggregator {
                 gate.clone(),
                 self.cfg.store.min_free_bytes,
             );
-            let ready: metrics::ReadyChecks =
-                Arc::new(move || vec![store.check(min_free), listener.check()]);
-            tokio::spawn(metrics::serve(l, metrics.clone(), ready));
+            let ready =
+                crate::health::ready_now(move || vec![store.check(min_free), listener.check()]);
+            let text = metrics.clone();
+            tokio::spawn(crate::health::serve(
+                l,
+                Arc::new(move || text.encode()),
+                ready,
+            ));
         }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
