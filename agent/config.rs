@@ -32,7 +32,18 @@ pub struct AgentConfig {
     #[serde(default)]
     pub host: HostConfig,
     #[serde(default)]
+    pub metrics: AgentMetricsConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// The agent's own listener for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentMetricsConfig {
+    /// Where it listens (plain HTTP, so loopback or a private address);
+    /// unset, the agent serves nothing.
+    pub listen: Option<SocketAddr>,
 }
 
 /// The host probe: what it samples and when a resource counts as too busy.

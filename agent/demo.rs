@@ -34,6 +34,7 @@ fn agent_config(dir: &Path, node: &str, url: &str, aggregator: &str) -> AgentCon
         data_dir: dir.join(node),
         snapshot: Default::default(),
         host: Default::default(),
+        metrics: Default::default(),
         source: SourceConfig {
             kind: SourceKind::Ethereum,
             url: url.into(),

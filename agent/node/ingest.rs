@@ -25,6 +25,7 @@ pub struct Ingest {
     cfg: SourceConfig,
     walk: Walk,
     breaker: Breaker,
+    observed: Option<std::sync::Arc<super::metrics::AgentMetrics>>,
     last_status: Option<Instant>,
     span: tracing::Span,
     stopping: bool,
@@ -136,7 +137,15 @@ impl Ingest {
             woken: false,
             next_tick: None,
             fatal,
+            observed: None,
         }
+    }
+
+    /// Records each poll's duration and outcome, and the breaker's state,
+    /// for the agent's own metrics.
+    pub fn observed(mut self, metrics: std::sync::Arc<super::metrics::AgentMetrics>) -> Ingest {
+        self.observed = Some(metrics);
+        self
     }
 }
 
@@ -251,6 +260,7 @@ impl Handler<Tick> for Ingest {
         let want_status = self
             .last_status
             .is_none_or(|t| t.elapsed() >= self.cfg.status_interval);
+        let started = Instant::now();
         let work = async move {
             if let Some(expected) = check_network {
                 let actual = source.network_id().await?;
@@ -312,9 +322,12 @@ impl Handler<Tick> for Ingest {
             })
         }
         .instrument(self.span.clone());
-        Box::pin(work.into_actor(self).map(|result, act, ctx| {
+        Box::pin(work.into_actor(self).map(move |result, act, ctx| {
             let _g = act.span.enter();
             act.polling = false;
+            if let Some(m) = &act.observed {
+                m.poll(started.elapsed(), result.is_err());
+            }
             let (transition, delay) = match result {
                 Ok(Polled::WrongNetwork { actual, expected }) => {
                     let msg = format!(
@@ -350,6 +363,9 @@ impl Handler<Tick> for Ingest {
             };
             if transition == Transition::Closed {
                 tracing::info!("node answers again; circuit breaker closed");
+            }
+            if let Some(m) = &act.observed {
+                m.breaker(act.breaker.state() == super::breaker::State::Open);
             }
             let delay = if std::mem::take(&mut act.woken) && transition != Transition::Opened {
                 Duration::ZERO

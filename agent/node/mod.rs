@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod host;
 pub mod ingest;
 pub mod judge;
+pub mod metrics;
 pub mod report;
 pub mod snapshot;
 pub mod subscribe;
@@ -69,6 +70,8 @@ pub const LIVE_KEYS: &[&str] = &[
 pub struct Agent {
     pub node_id: String,
     pub store: LocalStore,
+    /// What the agent's own listener serves (`[metrics] listen`).
+    pub metrics: std::sync::Arc<metrics::AgentMetrics>,
     actors: Actors,
     /// Set when the agent must not go on (the node is on the wrong network).
     fatal: tokio::sync::watch::Receiver<Option<String>>,
@@ -188,15 +191,17 @@ impl Agent {
         );
         let snapshots = Supervisor::start(move |_| Snapshots::new(v, snapcfg, snapdir, id, sspan));
 
-        let (istore, scfg, depth, ispan, v) = (
+        let observed = std::sync::Arc::new(metrics::AgentMetrics::new());
+        let (istore, scfg, depth, ispan, v, iobserved) = (
             store.clone(),
             cfg.source.clone(),
             Walk::of(&cfg.validate),
             span("ingest"),
             validate.clone(),
+            observed.clone(),
         );
         let ingest = Supervisor::start(move |_| {
-            Ingest::new(source, istore, v, scfg, depth, ispan, fatal_tx)
+            Ingest::new(source, istore, v, scfg, depth, ispan, fatal_tx).observed(iobserved)
         });
 
         let me = report::Identity {
@@ -210,6 +215,7 @@ impl Agent {
         Ok(Agent {
             node_id: cfg.node_id.clone(),
             store,
+            metrics: observed,
             actors: Actors {
                 ingest,
                 validate,
@@ -379,7 +385,31 @@ impl Reloader {
 /// at `path`.
 pub async fn run(cfg: AgentConfig, path: &std::path::Path) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
+    // Bound before the actors start, so that a taken port stops the agent
+    // with a message instead of leaving it running unobserved.
+    let listener = match cfg.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics.listen: cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let agent = Agent::start(&cfg)?;
+    if let Some(l) = listener {
+        tracing::info!(address = %l.local_addr()?, "agent metrics listening");
+        let actors = agent.actors.clone();
+        tokio::spawn(metrics::serve(
+            l,
+            agent.metrics.clone(),
+            agent.store.clone(),
+            cfg.store.min_free_bytes,
+            move || {
+                let actors = actors.clone();
+                Box::pin(async move { actors.healthy(Duration::from_secs(2)).await })
+            },
+        ));
+    }
     match admin::serve(&cfg.data_dir, agent.actors.snapshots.clone()) {
         Ok(path) => tracing::info!(socket = %path.display(), "admin endpoint listening"),
         Err(e) => tracing::warn!(
