@@ -406,6 +406,10 @@ pub struct LimitsConfig {
     pub handshake_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// Query API calls per second per operator identity, refilling a bucket
+    /// of `query_burst`; 0 turns the limit off.
+    pub query_per_second: u32,
+    pub query_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -417,6 +421,8 @@ impl Default for LimitsConfig {
             unauthenticated_lifetime: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_streams_per_connection: 16,
+            query_per_second: 10,
+            query_burst: 60,
         }
     }
 }
@@ -471,8 +477,8 @@ pub struct MetricsConfig {
 }
 
 /// Label names the series use themselves, and Prometheus' own.
-pub const SERIES_LABELS: [&str; 9] = [
-    "network", "node", "quantile", "kind", "reason", "role", "name", "instance", "job",
+pub const SERIES_LABELS: [&str; 10] = [
+    "network", "node", "quantile", "kind", "reason", "role", "name", "operator", "instance", "job",
 ];
 
 impl Default for MetricsConfig {
@@ -1005,6 +1011,11 @@ impl AggregatorConfig {
         ] {
             p.check(value >= 1, field, "must be at least 1");
         }
+        p.check(
+            l.query_per_second == 0 || l.query_burst >= 1,
+            "limits.query_burst",
+            "must be at least 1 while limits.query_per_second is set",
+        );
         p.positive("limits.handshake_timeout", l.handshake_timeout);
         p.positive(
             "limits.unauthenticated_lifetime",

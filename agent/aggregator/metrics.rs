@@ -37,6 +37,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperatorLabels {
+    operator: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     network: String,
     kind: String,
@@ -59,6 +64,7 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     missing: Family<NodeLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge>,
+    query_refused: Family<OperatorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +85,7 @@ impl Metrics {
         let agents_connected = Gauge::default();
         let (refused, missing) = (Family::default(), Family::default());
         let cert_expiry = Family::<CertLabels, Gauge>::default();
+        let query_refused = Family::<OperatorLabels, Counter>::default();
         let mut registry = Registry::with_prefix_and_labels(
             "outpost",
             labels
@@ -147,6 +154,11 @@ impl Metrics {
             "When each certificate in use stops being valid (Unix time): the aggregator's own, its CA, and every client's seen",
             cert_expiry.clone(),
         );
+        registry.register(
+            "query_refused",
+            "Query API calls refused over limits.query_per_second, by operator identity",
+            query_refused.clone(),
+        );
         Metrics {
             registry,
             head,
@@ -164,6 +176,7 @@ impl Metrics {
             refused,
             missing,
             cert_expiry,
+            query_refused,
         }
     }
 }
@@ -181,6 +194,15 @@ impl Metrics {
         self.refused
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A query call of `operator` refused over its rate limit.
+    pub fn query_refused(&self, operator: &str) {
+        self.query_refused
+            .get_or_create(&OperatorLabels {
+                operator: operator.into(),
             })
             .inc();
     }
@@ -323,6 +345,7 @@ mod tests {
         m.counted("n1", "devnet", 5, 1);
         m.connected(1);
         m.node_connected("devnet", "n1", true);
+        m.query_refused("alice");
         m.encode()
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -346,6 +369,7 @@ mod tests {
             "outpost_node_outbox_bytes",
             "outpost_node_outbox_quota_bytes",
             "outpost_certificate_expiry_timestamp_seconds",
+            "outpost_query_refused_total",
         ] {
             assert!(names.contains(want), "{want} missing from {names:?}");
         }

@@ -9,6 +9,7 @@ pub mod judge;
 pub mod listen;
 pub mod metrics;
 pub mod query;
+pub mod ratelimit;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -177,6 +178,18 @@ impl Aggregator {
             self.cfg.snapshot.dir_for(&self.cfg.data_dir),
             snapshot_cfg,
         ));
+        let (query_limits, query_metrics) = (
+            Arc::new(ratelimit::QueryLimits::new(&self.cfg.limits)),
+            metrics.clone(),
+        );
+        let idle = query_limits.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                idle.forget_idle();
+            }
+        });
         Server::builder()
             .max_concurrent_streams(Some(self.cfg.limits.max_streams_per_connection))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -189,8 +202,11 @@ impl Aggregator {
                 .max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES),
             )
             .add_service(tonic::service::interceptor::InterceptedService::new(
-                QueryServer::new(QueryService::new(self.store.clone(), live, fleet))
-                    .max_encoding_message_size(MAX_QUERY_ANSWER_BYTES),
+                QueryServer::new(
+                    QueryService::new(self.store.clone(), live, fleet)
+                        .limited(query_limits, query_metrics),
+                )
+                .max_encoding_message_size(MAX_QUERY_ANSWER_BYTES),
                 auth::operator_only,
             ))
             .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -12,6 +12,8 @@ use tonic::{Request, Response, Status};
 use super::auth::{self, AUDIT};
 use super::fleet::Fleet;
 use super::ingest::Live;
+use super::metrics::Metrics;
+use super::ratelimit::QueryLimits;
 use crate::proto::{
     query_server, EventsRequest, EventsResponse, Finding, FindingState, FleetRequest,
     FleetResponse, GetNodeRequest, HeadersRequest, HeadersResponse, ListFindingsRequest,
@@ -27,11 +29,41 @@ pub struct QueryService {
     store: CentralStore,
     live: Arc<Live>,
     fleet: Arc<Fleet>,
+    limits: Option<(Arc<QueryLimits>, Arc<Metrics>)>,
 }
 
 impl QueryService {
     pub fn new(store: CentralStore, live: Arc<Live>, fleet: Arc<Fleet>) -> Self {
-        QueryService { store, live, fleet }
+        QueryService {
+            store,
+            live,
+            fleet,
+            limits: None,
+        }
+    }
+
+    /// Limits each operator's calls (`limits.query_per_second`), counting
+    /// refusals in `metrics`.
+    pub fn limited(mut self, limits: Arc<QueryLimits>, metrics: Arc<Metrics>) -> Self {
+        self.limits = Some((limits, metrics));
+        self
+    }
+
+    /// Admits a call within its operator's rate limit and writes it to the
+    /// audit log; a refused one gets ResourceExhausted.
+    fn admit<T>(&self, req: &Request<T>, method: &str) -> Result<(), Status> {
+        let Ok(id) = auth::identity(req) else {
+            return Ok(());
+        };
+        if let (Some((limits, metrics)), crate::tls::Identity::Operator(name)) = (&self.limits, &id)
+        {
+            if let Err(refused) = limits.admit(name, method) {
+                metrics.query_refused(name);
+                return Err(refused);
+            }
+        }
+        tracing::info!(target: AUDIT, caller = %id, method, "query");
+        Ok(())
     }
 
     fn summary(&self, rec: &NodeRecord, open: &[Finding]) -> NodeSummary {
@@ -66,19 +98,13 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("aggregator store error: {e}"))
 }
 
-fn audit<T>(req: &Request<T>, method: &str) {
-    if let Ok(id) = auth::identity(req) {
-        tracing::info!(target: AUDIT, caller = %id, method, "query");
-    }
-}
-
 #[tonic::async_trait]
 impl query_server::Query for QueryService {
     async fn list_nodes(
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        audit(&req, "ListNodes");
+        self.admit(&req, "ListNodes")?;
         let mut nodes = Vec::new();
         for rec in self.store.nodes().map_err(internal)? {
             let open = self.open_findings(&rec.node_id)?;
@@ -88,7 +114,7 @@ impl query_server::Query for QueryService {
     }
 
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<NodeDetail>, Status> {
-        audit(&req, "GetNode");
+        self.admit(&req, "GetNode")?;
         let id = &req.get_ref().node_id;
         let rec = self
             .store
@@ -114,7 +140,7 @@ impl query_server::Query for QueryService {
         &self,
         req: Request<ListFindingsRequest>,
     ) -> Result<Response<ListFindingsResponse>, Status> {
-        audit(&req, "ListFindings");
+        self.admit(&req, "ListFindings")?;
         let q = req.into_inner();
         let nodes: Vec<String> = if q.node_id.is_empty() {
             let mut scopes: Vec<String> = self
@@ -153,7 +179,7 @@ impl query_server::Query for QueryService {
         &self,
         req: Request<HeadersRequest>,
     ) -> Result<Response<HeadersResponse>, Status> {
-        audit(&req, "Headers");
+        self.admit(&req, "Headers")?;
         let q = req.into_inner();
         if q.to_height < q.from_height {
             return Err(Status::invalid_argument("to_height is below from_height"));
@@ -174,7 +200,7 @@ impl query_server::Query for QueryService {
         &self,
         req: Request<EventsRequest>,
     ) -> Result<Response<EventsResponse>, Status> {
-        audit(&req, "Events");
+        self.admit(&req, "Events")?;
         let q = req.into_inner();
         let limit = if q.limit == 0 {
             1000
@@ -189,7 +215,7 @@ impl query_server::Query for QueryService {
     }
 
     async fn fleet(&self, req: Request<FleetRequest>) -> Result<Response<FleetResponse>, Status> {
-        audit(&req, "Fleet");
+        self.admit(&req, "Fleet")?;
         let networks = self
             .fleet
             .view(&req.get_ref().network, crate::model::now_unix_ms());
@@ -202,7 +228,7 @@ impl query_server::Query for QueryService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        audit(&req, "Watch");
+        self.admit(&req, "Watch")?;
         let network = req.into_inner().network;
         let stream =
             BroadcastStream::new(self.fleet.subscribe()).filter_map(move |item| match item {

@@ -19,6 +19,7 @@ mod mtls;
 mod network;
 mod prometheus;
 mod rpc_health;
+mod query_limits;
 mod rules;
 mod shards;
 mod snapshots;
