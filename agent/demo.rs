@@ -17,7 +17,7 @@ use crate::config::{
 };
 use crate::node::Agent;
 use crate::operator;
-use crate::proto::{ListFindingsRequest, ListNodesRequest};
+use crate::proto::{FleetRequest, ListFindingsRequest};
 use crate::tls::{self, Identity, PkiLayout, TlsFiles};
 
 const BLOCK_TIME: Duration = Duration::from_secs(1);
@@ -146,7 +146,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
     for (node, behaviour) in nodes {
         let sim = SimNode::start(behaviour, BLOCK_TIME).await?;
         agents.push(Agent::start(&agent_config(dir, node, &sim.url, &endpoint))?);
-        println!("{node}: simulated {behaviour:?} chain at {}", sim.url);
+        println!("{node}: {behaviour}, simulated at {}", sim.url);
         sims.push(sim);
     }
     println!(
@@ -195,12 +195,16 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
                 println!("  finding: {}", operator::finding_line(&nf.node_id, f));
             }
         }
-        let nodes = client
-            .list_nodes(ListNodesRequest {})
+        // The fleet view: each node against its network (diverged,
+        // lagging), with the open findings and whose fault they are.
+        let networks = client
+            .fleet(FleetRequest {
+                network: String::new(),
+            })
             .await?
             .into_inner()
-            .nodes;
-        println!("{}", operator::nodes_table(&nodes));
+            .networks;
+        print!("{}", operator::fleet_table(&networks));
     }
     for a in &agents {
         a.shutdown().await;

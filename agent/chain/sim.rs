@@ -26,6 +26,22 @@ pub enum Behaviour {
     Lag { factor: u32 },
 }
 
+impl std::fmt::Display for Behaviour {
+    /// What the chain does, in the words the demo prints.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Behaviour::Steady => write!(f, "a steady chain"),
+            Behaviour::Reorg { every, depth } => write!(
+                f,
+                "a chain that follows a side branch {depth} blocks deep every {every} blocks"
+            ),
+            Behaviour::Lag { factor } => {
+                write!(f, "a chain {factor} times slower than the others")
+            }
+        }
+    }
+}
+
 const GENESIS_TIME: u64 = 1_700_000_000;
 
 struct Block {
