@@ -21,7 +21,6 @@ mod network;
 mod prometheus;
 mod query_limits;
 mod rpc_health;
-mod query_limits;
 mod rules;
 mod shards;
 mod snapshots;
