@@ -500,6 +500,9 @@ pub enum AlertSinkKind {
     Slack,
     /// Prometheus Alertmanager: POST /api/v2/alerts under the given base URL.
     Alertmanager,
+    /// E-mail over SMTP: `smtp://host:587` with STARTTLS, or
+    /// `smtps://host:465` with TLS from the first byte; never in the clear.
+    Email,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -518,6 +521,19 @@ pub struct AlertSinkConfig {
     /// its pair keeps them.
     #[serde(with = "humantime_serde", default = "defaults::alert_resend")]
     pub resend: Duration,
+    /// `email` only: the sender, the recipients, the SMTP login (the
+    /// password is read from `password_file`, so it appears in no config),
+    /// and a CA to trust for the server besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -1077,8 +1093,57 @@ impl AggregatorConfig {
             );
         }
         for (i, sink) in self.alerts.iter().enumerate() {
-            if let Err(e) = http_url(&sink.url, &["http", "https"]) {
+            let email = sink.kind == AlertSinkKind::Email;
+            let schemes: &[&str] = if email {
+                &["smtp", "smtps"]
+            } else {
+                &["http", "https"]
+            };
+            if let Err(e) = http_url(&sink.url, schemes) {
                 p.check(false, &format!("alert[{i}].url"), e);
+            }
+            if email {
+                let from = sink.from.as_deref().unwrap_or("");
+                p.check(
+                    from.parse::<lettre::message::Mailbox>().is_ok(),
+                    &format!("alert[{i}].from"),
+                    format!(
+                        "{from:?} is not an e-mail address (\"Outpost <outpost@example.net>\")"
+                    ),
+                );
+                p.check(
+                    !sink.to.is_empty(),
+                    &format!("alert[{i}].to"),
+                    "an email sink needs at least one recipient",
+                );
+                for (j, to) in sink.to.iter().enumerate() {
+                    p.check(
+                        to.parse::<lettre::message::Mailbox>().is_ok(),
+                        &format!("alert[{i}].to[{j}]"),
+                        format!("{to:?} is not an e-mail address"),
+                    );
+                }
+                p.check(
+                    sink.username.is_some() == sink.password_file.is_some(),
+                    &format!("alert[{i}].password_file"),
+                    "username and password_file go together",
+                );
+                if let Some(f) = &sink.password_file {
+                    p.readable(&format!("alert[{i}].password_file"), f);
+                }
+                if let Some(f) = &sink.ca {
+                    p.readable(&format!("alert[{i}].ca"), f);
+                }
+            } else {
+                p.check(
+                    sink.from.is_none()
+                        && sink.to.is_empty()
+                        && sink.username.is_none()
+                        && sink.password_file.is_none()
+                        && sink.ca.is_none(),
+                    &format!("alert[{i}]"),
+                    "from, to, username, password_file and ca belong to kind email",
+                );
             }
             p.check(
                 sink.max_attempts >= 1,

@@ -49,6 +49,10 @@ wheel.extractall(sys.argv[2], wanted)
 PY
 fi
 
+log "aiosmtpd from PyPI, the SMTP server the e-mail alert test sends to"
+python3 -c "import aiosmtpd" 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check aiosmtpd==1.4.6
+
 log "cargo-deb and cargo-generate-rpm"
 command -v cargo-deb >/dev/null || cargo install --locked --quiet cargo-deb@3.8.0
 # A debug build installs in ~2.5 min instead of ~5 and costs ~35 s more

@@ -1,5 +1,5 @@
 //! Alert sinks: a generic JSON webhook, a Slack-compatible incoming webhook,
-//! and the Prometheus Alertmanager v2 API. Each alert is sent once when it
+//! the Prometheus Alertmanager v2 API, and e-mail. Each alert is sent once when it
 //! opens and once when it resolves; a failed delivery is retried with
 //! jittered exponential backoff, then logged as undeliverable. Alertmanager
 //! also gets every open alert again each `resend`, as Prometheus posts its
@@ -95,16 +95,22 @@ fn spawn_sinks(
     firing: &Firing,
 ) -> Vec<mpsc::UnboundedSender<NodeFinding>> {
     cfgs.iter()
-        .map(|cfg| {
+        .filter_map(|cfg| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let target = Target::of(cfg);
+            let target = match Target::of(cfg) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(sink = %cfg.url, "alert sink not started, its alerts are not sent: {e}");
+                    return None;
+                }
+            };
             tokio::spawn(deliver(cfg.clone(), target.clone(), rx));
             if cfg.kind == AlertSinkKind::Alertmanager {
                 // Ends with the sink: its queue's sender is dropped when a
                 // reload replaces it.
                 tokio::spawn(resend(cfg.clone(), target, firing.clone(), tx.downgrade()));
             }
-            tx
+            Some(tx)
         })
         .collect()
 }
@@ -117,7 +123,9 @@ async fn resend(
     firing: Firing,
     sink: mpsc::WeakUnboundedSender<NodeFinding>,
 ) {
-    let Target { http, url } = target;
+    let Target::Http { http, url } = target else {
+        return;
+    };
     // A quarter second after the fleet's evaluation of a wall second, in
     // every member of a pair alike: an alert one member resolved in that
     // evaluation, the other resolved too unless its reports came later.
@@ -164,26 +172,46 @@ async fn resend(
     }
 }
 
-/// Where one sink posts, and the client it posts with (its timeout).
+/// Where one sink sends: an HTTP endpoint with the client it posts with
+/// (its timeout), or an SMTP server.
 #[derive(Clone)]
-struct Target {
-    http: reqwest::Client,
-    url: String,
+enum Target {
+    Http { http: reqwest::Client, url: String },
+    Email(Arc<super::email::Mailer>),
 }
 
 impl Target {
-    fn of(cfg: &AlertSinkConfig) -> Target {
-        Target {
+    fn of(cfg: &AlertSinkConfig) -> Result<Target, String> {
+        let url = match cfg.kind {
+            AlertSinkKind::Email => {
+                return super::email::Mailer::new(cfg).map(|m| Target::Email(Arc::new(m)))
+            }
+            AlertSinkKind::Alertmanager => {
+                format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/'))
+            }
+            _ => cfg.url.clone(),
+        };
+        Ok(Target::Http {
             http: reqwest::Client::builder()
                 .timeout(cfg.timeout)
                 .build()
                 .unwrap_or_default(),
-            url: match cfg.kind {
-                AlertSinkKind::Alertmanager => {
-                    format!("{}/api/v2/alerts", cfg.url.trim_end_matches('/'))
+            url,
+        })
+    }
+
+    /// One attempt to deliver `nf`.
+    async fn send(&self, cfg: &AlertSinkConfig, nf: &NodeFinding) -> Result<(), String> {
+        match self {
+            Target::Http { http, url } => {
+                let body = payload(cfg, nf, crate::model::now_unix_ms());
+                match http.post(url).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("HTTP {}", r.status())),
+                    Err(e) => Err(crate::error_chain(&e)),
                 }
-                _ => cfg.url.clone(),
-            },
+            }
+            Target::Email(mailer) => mailer.send(nf).await,
         }
     }
 }
@@ -193,9 +221,7 @@ async fn deliver(
     target: Target,
     mut rx: mpsc::UnboundedReceiver<NodeFinding>,
 ) {
-    let Target { http, url } = target;
     while let Some(nf) = rx.recv().await {
-        let body = payload(&cfg, &nf, crate::model::now_unix_ms());
         let mut delays = ExponentialBuilder::default()
             .with_jitter()
             .with_min_delay(Duration::from_millis(200))
@@ -208,11 +234,8 @@ async fn deliver(
             .map(|f| f.id.clone())
             .unwrap_or_default();
         loop {
-            let result = http.post(&url).json(&body).send().await;
-            let error = match result {
-                Ok(r) if r.status().is_success() => break,
-                Ok(r) => format!("HTTP {}", r.status()),
-                Err(e) => crate::error_chain(&e),
+            let Err(error) = target.send(&cfg, &nf).await else {
+                break;
             };
             match delays.next() {
                 Some(d) => {
@@ -228,12 +251,12 @@ async fn deliver(
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn subject(nf: &NodeFinding, f: &Finding) -> String {
+pub(super) fn subject(nf: &NodeFinding, f: &Finding) -> String {
     if nf.node_id.is_empty() {
         format!("network {}", f.network)
     } else {
@@ -302,6 +325,8 @@ pub fn payload(cfg: &AlertSinkConfig, nf: &NodeFinding, now: i64) -> Value {
             })
         }
         AlertSinkKind::Alertmanager => json!([alertmanager_alert(nf, f, now, cfg.resend)]),
+        // Sent as a message (email.rs), not as a body.
+        AlertSinkKind::Email => Value::Null,
     }
 }
 
@@ -356,6 +381,11 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_attempts: 1,
             resend: Duration::from_secs(60),
+            from: None,
+            to: Vec::new(),
+            username: None,
+            password_file: None,
+            ca: None,
         }
     }
 

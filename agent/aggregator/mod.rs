@@ -3,6 +3,7 @@
 
 pub mod alert;
 pub mod auth;
+pub mod email;
 pub mod fleet;
 pub mod ingest;
 pub mod judge;

@@ -7,6 +7,7 @@ mod cometbft;
 mod delivery;
 mod demo;
 mod disk;
+mod email;
 mod fleet;
 mod fuzz_seeds;
 mod ha;
