@@ -146,6 +146,11 @@ impl Fleet {
         ));
     }
 
+    /// A node whose agent's stream was accepted, judged from now on.
+    pub fn know(&self, node: &str, network: &str, chain: &str) {
+        self.lock().know(node, network, chain);
+    }
+
     /// Takes in what one persisted batch of a node brought.
     /// A batch from `node`'s agent, which holds `pending` events after it.
     pub fn on_batch(

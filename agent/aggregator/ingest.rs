@@ -331,6 +331,8 @@ impl ingest_server::Ingest for IngestService {
             n.lock.clone()
         });
         self.metrics.connected(1);
+        // Silence is judged from here, before the first batch.
+        self.fleet.know(&node, &hello.network, &hello.chain);
         let ctx = StreamCtx {
             min_free: self.min_free,
             node,

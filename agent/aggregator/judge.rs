@@ -409,6 +409,14 @@ impl FleetState {
     }
 
     /// Takes in what one persisted batch of a node brought.
+    /// A node whose agent's stream was accepted: judged from now on
+    /// (silence first of all), also if it sends no batch before it dies.
+    pub fn know(&mut self, node: &str, network: &str, chain: &str) {
+        let view = self.nodes.entry(node.to_string()).or_default();
+        view.network = network.to_string();
+        view.chain = chain.to_string();
+    }
+
     pub fn on_batch(
         &mut self,
         node: &str,

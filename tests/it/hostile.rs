@@ -511,3 +511,57 @@ async fn a_seq_gap_is_a_finding_a_counter_and_a_figure_of_the_node() {
         "{metrics}"
     );
 }
+
+/// An agent that says Hello and dies before its first batch is still a
+/// node of the fleet: its silence opens agent-silent.
+#[tokio::test]
+async fn an_agent_gone_before_its_first_batch_is_silent() {
+    use outpost::proto::{agent_message, ingest_client::IngestClient, AgentMessage, Hello};
+    use tokio_stream::StreamExt as _;
+    let world = World::new();
+    let agg = Aggregator::start_with(&world, "[fleet]\nsilent_after = \"2s\"\n").await;
+    world.issue(&outpost::tls::Identity::Agent("ghost".into()));
+    let pki = world.pki();
+    let tls = outpost::tls::TlsFiles {
+        ca: pki.ca_cert(),
+        cert: pki.cert("agent-ghost"),
+        key: pki.key("agent-ghost"),
+        crl: None,
+    }
+    .client_config("localhost")
+    .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agg.port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let hello = AgentMessage {
+        body: Some(agent_message::Body::Hello(Hello {
+            node_id: "ghost".into(),
+            network: "devnet".into(),
+            chain: "ethereum".into(),
+            instance_id: "one".into(),
+            ..Default::default()
+        })),
+    };
+    let mut inbound = IngestClient::new(ch)
+        .report(tokio_stream::iter(vec![hello]).chain(tokio_stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.message().await.unwrap();
+    drop(inbound);
+    let q = world.query(&agg).await;
+    let logs = [agg.log.as_path()];
+    let f = wait_finding(
+        &q,
+        "ghost",
+        FindingKind::AgentSilent,
+        FindingState::Open,
+        &logs,
+    )
+    .await;
+    assert_eq!(f.network, "devnet");
+}

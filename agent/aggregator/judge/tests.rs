@@ -1154,3 +1154,22 @@ fn a_divergence_that_ended_while_the_aggregator_was_down_resolves_after_it() {
         );
     }
 }
+
+#[test]
+fn an_agent_that_connects_and_dies_before_its_first_batch_is_silent() {
+    let cfg = FleetConfig {
+        silent_after: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let start = 1_700_000_000_000;
+    let mut st = FleetState::new(start);
+    st.know("node-1", "devnet", "ethereum");
+    let mut emits = Vec::new();
+    for t in (1_000..=4_000).step_by(1000) {
+        emits.extend(st.evaluate(start + t, &cfg, &SeenAt(start)).emits);
+    }
+    assert_eq!(emits.len(), 1, "{emits:#?}");
+    assert_eq!(emits[0].finding.kind(), FindingKind::AgentSilent);
+    assert_eq!(emits[0].scope, "node-1");
+    assert_eq!(emits[0].finding.network, "devnet");
+}
