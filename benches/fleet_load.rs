@@ -19,7 +19,9 @@
 //! agents are spread over, 1 by default; OUTPOST_LOAD_REPORT_MS the time
 //! between one agent's reports, 1000 by default). Per agent: the aggregator's RSS
 //! above its idle RSS, over the agents; per report: its CPU time over the
-//! reports acknowledged.
+//! reports acknowledged; per evaluation: the mean time of the fleet's
+//! once-a-second evaluation in the measuring time, from the aggregator's
+//! `outpost_fleet_evaluation_duration_seconds`.
 //!
 //! The aggregator's config lifts `limits.max_connections` from its default
 //! 16,384 to 19,500, just under this machine's 20,000 open files a process,
@@ -259,6 +261,25 @@ fn proc_stat(pid: u32) -> (u64, u64) {
     (rss_kb, ticks)
 }
 
+/// The sum (seconds) and count of the aggregator's fleet evaluations so
+/// far, from its /metrics.
+fn evaluations(port: u16) -> (f64, f64) {
+    let mut text = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let _ = std::io::Read::read_to_string(&mut s, &mut text);
+    }
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("outpost_fleet_evaluation_duration_seconds_sum"),
+        value("outpost_fleet_evaluation_duration_seconds_count"),
+    )
+}
+
 struct Aggregator(Child);
 
 impl Drop for Aggregator {
@@ -455,11 +476,16 @@ fn run(binary: &std::path::Path, steps: &[usize], seconds: u64, procs: usize) {
         .local_addr()
         .unwrap()
         .port();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.path().join("aggregator.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[metrics]\nenabled = false\n[fleet]\nsilent_after = \"60s\"\nmax_networks = 128\n[limits]\nmax_connections = 19500\n[log]\nlevel = \"warn\"\n",
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[fleet]\nsilent_after = \"60s\"\nmax_networks = 128\n[limits]\nmax_connections = 19500\n[log]\nlevel = \"warn\"\n",
             dir.path().join("data").display(),
             pki.ca_cert().display(),
             pki.cert("aggregator").display(),
@@ -498,8 +524,8 @@ fn run(binary: &std::path::Path, steps: &[usize], seconds: u64, procs: usize) {
             b => b.to_string(),
         }
     );
-    println!("| agents | connected | reports/s | p50 ms | p99 ms | max ms | aggregator RSS MiB | aggregator CPU % | KiB per agent | CPU µs per report | load CPU % |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| agents | connected | reports/s | p50 ms | p99 ms | max ms | aggregator RSS MiB | aggregator CPU % | KiB per agent | CPU µs per report | load CPU % | evaluation ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut started = 0;
     for &n in steps {
         // The new agents, in one contiguous range per load process.
@@ -520,6 +546,7 @@ fn run(binary: &std::path::Path, steps: &[usize], seconds: u64, procs: usize) {
             |load: &[LoadProcess]| -> u64 { load.iter().map(|p| proc_stat(p.child.id()).1).sum() };
         let (_, cpu0) = proc_stat(pid);
         let load0 = cpu(&load);
+        let eval0 = evaluations(metrics_port);
         for p in &mut load {
             p.send(&format!("measure {seconds}"));
         }
@@ -536,11 +563,12 @@ fn run(binary: &std::path::Path, steps: &[usize], seconds: u64, procs: usize) {
         }
         let (rss_kb, cpu1) = proc_stat(pid);
         let load1 = cpu(&load);
+        let eval1 = evaluations(metrics_port);
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let clk = 100.0;
         let cpu_s = (cpu1 - cpu0) as f64 / clk;
         println!(
-            "| {n} | {connected} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} |",
+            "| {n} | {connected} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.1} |",
             reports as f64 / seconds as f64,
             ms(0.5),
             ms(0.99),
@@ -550,6 +578,7 @@ fn run(binary: &std::path::Path, steps: &[usize], seconds: u64, procs: usize) {
             rss_kb.saturating_sub(idle_rss_kb) as f64 / n as f64,
             cpu_s * 1e6 / reports.max(1) as f64,
             (load1 - load0) as f64 / clk / seconds as f64 * 100.0,
+            (eval1.0 - eval0.0) * 1000.0 / (eval1.1 - eval0.1).max(1.0),
         );
         if failed > 0 {
             println!("({failed} agents failed to connect or lost their stream)");

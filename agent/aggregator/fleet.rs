@@ -180,6 +180,7 @@ impl Fleet {
 
     /// Re-judges every network; called every second.
     pub fn evaluate(&self, now: i64) {
+        let started = std::time::Instant::now();
         let cfg = self.cfg();
         let ev = self.lock().evaluate(now, &cfg, self.live.as_ref());
         if let Some(ms) = ev.paused_ms {
@@ -195,14 +196,23 @@ impl Fleet {
         for e in ev.emits {
             self.emit(e);
         }
-        let st = self.lock();
-        let (heads, open) = st.gauges();
-        for (net, node, h) in heads {
-            self.metrics.head(net, node, h);
+        // Copied out, so that batches need not wait for the metrics.
+        let (heads, open) = {
+            let st = self.lock();
+            let (heads, open) = st.gauges();
+            let heads: Vec<(String, String, u64)> = heads
+                .into_iter()
+                .map(|(net, node, h)| (net.to_string(), node.to_string(), h))
+                .collect();
+            (heads, open)
+        };
+        for (net, node, h) in &heads {
+            self.metrics.head(net, node, *h);
             self.metrics
                 .node_connected(net, node, self.live.connected(node));
         }
         self.metrics.findings_open(&open);
+        self.metrics.evaluation(started.elapsed());
     }
 
     /// Per network: fleet head, each node's height, lag and agreement.
@@ -222,7 +232,11 @@ impl Fleet {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.evaluate(now_unix_ms());
+            // It walks every node (tens of milliseconds for thousands): on a
+            // blocking thread, so that the streams served by this worker
+            // thread do not wait for it.
+            let fleet = self.clone();
+            let _ = tokio::task::spawn_blocking(move || fleet.evaluate(now_unix_ms())).await;
         }
     }
 

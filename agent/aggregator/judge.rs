@@ -57,6 +57,23 @@ pub trait Sightings {
     fn cert_not_after(&self, node: &str) -> Option<i64>;
 }
 
+/// Every agent last seen at this time (Unix ms); none refused; no
+/// certificate runs out: the sightings for trying the rules alone, in
+/// tests and benchmarks.
+pub struct SeenAt(pub i64);
+
+impl Sightings for SeenAt {
+    fn last_seen_ms(&self, _: &str) -> i64 {
+        self.0
+    }
+    fn last_refusal(&self, _: &str) -> Option<Refusal> {
+        None
+    }
+    fn cert_not_after(&self, _: &str) -> Option<i64> {
+        None
+    }
+}
+
 /// One finding to store and broadcast, and whether to alert on it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Emit {

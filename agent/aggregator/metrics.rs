@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::proto::NodeStatus;
@@ -65,6 +66,7 @@ pub struct Metrics {
     missing: Family<NodeLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge>,
     query_refused: Family<OperatorLabels, Counter>,
+    evaluation: Histogram,
 }
 
 impl Default for Metrics {
@@ -86,6 +88,8 @@ impl Metrics {
         let (refused, missing) = (Family::default(), Family::default());
         let cert_expiry = Family::<CertLabels, Gauge>::default();
         let query_refused = Family::<OperatorLabels, Counter>::default();
+        // 0.1 ms to about 3 s.
+        let evaluation = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
         let mut registry = Registry::with_prefix_and_labels(
             "outpost",
             labels
@@ -159,6 +163,11 @@ impl Metrics {
             "Query API calls refused over limits.query_per_second, by operator identity",
             query_refused.clone(),
         );
+        registry.register(
+            "fleet_evaluation_duration_seconds",
+            "The fleet's once-a-second evaluation (silence, lag, divergence of every node); ingest waits for it",
+            evaluation.clone(),
+        );
         Metrics {
             registry,
             head,
@@ -177,6 +186,7 @@ impl Metrics {
             missing,
             cert_expiry,
             query_refused,
+            evaluation,
         }
     }
 }
@@ -196,6 +206,11 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// One evaluation of the fleet took `took`.
+    pub fn evaluation(&self, took: std::time::Duration) {
+        self.evaluation.observe(took.as_secs_f64());
     }
 
     /// A query call of `operator` refused over its rate limit.
@@ -346,6 +361,7 @@ mod tests {
         m.connected(1);
         m.node_connected("devnet", "n1", true);
         m.query_refused("alice");
+        m.evaluation(std::time::Duration::from_millis(3));
         m.encode()
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -370,6 +386,7 @@ mod tests {
             "outpost_node_outbox_quota_bytes",
             "outpost_certificate_expiry_timestamp_seconds",
             "outpost_query_refused_total",
+            "outpost_fleet_evaluation_duration_seconds_sum",
         ] {
             assert!(names.contains(want), "{want} missing from {names:?}");
         }

@@ -8,22 +8,6 @@ use std::time::Duration;
 
 const NET: &str = "devnet";
 
-/// Every agent last seen at this time (Unix ms); none refused; no
-/// certificate runs out.
-struct SeenAt(i64);
-
-impl Sightings for SeenAt {
-    fn last_seen_ms(&self, _: &str) -> i64 {
-        self.0
-    }
-    fn last_refusal(&self, _: &str) -> Option<Refusal> {
-        None
-    }
-    fn cert_not_after(&self, _: &str) -> Option<i64> {
-        None
-    }
-}
-
 fn hash(branch: u8, height: u64) -> Vec<u8> {
     let mut v = vec![branch; 24];
     v.extend_from_slice(&height.to_be_bytes());
