@@ -1382,6 +1382,7 @@ mod packaged_examples {
         assert_eq!(cfg.validate, ValidateConfig::default());
         assert_eq!(cfg.store, AgentStoreConfig::default());
         assert_eq!(cfg.log, LogConfig::default());
+        assert_eq!(cfg.metrics, AgentMetricsConfig::default());
         assert_eq!(cfg.network, defaults::network());
         assert_eq!(cfg.data_dir, defaults::agent_data_dir());
         let s = &cfg.source;
@@ -1408,6 +1409,7 @@ mod packaged_examples {
         assert_eq!(cfg.store, AggregatorStoreConfig::default());
         assert_eq!(cfg.fleet, FleetConfig::default());
         assert_eq!(cfg.metrics, MetricsConfig::default());
+        assert_eq!(cfg.limits, LimitsConfig::default());
         assert_eq!(cfg.log, LogConfig::default());
     }
 }
