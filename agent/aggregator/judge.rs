@@ -425,15 +425,13 @@ impl FleetState {
         *count = (*count).max(n);
     }
 
-    /// Takes in what one persisted batch of a node brought.
     /// A node whose agent's stream was accepted: judged from now on
     /// (silence first of all), also if it sends no batch before it dies.
     pub fn know(&mut self, node: &str, network: &str, chain: &str) {
-        let view = self.nodes.entry(node.to_string()).or_default();
-        view.network = network.to_string();
-        view.chain = chain.to_string();
+        view_of(&mut self.nodes, node, network, chain);
     }
 
+    /// Takes in what one persisted batch of a node brought.
     pub fn on_batch(
         &mut self,
         node: &str,
@@ -455,9 +453,7 @@ impl FleetState {
             Vec::new()
         };
         let pool = self.hashes.entry(network.to_string()).or_default();
-        let view = self.nodes.entry(node.to_string()).or_default();
-        view.network = network.to_string();
-        view.chain = chain.to_string();
+        let view = view_of(&mut self.nodes, node, network, chain);
         for e in events {
             match &e.kind {
                 Some(Kind::Header(h)) => {
@@ -1243,6 +1239,19 @@ fn resolved(scope: &str, mut f: Finding, now: i64, alert: bool) -> Emit {
         finding: f,
         alert,
     }
+}
+
+/// `node`'s view, made if it is new, in `network` of `chain`.
+fn view_of<'a>(
+    nodes: &'a mut BTreeMap<String, NodeView>,
+    node: &str,
+    network: &str,
+    chain: &str,
+) -> &'a mut NodeView {
+    let view = nodes.entry(node.to_string()).or_default();
+    view.network = network.to_string();
+    view.chain = chain.to_string();
+    view
 }
 
 /// `hash` at `height`, as the copy `pool` holds when it is the same hash.
