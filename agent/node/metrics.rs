@@ -266,6 +266,19 @@ mod tests {
         }
     }
 
+    /// A store with room, an empty outbox of quota 100, every actor up.
+    fn healthy(deliveries: &[Delivery]) -> Readiness<'_> {
+        Readiness {
+            store: Ok(()),
+            free_bytes: Some(1 << 30),
+            min_free_bytes: 16 << 20,
+            deliveries,
+            outbox_bytes: 0,
+            quota_bytes: 100,
+            actors: true,
+        }
+    }
+
     fn ready(r: &Readiness<'_>) -> (bool, Vec<Check>) {
         let c = checks(r);
         (c.iter().all(|c| c.ok), c)
@@ -278,13 +291,8 @@ mod tests {
             delivery("https://b", 3, false),
         ];
         let base = Readiness {
-            store: Ok(()),
-            free_bytes: Some(1 << 30),
-            min_free_bytes: 16 << 20,
-            deliveries: &both,
             outbox_bytes: 10,
-            quota_bytes: 100,
-            actors: true,
+            ..healthy(&both)
         };
         let (ok, c) = ready(&base);
         assert!(ok, "{c:?}");
@@ -310,15 +318,7 @@ mod tests {
     #[test]
     fn not_ready_when_the_store_or_an_actor_fails() {
         let up = [delivery("https://a", 9, true)];
-        let base = Readiness {
-            store: Ok(()),
-            free_bytes: Some(1 << 30),
-            min_free_bytes: 16 << 20,
-            deliveries: &up,
-            outbox_bytes: 0,
-            quota_bytes: 100,
-            actors: true,
-        };
+        let base = healthy(&up);
         let (ok, c) = ready(&Readiness {
             free_bytes: Some(1 << 20),
             ..base.clone()

@@ -187,6 +187,32 @@ impl World {
     }
 }
 
+/// Client TLS with the certificate `stem` of `pki`, for the aggregator's
+/// name in the tests' certificates.
+pub fn client_tls(pki: &PkiLayout, stem: &str) -> tonic::transport::ClientTlsConfig {
+    tls::TlsFiles {
+        ca: pki.ca_cert(),
+        cert: pki.cert(stem),
+        key: pki.key(stem),
+        crl: None,
+    }
+    .client_config("localhost")
+    .unwrap()
+}
+
+/// A channel to `agg` with the certificate of agent `node` (issued unless
+/// it was), for tests that speak the ingest protocol themselves.
+pub async fn agent_channel(world: &World, agg: &Aggregator, node: &str) -> Channel {
+    world.issue(&Identity::Agent(node.into()));
+    tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agg.port))
+        .unwrap()
+        .tls_config(client_tls(&world.pki(), &format!("agent-{node}")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 pub struct Anvil {
     pub port: u16,
     child: Option<Child>,

@@ -42,6 +42,22 @@ async fn the_aggregator_says_it_is_alive_and_ready_with_one_line_per_check() {
     assert_eq!(code, 404);
 }
 
+/// An agent of `anvil` whose `[metrics] listen` is on `port`.
+fn agent_listening_on(world: &World, agg: &Aggregator, anvil: &Anvil, port: u16) -> Agent {
+    let tables: &'static str =
+        Box::leak(format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n").into_boxed_str());
+    Agent::start(
+        world,
+        "n1",
+        &anvil.url(),
+        agg,
+        AgentOptions {
+            extra_tables: tables,
+            ..Default::default()
+        },
+    )
+}
+
 /// The agent's `[metrics] listen`: its own series and readiness, connected
 /// and then buffering with its aggregator gone.
 #[tokio::test]
@@ -51,18 +67,7 @@ async fn the_agent_serves_its_metrics_and_stays_ready_while_buffering() {
     let anvil = Anvil::start(&world, "anvil").await;
     anvil.mine(3).await;
     let port = free_port();
-    let tables: &'static str =
-        Box::leak(format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n").into_boxed_str());
-    let agent = Agent::start(
-        &world,
-        "n1",
-        &anvil.url(),
-        &agg,
-        AgentOptions {
-            extra_tables: tables,
-            ..Default::default()
-        },
-    );
+    let agent = agent_listening_on(&world, &agg, &anvil, port);
     let get = |path: &'static str| async move {
         let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
             .await
@@ -147,18 +152,7 @@ async fn the_agent_refuses_to_start_on_a_taken_metrics_port() {
     let anvil = Anvil::start(&world, "anvil").await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let tables: &'static str =
-        Box::leak(format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n").into_boxed_str());
-    let mut agent = Agent::start(
-        &world,
-        "n1",
-        &anvil.url(),
-        &agg,
-        AgentOptions {
-            extra_tables: tables,
-            ..Default::default()
-        },
-    );
+    let mut agent = agent_listening_on(&world, &agg, &anvil, port);
     let log = agent.log.clone();
     let status = wait_for(
         "the agent to exit",

@@ -336,15 +336,7 @@ async fn messages_that_would_decode_to_gigabytes_are_refused_before_decoding() {
     let before = agg.rss_bytes();
 
     world.issue(&outpost::tls::Identity::Agent("bulk".into()));
-    let pki = world.pki();
-    let tls = outpost::tls::TlsFiles {
-        ca: pki.ca_cert(),
-        cert: pki.cert("agent-bulk"),
-        key: pki.key("agent-bulk"),
-        crl: None,
-    }
-    .client_config("localhost")
-    .unwrap();
+    let tls = crate::harness::client_tls(&world.pki(), "agent-bulk");
     let attack = |body: AgentMessage| {
         let tls = tls.clone();
         let port = agg.port;
@@ -434,23 +426,7 @@ async fn a_seq_gap_is_a_finding_a_counter_and_a_figure_of_the_node() {
     use tokio_stream::StreamExt as _;
     let world = World::new();
     let agg = Aggregator::start(&world).await;
-    world.issue(&outpost::tls::Identity::Agent("gappy".into()));
-    let pki = world.pki();
-    let tls = outpost::tls::TlsFiles {
-        ca: pki.ca_cert(),
-        cert: pki.cert("agent-gappy"),
-        key: pki.key("agent-gappy"),
-        crl: None,
-    }
-    .client_config("localhost")
-    .unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agg.port))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = crate::harness::agent_channel(&world, &agg, "gappy").await;
     let header = |seq: u64| Event {
         seq,
         kind: Some(outpost::proto::event::Kind::Header(
@@ -520,23 +496,7 @@ async fn an_agent_gone_before_its_first_batch_is_silent() {
     use tokio_stream::StreamExt as _;
     let world = World::new();
     let agg = Aggregator::start_with(&world, "[fleet]\nsilent_after = \"2s\"\n").await;
-    world.issue(&outpost::tls::Identity::Agent("ghost".into()));
-    let pki = world.pki();
-    let tls = outpost::tls::TlsFiles {
-        ca: pki.ca_cert(),
-        cert: pki.cert("agent-ghost"),
-        key: pki.key("agent-ghost"),
-        crl: None,
-    }
-    .client_config("localhost")
-    .unwrap();
-    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", agg.port))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let ch = crate::harness::agent_channel(&world, &agg, "ghost").await;
     let hello = AgentMessage {
         body: Some(agent_message::Body::Hello(Hello {
             node_id: "ghost".into(),

@@ -10,7 +10,7 @@ use outpost::tls::{self, Identity, PkiLayout, TlsFiles};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
-use crate::harness::{Aggregator, World};
+use crate::harness::{client_tls, Aggregator, World};
 
 async fn channel(
     agg: &Aggregator,
@@ -25,17 +25,6 @@ async fn channel(
         ep = ep.tls_config(tls).unwrap();
     }
     ep.connect().await
-}
-
-fn client_tls(pki: &PkiLayout, stem: &str) -> ClientTlsConfig {
-    TlsFiles {
-        ca: pki.ca_cert(),
-        cert: pki.cert(stem),
-        key: pki.key(stem),
-        crl: None,
-    }
-    .client_config("localhost")
-    .unwrap()
 }
 
 async fn list_nodes(ch: Channel) -> Result<(), tonic::Status> {
