@@ -85,9 +85,11 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
         ("node-1", Behaviour::Steady),
         (
             "node-2",
+            // Eight blocks on the side branch keep the divergence open past
+            // its grace and a few of the three-second frames below.
             Behaviour::Reorg {
-                every: 12,
-                depth: 4,
+                every: 16,
+                depth: 8,
             },
         ),
         ("node-3", Behaviour::Lag { factor: 3 }),

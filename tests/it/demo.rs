@@ -13,7 +13,7 @@ fn the_demo_shows_the_fleet_view_in_plain_words() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("node-2: a chain that follows a side branch 4 blocks deep every 12 blocks"),
+        text.contains("node-2: a chain that follows a side branch 8 blocks deep every 16 blocks"),
         "{text}"
     );
     assert!(
