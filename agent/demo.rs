@@ -121,8 +121,9 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
             reference_nodes: vec!["node-1".into()],
             ..Default::default()
         },
+        // The fleet page and /metrics, on a free loopback port.
         metrics: MetricsConfig {
-            enabled: false,
+            listen: "127.0.0.1:0".parse()?,
             ..Default::default()
         },
         alerts: Vec::new(),
@@ -131,6 +132,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
     })
     .await?;
     let endpoint = format!("https://{}", agg.local_addr()?);
+    let page = agg.metrics_addr().map(|a| format!("http://{a}/"));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     actix::spawn(async move {
         if let Err(e) = agg
@@ -155,6 +157,9 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<()> {
         "aggregator at {endpoint}; data and certificates in {}",
         dir.display()
     );
+    if let Some(page) = &page {
+        println!("live fleet page at {page}");
+    }
     println!("press Ctrl-C to stop\n");
 
     let conn = Connection {

@@ -2,14 +2,16 @@
 //! aggregator and the agent alike. `/healthz`: the process answers;
 //! `/readyz`: whether it can do its job now, as JSON with one line per
 //! check, so that a person reading `curl` output and a probe parsing it both
-//! get what failed.
+//! get what failed. A listener may serve further pages beside them (the
+//! aggregator's fleet page).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -68,6 +70,18 @@ pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 pub type ReadyChecks =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<Check>> + Send>> + Send + Sync>;
 
+/// A response body: whole, or streamed (server-sent events).
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A whole body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// Further pages: the response for a path, or `None` when it has none.
+pub type Pages =
+    Arc<dyn Fn(&str) -> Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>> + Send + Sync>;
+
 /// Readiness checks that need no waiting.
 pub fn ready_now(checks: impl Fn() -> Vec<Check> + Send + Sync + 'static) -> ReadyChecks {
     let checks = Arc::new(checks);
@@ -77,39 +91,53 @@ pub fn ready_now(checks: impl Fn() -> Vec<Check> + Send + Sync + 'static) -> Rea
     })
 }
 
-/// Serves `GET /metrics`, `/healthz` and `/readyz` until the process ends.
-pub async fn serve(listener: TcpListener, metrics: MetricsText, ready: ReadyChecks) {
+/// Serves `GET /metrics`, `/healthz`, `/readyz` and `pages` until the
+/// process ends.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: MetricsText,
+    ready: ReadyChecks,
+    pages: Option<Pages>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, ready, pages) = (metrics.clone(), ready.clone(), pages.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (metrics, ready) = (metrics.clone(), ready.clone());
+                let (metrics, ready, pages) = (metrics.clone(), ready.clone(), pages.clone());
                 async move {
                     let health = |(code, body): (u16, String)| {
                         Response::builder()
                             .status(code)
                             .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body)))
+                            .body(full(body))
                     };
-                    let resp = match req.uri().path() {
+                    let path = req.uri().path();
+                    let resp = match path {
                         "/metrics" => Response::builder()
                             .header(
                                 "content-type",
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
-                            .body(Full::new(Bytes::from(metrics()))),
+                            .body(full(metrics())),
                         "/healthz" => health(alive()),
                         "/readyz" => health(self::ready(&ready().await)),
-                        _ => Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(
-                                b"see /metrics, /healthz or /readyz\n",
-                            ))),
+                        _ => match pages.as_ref().and_then(|p| p(path)) {
+                            Some(page) => Ok(page.await),
+                            None => {
+                                Response::builder()
+                                    .status(404)
+                                    .body(full(if pages.is_some() {
+                                        "see /, /metrics, /healthz or /readyz\n"
+                                    } else {
+                                        "see /metrics, /healthz or /readyz\n"
+                                    }))
+                            }
+                        },
                     };
-                    Ok::<_, Infallible>(resp.unwrap_or_default())
+                    Ok::<_, Infallible>(resp.unwrap_or_else(|_| Response::new(full(""))))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -31,6 +31,13 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -
         podman runc debootstrap lintian rpm iproute2 netavark aardvark-dns iptables >/dev/null
 fi
 
+log "chromium, the headless browser of the fleet page test"
+if [ ! -x /usr/bin/chromium ]; then
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+        chromium fonts-dejavu-core >/dev/null
+fi
+
 log "ansible-core and ansible-lint from PyPI, the containers.podman collection"
 if ! command -v ansible-playbook >/dev/null || ! command -v ansible-lint >/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check ansible-core==2.19.14 ansible-lint==26.10.1

@@ -9,6 +9,7 @@ pub mod ingest;
 pub mod judge;
 pub mod listen;
 pub mod metrics;
+pub mod page;
 pub mod query;
 pub mod ratelimit;
 
@@ -160,10 +161,12 @@ impl Aggregator {
             let ready =
                 crate::health::ready_now(move || vec![store.check(min_free), listener.check()]);
             let text = metrics.clone();
+            let page = page::Feed::start(fleet.clone());
             tokio::spawn(crate::health::serve(
                 l,
                 Arc::new(move || text.encode()),
                 ready,
+                Some(page.pages()),
             ));
         }
         let reflection = tonic_reflection::server::Builder::configure()

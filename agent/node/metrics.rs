@@ -251,7 +251,7 @@ pub async fn serve(
             })
         })
     });
-    crate::health::serve(listener, text, ready).await;
+    crate::health::serve(listener, text, ready, None).await;
 }
 
 #[cfg(test)]

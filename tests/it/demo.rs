@@ -20,6 +20,11 @@ fn the_demo_shows_the_fleet_view_in_plain_words() {
         text.contains("node-3: a chain 3 times slower than the others"),
         "{text}"
     );
+    let page = text
+        .lines()
+        .find_map(|l| l.strip_prefix("live fleet page at "))
+        .unwrap_or_else(|| panic!("the demo names its fleet page:\n{text}"));
+    assert!(page.starts_with("http://127.0.0.1:"), "{page}");
     assert!(
         !text.contains("Reorg {") && !text.contains("Lag {"),
         "{text}"

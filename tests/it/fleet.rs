@@ -115,7 +115,7 @@ impl Fleet {
     }
 }
 
-fn fast() -> AgentOptions {
+pub fn fast() -> AgentOptions {
     AgentOptions {
         block_time: "60s",
         ..Default::default()

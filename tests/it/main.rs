@@ -3,6 +3,7 @@
 mod algorand;
 mod bad_input;
 mod bitcoin;
+mod browser;
 mod cometbft;
 mod delivery;
 mod demo;
@@ -19,6 +20,7 @@ mod journal;
 mod levels;
 mod mtls;
 mod network;
+mod page;
 mod prometheus;
 mod query_limits;
 mod rpc_health;
