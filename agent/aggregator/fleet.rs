@@ -196,20 +196,25 @@ impl Fleet {
         for e in ev.emits {
             self.emit(e);
         }
-        // Copied out, so that batches need not wait for the metrics.
-        let (heads, open) = {
+        // The nodes whose gauges changed, copied out, so that batches need
+        // not wait for the metrics.
+        let (changed, open) = {
             let st = self.lock();
             let (heads, open) = st.gauges();
-            let heads: Vec<(String, String, u64)> = heads
+            let changed: Vec<(String, String, u64, bool)> = heads
                 .into_iter()
-                .map(|(net, node, h)| (net.to_string(), node.to_string(), h))
+                .filter_map(|(net, node, h)| {
+                    let connected = self.live.connected(node);
+                    self.metrics
+                        .node_changed(net, node, h, connected)
+                        .then(|| (net.to_string(), node.to_string(), h, connected))
+                })
                 .collect();
-            (heads, open)
+            (changed, open)
         };
-        for (net, node, h) in &heads {
+        for (net, node, h, connected) in &changed {
             self.metrics.head(net, node, *h);
-            self.metrics
-                .node_connected(net, node, self.live.connected(node));
+            self.metrics.node_connected(net, node, *connected);
         }
         self.metrics.findings_open(&open);
         self.metrics.evaluation(started.elapsed());

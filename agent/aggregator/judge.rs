@@ -83,11 +83,12 @@ pub struct Emit {
     pub alert: bool,
 }
 
-/// What one evaluation decided, with the lag of each node for the metrics.
+/// What one evaluation decided, with the lags that changed for the metrics.
 #[derive(Debug, Default)]
 pub struct Evaluation {
     pub emits: Vec<Emit>,
-    /// (network, node, blocks behind the fleet head)
+    /// (network, node, blocks behind the fleet head) of each node whose
+    /// lag differs from the one the last evaluation found.
     pub lags: Vec<(String, String, u64)>,
     /// The aggregator itself did not run for this long before this
     /// evaluation: the agents' silence over it is not theirs.
@@ -146,6 +147,9 @@ struct NodeView {
     /// down), and its height is not yet the node's. Not judged for lag.
     /// Also true for a node loaded from the store until its agent reports.
     replaying: bool,
+    /// Blocks behind its network's head at the last evaluation that judged
+    /// it, so that `lags` names only the nodes whose lag changed.
+    judged_lag: Option<u64>,
 }
 
 impl NodeView {
@@ -773,6 +777,11 @@ impl FleetState {
                 continue;
             };
             let behind = top.saturating_sub(height);
+            let judged = &mut self.nodes.get_mut(node).expect("a member").judged_lag;
+            if *judged != Some(behind) {
+                *judged = Some(behind);
+                ev.lags.push((net.to_string(), node.clone(), behind));
+            }
             let next_reached = self
                 .reached
                 .get(net)
@@ -781,7 +790,6 @@ impl FleetState {
             let late_ms = next_reached.map_or(0, |t| now - t);
             let lagging = behind > cfg.lag_blocks
                 || (behind > 0 && late_ms > cfg.lag_after.as_millis() as i64);
-            ev.lags.push((net.to_string(), node.clone(), behind));
             if lagging && !self.open.contains_key(&key) {
                 let mut f = new_finding(
                     FindingKind::Lag,

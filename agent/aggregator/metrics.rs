@@ -1,6 +1,6 @@
 //! Prometheus `/metrics` for the aggregator, with prometheus-client.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
@@ -67,6 +67,19 @@ pub struct Metrics {
     cert_expiry: Family<CertLabels, Gauge>,
     query_refused: Family<OperatorLabels, Counter>,
     evaluation: Histogram,
+    /// What each node's per-second gauges were last set to: an evaluation
+    /// writes only those that changed (at thousands of nodes, setting
+    /// every series each second cost half as much again as judging them).
+    shown: Mutex<HashMap<String, Shown>>,
+}
+
+/// A node's gauges as last set.
+#[derive(Default)]
+struct Shown {
+    network: String,
+    head: Option<u64>,
+    lag: Option<u64>,
+    connected: Option<bool>,
 }
 
 impl Default for Metrics {
@@ -187,6 +200,7 @@ impl Metrics {
             cert_expiry,
             query_refused,
             evaluation,
+            shown: Mutex::default(),
         }
     }
 }
@@ -239,15 +253,55 @@ impl Metrics {
     }
 
     pub fn head(&self, network: &str, node: &str, height: u64) {
-        self.head
-            .get_or_create(&labels(network, node))
-            .set(height as i64);
+        if self.show(network, node, |s| &mut s.head, height) {
+            self.head
+                .get_or_create(&labels(network, node))
+                .set(height as i64);
+        }
     }
 
     pub fn lag(&self, network: &str, node: &str, blocks: u64) {
-        self.lag
-            .get_or_create(&labels(network, node))
-            .set(blocks as i64);
+        if self.show(network, node, |s| &mut s.lag, blocks) {
+            self.lag
+                .get_or_create(&labels(network, node))
+                .set(blocks as i64);
+        }
+    }
+
+    /// Whether `node`'s head or connection differ from what its gauges
+    /// show, without writing them.
+    pub fn node_changed(&self, network: &str, node: &str, height: u64, connected: bool) -> bool {
+        let shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        shown.get(node).is_none_or(|s| {
+            s.network != network || s.head != Some(height) || s.connected != Some(connected)
+        })
+    }
+
+    /// Records `value` as one of `node`'s gauges; false when it already was.
+    fn show<T: PartialEq>(
+        &self,
+        network: &str,
+        node: &str,
+        field: impl Fn(&mut Shown) -> &mut Option<T>,
+        value: T,
+    ) -> bool {
+        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        let s = match shown.get_mut(node) {
+            Some(s) => s,
+            None => shown.entry(node.to_string()).or_default(),
+        };
+        if s.network != network {
+            *s = Shown {
+                network: network.to_string(),
+                ..Default::default()
+            };
+        }
+        let slot = field(s);
+        if slot.as_ref() == Some(&value) {
+            return false;
+        }
+        *slot = Some(value);
+        true
     }
 
     pub fn node_status(&self, network: &str, node: &str, s: &NodeStatus) {
@@ -315,9 +369,11 @@ impl Metrics {
     /// Whether `node`'s agent has a stream open, for every node the fleet
     /// knows (also those loaded from the store that never came back).
     pub fn node_connected(&self, network: &str, node: &str, connected: bool) {
-        self.connected
-            .get_or_create(&labels(network, node))
-            .set(i64::from(connected));
+        if self.show(network, node, |s| &mut s.connected, connected) {
+            self.connected
+                .get_or_create(&labels(network, node))
+                .set(i64::from(connected));
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -367,6 +423,32 @@ mod tests {
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_gauge_is_written_when_its_value_changes_and_moves_with_its_network() {
+        let m = Metrics::default();
+        assert!(m.node_changed("devnet", "n1", 7, true), "never shown");
+        m.head("devnet", "n1", 7);
+        m.node_connected("devnet", "n1", true);
+        assert!(!m.node_changed("devnet", "n1", 7, true));
+        assert!(m.node_changed("devnet", "n1", 8, true));
+        assert!(m.node_changed("devnet", "n1", 7, false));
+        assert!(m.node_changed("other", "n1", 7, true));
+        m.head("devnet", "n1", 7);
+        m.head("devnet", "n1", 9);
+        let text = m.encode();
+        assert!(
+            text.contains("outpost_node_head_height{network=\"devnet\",node=\"n1\"} 9"),
+            "{text}"
+        );
+        // A node that moved to another network gets its gauges there.
+        m.head("other", "n1", 9);
+        let text = m.encode();
+        assert!(
+            text.contains("outpost_node_head_height{network=\"other\",node=\"n1\"} 9"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -974,6 +974,29 @@ fn a_node_that_lags_the_others_is_lagging() {
     assert!(lag[0].finding.summary.contains("20 blocks behind"));
 }
 
+/// An evaluation names the lags that changed, not every node's each second.
+#[test]
+fn only_the_lags_that_changed_are_given_for_the_metrics() {
+    let mut f = four_at(10);
+    let lags = |f: &mut Fleet| {
+        f.now += 1000;
+        let mut l: Vec<(String, u64)> =
+            f.st.evaluate(f.now, &f.cfg, &SeenAt(f.now))
+                .lags
+                .into_iter()
+                .map(|(_, node, behind)| (node, behind))
+                .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(lags(&mut f), vec![], "four_at already judged all four at 0");
+    f.mine(&["node-1", "node-2", "node-3"], 0, 11..=12);
+    assert_eq!(lags(&mut f), vec![("node-4".to_string(), 2)]);
+    assert_eq!(lags(&mut f), vec![]);
+    f.mine(&["node-4"], 0, 11..=12);
+    assert_eq!(lags(&mut f), vec![("node-4".to_string(), 0)]);
+}
+
 /// A node that serves a chain of its own, well linked and within what its
 /// agent finds plausible, but ahead of every other node: its height is not
 /// the fleet's, so the honest nodes do not lag; it is ahead alone.
