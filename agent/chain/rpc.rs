@@ -72,6 +72,8 @@ pub struct JsonRpcClient {
     auth: Auth,
     http: reqwest::Client,
     url: String,
+    /// `url`, parsed once rather than at every call.
+    parsed: Option<reqwest::Url>,
     timeout: Duration,
     max_reply_bytes: usize,
     next_id: AtomicU64,
@@ -91,6 +93,7 @@ impl JsonRpcClient {
             auth: Auth::None,
             http,
             url: url.to_string(),
+            parsed: reqwest::Url::parse(url).ok(),
             timeout,
             max_reply_bytes,
             next_id: AtomicU64::new(1),
@@ -234,7 +237,12 @@ impl JsonRpcClient {
     async fn call_inner(&self, method: &str, params: Value) -> Result<Value, SourceError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let (status, buf) = self.send(self.http.post(&self.url).json(&body)).await?;
+        let post = match &self.parsed {
+            Some(url) => self.http.post(url.clone()),
+            // Refused by reqwest, with its own words for what is wrong.
+            None => self.http.post(&self.url),
+        };
+        let (status, buf) = self.send(post.json(&body)).await?;
         // Refused credentials, whatever the body says.
         if matches!(status.as_u16(), 401 | 403) {
             return Err(SourceError::Http(status.as_u16()));
