@@ -6,17 +6,20 @@
 //!
 //! The view is made once a second, and only while someone watches; each
 //! watcher holds one shared copy of the newest view, so a slow or stalled
-//! browser costs one connection and never a queue. Watchers are capped.
+//! browser costs one connection and never a queue. Watchers are capped, and
+//! `/fleet.json` answers from the newest view when it is recent: no rate of
+//! requests makes the view (a walk of the fleet under its lock) more than
+//! twice a second.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::Response;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Mutex, Semaphore};
 use tokio_stream::wrappers::{IntervalStream, WatchStream};
 use tokio_stream::StreamExt;
 
@@ -45,6 +48,8 @@ pub fn view_json(networks: &[NetworkView]) -> Value {
 pub struct Feed {
     fleet: Arc<Fleet>,
     newest: watch::Sender<Arc<str>>,
+    /// When `newest` was made; held while it is made again.
+    made: Mutex<Option<Instant>>,
     watchers: Arc<Semaphore>,
 }
 
@@ -55,6 +60,7 @@ impl Feed {
         let feed = Arc::new(Feed {
             fleet,
             newest,
+            made: Mutex::new(None),
             watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
         });
         let keeper = feed.clone();
@@ -63,27 +69,33 @@ impl Feed {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if keeper.newest.receiver_count() == 0 {
-                    continue;
+                if keeper.newest.receiver_count() > 0 {
+                    keeper.fresh().await;
                 }
-                let Ok(text) = tokio::task::spawn_blocking({
-                    let keeper = keeper.clone();
-                    move || keeper.text()
-                })
-                .await
-                else {
-                    continue;
-                };
-                keeper.newest.send_if_modified(|cur| {
-                    let changed = **cur != *text;
-                    if changed {
-                        *cur = Arc::from(text);
-                    }
-                    changed
-                });
             }
         });
         feed
+    }
+
+    /// The newest view, made again when it is older than half of
+    /// `REFRESH`; one making at a time.
+    async fn fresh(self: &Arc<Self>) -> Arc<str> {
+        let mut made = self.made.lock().await;
+        if made.is_some_and(|at| at.elapsed() < REFRESH / 2) {
+            return self.newest.borrow().clone();
+        }
+        let feed = self.clone();
+        if let Ok(text) = tokio::task::spawn_blocking(move || feed.text()).await {
+            self.newest.send_if_modified(|cur| {
+                let changed = **cur != *text;
+                if changed {
+                    *cur = Arc::from(text);
+                }
+                changed
+            });
+            *made = Some(Instant::now());
+        }
+        self.newest.borrow().clone()
     }
 
     fn text(&self) -> String {
@@ -101,10 +113,8 @@ impl Feed {
                 "/fleet.json" => {
                     let feed = feed.clone();
                     return Some(Box::pin(async move {
-                        let text = tokio::task::spawn_blocking(move || feed.text())
-                            .await
-                            .unwrap_or_default();
-                        response("application/json", full(text))
+                        let text = feed.fresh().await;
+                        response("application/json", full(text.to_string()))
                     }));
                 }
                 "/events" => feed.events(),
@@ -171,6 +181,34 @@ fn response(kind: &'static str, body: Body) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn requests_in_a_burst_share_one_view_and_a_later_one_sees_the_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::central::CentralStore::open(dir.path(), 1 << 20, Default::default())
+                .unwrap();
+        let fleet = Fleet::load(
+            store,
+            Default::default(),
+            Arc::default(),
+            crate::aggregator::alert::Alerts::start(&[]),
+            Arc::default(),
+        )
+        .unwrap();
+        let feed = Feed::start(fleet.clone());
+        fleet.know("node-1", "devnet", "ethereum");
+        assert!(feed.fresh().await.contains("node-1"));
+        fleet.know("node-2", "devnet", "ethereum");
+        for _ in 0..100 {
+            assert!(
+                !feed.fresh().await.contains("node-2"),
+                "a burst is answered from the view just made"
+            );
+        }
+        tokio::time::sleep(REFRESH / 2).await;
+        assert!(feed.fresh().await.contains("node-2"));
+    }
 
     #[test]
     fn the_page_loads_only_its_own_script_and_style() {
