@@ -56,6 +56,27 @@ impl Proc {
         (f[0] + f[1]) as f64 / hz
     }
 
+    /// Each living thread's name (digits at the end dropped, so that a
+    /// pool's threads sum up), its time on a CPU in ns, and its runs.
+    fn threads(&self) -> std::collections::BTreeMap<(String, u32), (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        let tasks = format!("/proc/{}/task", self.child.id());
+        for t in std::fs::read_dir(tasks).expect("task list").flatten() {
+            let tid: u32 = t.file_name().to_string_lossy().parse().unwrap_or(0);
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let name = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            let f: Vec<u64> = stat
+                .split(' ')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect();
+            if f.len() == 3 {
+                out.insert((name.trim_end_matches('-').to_string(), tid), (f[0], f[2]));
+            }
+        }
+        out
+    }
+
     /// A `/proc/<pid>/status` figure in KiB.
     fn kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -159,6 +180,7 @@ fn main() {
         );
         let procs = [&agent, &exporter];
         let cpu0: Vec<f64> = procs.iter().map(|p| p.cpu()).collect();
+        let threads0 = agent.threads();
         let started = Instant::now();
         let mut rss = [0u64; 2];
         while started.elapsed() < Duration::from_secs(secs) {
@@ -173,6 +195,7 @@ fn main() {
             .zip(&cpu0)
             .map(|(p, c0)| (p.cpu() - c0) / took * 100.0)
             .collect();
+        let threads1 = agent.threads();
         let hwm: Vec<u64> = procs.iter().map(|p| p.kib("VmHWM:")).collect();
         let anon: Vec<u64> = procs.iter().map(|p| p.kib("RssAnon:")).collect();
         let file: Vec<u64> = procs.iter().map(|p| p.kib("RssFile:")).collect();
@@ -215,6 +238,27 @@ fn main() {
             ratio(&file),
             cpu[0] / cpu[1]
         );
+        // Threads that lived through the window, summed by name.
+        let mut by_name: std::collections::BTreeMap<&str, (u32, u64, u64)> = Default::default();
+        for ((name, tid), (ns1, runs1)) in &threads1 {
+            if let Some((ns0, runs0)) = threads0.get(&(name.clone(), *tid)) {
+                let e = by_name.entry(name.as_str()).or_default();
+                e.0 += 1;
+                e.1 += ns1 - ns0;
+                e.2 += runs1 - runs0;
+            }
+        }
+        println!("\nthe agent's CPU by thread:\n");
+        println!("| thread | how many | CPU, µs a second | runs a second | µs a run |");
+        println!("|---|---|---|---|---|");
+        for (name, (n, ns, runs)) in by_name {
+            println!(
+                "| {name} | {n} | {:.0} | {:.1} | {:.1} |",
+                ns as f64 / 1000.0 / took,
+                runs as f64 / took,
+                ns as f64 / 1000.0 / runs.max(1) as f64
+            );
+        }
         drop(anvil);
     });
 }
