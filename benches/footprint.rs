@@ -21,7 +21,7 @@ use outpost::tls::Identity;
 #[path = "../tests/it/harness.rs"]
 mod harness;
 
-use harness::{anvil_bin, free_port, spawn_agent, Aggregator, World};
+use harness::{free_port, spawn_agent, Aggregator, Anvil, World};
 
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
 const WARMUP: Duration = Duration::from_secs(20);
@@ -108,15 +108,8 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let world = World::new();
-        let anvil_port = free_port();
-        let anvil = Proc {
-            name: "anvil",
-            child: Command::new(anvil_bin())
-                .args(["--port", &anvil_port.to_string(), "--block-time", "1", "--silent"])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("anvil starts"),
-        };
+        let anvil = Anvil::start(&world, "anvil").await;
+        anvil.rpc("evm_setIntervalMining", serde_json::json!([1])).await;
         let agg = Aggregator::start(&world).await;
         world.issue(&Identity::Agent("node-1".into()));
         let pki = world.pki();
@@ -126,10 +119,11 @@ fn main() {
             &config,
             format!(
                 "node_id = \"node-1\"\nnetwork = \"devnet\"\ndata_dir = \"{}\"\n\
-                 [source]\nkind = \"ethereum\"\nurl = \"http://127.0.0.1:{anvil_port}\"\n\
+                 [source]\nkind = \"ethereum\"\nurl = \"{}\"\n\
                  [report]\naggregator = \"https://127.0.0.1:{}\"\nserver_name = \"localhost\"\n\
                  ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 world.path().join("agent-data").display(),
+                anvil.url(),
                 agg.port,
                 pki.ca_cert().display(),
                 pki.cert("agent-node-1").display(),

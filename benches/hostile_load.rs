@@ -32,7 +32,7 @@ use tokio_stream::StreamExt as _;
 #[path = "../tests/it/harness.rs"]
 mod harness;
 
-use harness::{Agent, AgentOptions, Aggregator, Anvil, Miner, World};
+use harness::{client_tls, Agent, AgentOptions, Aggregator, Anvil, Miner, World};
 
 fn seconds() -> u64 {
     std::env::var("OUTPOST_BENCH_SECONDS")
@@ -133,21 +133,11 @@ fn main() {
         world.issue(&outpost::tls::Identity::Agent("many".into()));
         world.issue(&outpost::tls::Identity::Operator("watcher".into()));
         let pki = world.pki();
-        let tls = |stem: &str| {
-            outpost::tls::TlsFiles {
-                ca: pki.ca_cert(),
-                cert: pki.cert(stem),
-                key: pki.key(stem),
-                crl: None,
-            }
-            .client_config("localhost")
-            .unwrap()
-        };
         let endpoint = format!("https://127.0.0.1:{}", agg.port);
         let endpoint_for = |stem: &str| {
             tonic::transport::Endpoint::from_shared(endpoint.clone())
                 .unwrap()
-                .tls_config(tls(stem))
+                .tls_config(client_tls(&pki, stem))
                 .unwrap()
         };
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
