@@ -19,7 +19,8 @@ type Socket =
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 
 pub struct Browser {
-    child: Child,
+    /// Killed when the browser is dropped (`kill_on_drop`).
+    _child: Child,
     page: Socket,
     next_id: u64,
     _profile: tempfile::TempDir,
@@ -97,7 +98,7 @@ impl Browser {
             .await
             .expect("DevTools page socket");
         Browser {
-            child,
+            _child: child,
             page,
             next_id: 0,
             _profile: profile,
@@ -156,11 +157,5 @@ impl Browser {
             std::fs::create_dir_all(dir).expect("artifact dir");
         }
         std::fs::write(path, png).expect("screenshot written");
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
     }
 }
