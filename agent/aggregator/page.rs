@@ -1,7 +1,8 @@
 //! The live fleet page, on the aggregator's metrics listener: `/` is the
 //! page, `/fleet.js` and `/fleet.css` its script and style (all three built
-//! into the binary, nothing to install), `/fleet.json` the fleet view as
-//! `query fleet --json` prints it, and `/events` the same view as
+//! into the binary, nothing to install), `/fleet.json` the fleet view
+//! (`{"networks": [...]}`, each as `query fleet --json` prints it), and
+//! `/events` the same view as
 //! server-sent events, sent again each time it changes.
 //!
 //! The view is made once a second, and only while someone watches; each
@@ -25,7 +26,7 @@ use tokio_stream::StreamExt;
 
 use crate::aggregator::fleet::Fleet;
 use crate::health::{full, Body, Pages};
-use crate::operator::network_json;
+use crate::operator::networks_json;
 use crate::proto::NetworkView;
 
 const PAGE: &str = include_str!("page/fleet.html");
@@ -41,7 +42,7 @@ pub const MAX_WATCHERS: usize = 64;
 
 /// The fleet view as the page reads it.
 pub fn view_json(networks: &[NetworkView]) -> Value {
-    json!({ "networks": networks.iter().map(network_json).collect::<Vec<_>>() })
+    json!({ "networks": networks_json(networks) })
 }
 
 /// The newest view, shared by every watcher.

@@ -132,7 +132,7 @@ async fn run_merged(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> 
                 print!("{}", fleet_table(&networks));
                 return Ok(());
             }
-            json!(networks.iter().map(network_json).collect::<Vec<_>>())
+            networks_json(&networks)
         }
         QueryCommand::Node { node_id } => {
             let answers = ask_all(conn, |mut c| {
@@ -322,7 +322,7 @@ pub async fn run(conn: &Connection, cmd: QueryCommand) -> anyhow::Result<()> {
                 .into_inner()
                 .networks;
             if conn.json {
-                json!(networks.iter().map(network_json).collect::<Vec<_>>())
+                networks_json(&networks)
             } else {
                 print!("{}", fleet_table(&networks));
                 return Ok(());
@@ -437,6 +437,11 @@ pub fn finding_json(f: &Finding) -> Value {
             "canonical": g.canonical,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The fleet view, as `query fleet --json` prints it.
+pub fn networks_json(networks: &[NetworkView]) -> Value {
+    json!(networks.iter().map(network_json).collect::<Vec<_>>())
 }
 
 pub fn network_json(n: &NetworkView) -> Value {
